@@ -1,0 +1,74 @@
+"""fastenc.ops.bias_activation: act(x + bias) in one pass over x."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .._dispatch import _triton_can_run, record, resolve_backend
+from ..errors import InputError
+from ._common import FLOAT_DTYPES, check_tensor, run_kernel
+
+ACTIVATIONS = ("quick_gelu", "gelu", "gelu_tanh", "relu")
+
+# transformers' config.hidden_act / dense_act_fn names -> ours. gelu_new, gelu_fast and gelu_pytorch_tanh are the
+# same tanh formula 0.5x(1 + tanh(sqrt(2/pi)(x + 0.044715x^3))) written three ways.
+HF_ACTIVATIONS = {
+    "quick_gelu": "quick_gelu",
+    "gelu": "gelu",
+    "gelu_new": "gelu_tanh",
+    "gelu_fast": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_python_tanh": "gelu_tanh",
+    "relu": "relu",
+}
+
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+
+def activation_reference(x: torch.Tensor, activation: str) -> torch.Tensor:
+    """The activation in fp32."""
+    if activation == "quick_gelu":
+        return x * torch.sigmoid(1.702 * x)
+    if activation == "gelu":
+        return F.gelu(x)
+    if activation == "gelu_tanh":
+        return F.gelu(x, approximate="tanh")
+    if activation == "relu":
+        return torch.relu(x)
+    raise InputError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+
+def bias_activation_reference(x, bias=None, *, activation):
+    h = x.float() if bias is None else x.float() + bias.float()
+    return activation_reference(h, activation).to(x.dtype)
+
+
+def bias_activation(x, bias, activation, *, backend=None, strict=False):
+    """act(x + bias). x: (..., N); bias: (N,) or None; activation in ACTIVATIONS. fp32 math, output in x.dtype."""
+    check_tensor("x", x, dtypes=FLOAT_DTYPES)
+    if activation not in ACTIVATIONS:
+        raise InputError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1, device=x.device)
+        if x.dim() == 0 or bias.shape[0] != x.shape[-1]:
+            raise InputError(f"bias must have shape ({x.shape[-1] if x.dim() else '?'},), got {tuple(bias.shape)}")
+    reasons = {}
+    if _triton_can_run(x.device) is None:
+        from ..kernels import activation as kernels
+
+        reasons["triton"] = kernels.bias_activation_unsupported_reason(x)
+    which = resolve_backend("bias_activation", backend, x.device, strict=strict, unsupported=reasons)
+    record(which, "bias_activation")
+    ref = functools.partial(bias_activation_reference, activation=activation)
+    if which == "torch":
+        return ref(x, bias)
+    from ..kernels import activation as kernels
+
+    def kernel(x, bias):
+        return kernels.bias_activation_forward(x, bias, activation)
+
+    return run_kernel(kernel, ref, x, bias)

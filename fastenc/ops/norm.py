@@ -1,0 +1,97 @@
+"""fastenc.ops.layer_norm and fastenc.ops.rms_norm, each with an optional fused residual add.
+
+With `residual`, both return (normed, summed) where summed = x + residual (rounded to x.dtype, as the eager
+`residual + hidden_states` is) and normed = norm(summed); the caller carries `summed` as the next residual.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from .._dispatch import _triton_can_run, record, resolve_backend
+from ..errors import InputError
+from ._common import FLOAT_DTYPES, check_tensor, run_kernel
+
+
+def _check_norm_inputs(x, weight, bias, residual, eps):
+    check_tensor("x", x, dtypes=FLOAT_DTYPES)
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise InputError(f"x must have a non-empty last dim, got shape {tuple(x.shape)}")
+    n = x.shape[-1]
+    check_tensor("weight", weight, ndim=1, device=x.device)
+    if weight.shape[0] != n:
+        raise InputError(f"weight must have shape ({n},) to match x's last dim, got {tuple(weight.shape)}")
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1, device=x.device)
+        if bias.shape[0] != n:
+            raise InputError(f"bias must have shape ({n},) to match x's last dim, got {tuple(bias.shape)}")
+    if residual is not None:
+        check_tensor("residual", residual, device=x.device)
+        if residual.shape != x.shape:
+            raise InputError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+        if residual.dtype != x.dtype:
+            raise InputError(f"residual has dtype {residual.dtype} but x has {x.dtype}; they must match")
+    if not isinstance(eps, (float, int)) or eps < 0:
+        raise InputError(f"eps must be a non-negative float, got {eps!r}")
+
+
+def layer_norm_reference(x, weight, bias, residual=None, *, eps):
+    """F.layer_norm over the last dim (fp32 math, output in x.dtype); with residual -> (normed, x + residual)."""
+    s = x if residual is None else x + residual
+    w = weight.float()
+    y = F.layer_norm(s.float(), (s.shape[-1],), w, None if bias is None else bias.float(), eps).to(x.dtype)
+    return y if residual is None else (y, s)
+
+
+def rms_norm_reference(x, weight, residual=None, *, eps):
+    """T5LayerNorm: fp32 variance, no mean, no bias; half weights cast the normed value first, as transformers."""
+    s = x if residual is None else x + residual
+    h = s.float() * torch.rsqrt(s.float().pow(2).mean(-1, keepdim=True) + eps)
+    if weight.dtype in (torch.float16, torch.bfloat16):
+        h = h.to(weight.dtype)
+    y = (weight * h).to(x.dtype if weight.dtype == torch.float32 else weight.dtype)
+    return y if residual is None else (y, s)
+
+
+def _backend(op, x, backend, strict):
+    reasons = {}
+    if _triton_can_run(x.device) is None:
+        from ..kernels import norm as kernels
+
+        reasons["triton"] = kernels.norm_unsupported_reason(x)
+    which = resolve_backend(op, backend, x.device, strict=strict, unsupported=reasons)
+    record(which, op)
+    return which
+
+
+def layer_norm(x, weight, bias, eps, residual=None, *, backend=None, strict=False):
+    """LayerNorm over the last dim. x: (..., N); weight, bias: (N,). residual: like x -> (normed, x + residual)."""
+    _check_norm_inputs(x, weight, bias, residual, eps)
+    ref = functools.partial(layer_norm_reference, eps=float(eps))
+    if _backend("layer_norm", x, backend, strict) == "torch":
+        return ref(x, weight, bias, residual)
+    from ..kernels import norm as kernels
+
+    def kernel(x, weight, bias, residual):
+        y, s = kernels.layer_norm_forward(x, weight, bias, float(eps), residual)
+        return y if residual is None else (y, s)
+
+    return run_kernel(kernel, ref, x, weight, bias, residual)
+
+
+def rms_norm(x, weight, eps, residual=None, *, backend=None, strict=False):
+    """T5-style RMSNorm over the last dim. x: (..., N); weight: (N,). residual: like x -> (normed, x + residual)."""
+    _check_norm_inputs(x, weight, None, residual, eps)
+    ref = functools.partial(rms_norm_reference, eps=float(eps))
+    if _backend("rms_norm", x, backend, strict) == "torch":
+        return ref(x, weight, residual)
+    from ..kernels import norm as kernels
+
+    def kernel(x, weight, residual):
+        y, s = kernels.rms_norm_forward(x, weight, float(eps), residual)
+        return y if residual is None else (y, s)
+
+    return run_kernel(kernel, ref, x, weight, residual)

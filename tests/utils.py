@@ -1,0 +1,41 @@
+"""Assertion helpers shared by the tests."""
+
+from __future__ import annotations
+
+import torch
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, atol: float, rtol: float, name: str = "tensor"):
+    """torch.testing-style closeness that reports max abs / max rel error and the first mismatching index."""
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}"
+    a = actual.detach().float().cpu()
+    e = expected.detach().float().cpu()
+    if not torch.isfinite(a).all():
+        bad = (~torch.isfinite(a)).nonzero()[0].tolist()
+        raise AssertionError(f"{name}: non-finite value at index {bad}: {a[tuple(bad)].item()}")
+    diff = (a - e).abs()
+    tol = atol + rtol * e.abs()
+    bad = diff > tol
+    if bad.any():
+        idx = bad.nonzero()[0].tolist()
+        rel = (diff / e.abs().clamp_min(1e-12)).max().item()
+        raise AssertionError(
+            f"{name}: {int(bad.sum())}/{bad.numel()} elements out of tolerance (atol={atol}, rtol={rtol}); "
+            f"max abs err {diff.max().item():.3e}, max rel err {rel:.3e}; first mismatch at {idx}: "
+            f"got {a[tuple(idx)].item():.6g}, expected {e[tuple(idx)].item():.6g}"
+        )
+
+
+def max_abs_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return (actual.detach().float() - expected.detach().float()).abs().max().item()
+
+
+def assert_error_within(actual, baseline, reference, *, factor: float, atol: float, name: str = "tensor"):
+    """flash-attention's rule: |actual - reference| <= factor * |baseline - reference| + atol (max-abs errors).
+
+    reference: an fp32 computation; baseline: PyTorch's own computation in the low dtype."""
+    err = max_abs_err(actual, reference)
+    base = max_abs_err(baseline, reference)
+    assert err <= factor * base + atol, (
+        f"{name}: error vs fp32 reference {err:.3e} > {factor} x PyTorch's own error {base:.3e} + {atol:.1e}"
+    )
