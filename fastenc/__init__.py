@@ -10,14 +10,9 @@ from . import ops
 from ._dispatch import FallbackWarning, available_backends, trace
 from .errors import BackendUnavailableError, FastencError, InputError, UnsupportedModelError
 
+from .optimize import optimize  # noqa: E402  (the function shadows its module's name, as intended)
+
 __version__ = "0.1.0"
-
-
-def optimize(model, backend: str = "auto", strict: bool = False, **kwargs):
-    """Return `model` with its encoder towers replaced by fastenc's fused implementations (see fastenc.optimize)."""
-    from .optimize import optimize as _optimize
-
-    return _optimize(model, backend=backend, strict=strict, **kwargs)
 
 
 __all__ = [

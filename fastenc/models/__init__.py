@@ -1,0 +1,7 @@
+"""Fused tower implementations: each takes the weights of a transformers model and returns its output objects."""
+
+from .clip import FUSED_CLASSES as _CLIP
+
+FUSED_CLASSES: dict[type, type] = {**_CLIP}
+
+__all__ = ["FUSED_CLASSES"]

@@ -1,0 +1,48 @@
+"""fastenc.optimize: swap a transformers encoder for its fused twin, sharing every weight."""
+
+from __future__ import annotations
+
+import torch
+
+from ._dispatch import check_backend_name
+from .errors import UnsupportedModelError
+from .models import FUSED_CLASSES
+from .models._base import Runtime, shallow_copy_as
+from .models.clip import FastencModelMixin, check_config
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def supported_models() -> list[str]:
+    return sorted(cls.__name__ for cls in FUSED_CLASSES)
+
+
+def optimize(model: torch.nn.Module, backend: str = "auto", strict: bool = False) -> torch.nn.Module:
+    """Return a model with the same forward signature and ModelOutput fields whose towers run fastenc's fused ops.
+
+    The result is a new module object that shares parameters and buffers with `model` (no weight is copied;
+    `model` itself is left as it was). backend: "auto" | "torch" | "triton" | "cuda"; the FASTENC_BACKEND env var
+    overrides "auto". strict=True raises BackendUnavailableError where an op would fall back to a slower backend.
+    Use `fastenc.trace()` to see which backend ran each op.
+    """
+    backend = check_backend_name(backend)
+    if not isinstance(strict, bool):
+        raise TypeError(f"strict must be a bool, got {type(strict).__name__}")
+    if isinstance(model, FastencModelMixin):  # re-optimize: new settings, same weights
+        base = model._fastenc_base
+    else:
+        base = type(model)
+    fused = FUSED_CLASSES.get(base)
+    if fused is None:
+        raise UnsupportedModelError(
+            f"fastenc.optimize does not support {base.__module__}.{base.__name__}; supported: "
+            f"{', '.join(supported_models())}"
+        )
+    dtypes = {p.dtype for p in model.parameters()}
+    if not dtypes <= set(_DTYPES):
+        raise UnsupportedModelError(f"model parameters must be fp32/fp16/bf16, got {sorted(map(str, dtypes))}")
+    check_config(model)
+    new = shallow_copy_as(model, fused)
+    new._fastenc = Runtime(backend=backend, strict=strict)
+    new._fastenc_base = base
+    return new

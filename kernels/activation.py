@@ -1,0 +1,163 @@
+"""Bias + activation, and gated activation, elementwise over a (rows, N) view; fp32 math, output in the input dtype.
+
+    bias_activation:  y = act(x + bias)          x: (..., N), bias: (N,) or None
+    gated_activation: y = act(gate) * up         gate, up: (..., N), same shape and dtype (T5 gated-gelu FFN)
+
+    quick_gelu: x * sigmoid(1.702 x)
+    gelu:       0.5 x (1 + erf(x / sqrt(2)))
+    gelu_tanh:  0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))  computed as  x * sigmoid(2 sqrt(2/pi) (x + 0.044715 x^3))
+    relu:       max(x, 0)
+
+Each program handles a BLOCK_M x BLOCK_N tile (2-D grid: row blocks on axis 0, column blocks on axis 1), so any N
+works (3072, 5120, 2730, 37) and the bias tile is loaded once per program and reused across BLOCK_M rows.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .norm import _round_to
+
+ACTIVATIONS = ("quick_gelu", "gelu", "gelu_tanh", "relu")
+
+SQRT_8_OVER_PI = tl.constexpr(1.5957691216057308)  # 2 sqrt(2 / pi): gelu_tanh's sigmoid argument scale
+INV_SQRT_2 = tl.constexpr(0.7071067811865476)  # 1 / sqrt(2)
+
+# Tile shape: columns up to MAX_BLOCK_N wide, rows so a tile holds about TILE_ELEMENTS elements.
+MAX_BLOCK_N = 1024
+TILE_ELEMENTS = 4096
+NUM_WARPS = 4
+MAX_GRID_AXIS_1 = 65535  # CUDA's limit on grid dims y and z
+
+
+def _elementwise_config(n: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) for a (rows, n) elementwise kernel."""
+    block_n = min(triton.next_power_of_2(n), MAX_BLOCK_N)
+    return max(1, TILE_ELEMENTS // block_n), block_n, NUM_WARPS
+
+
+@triton.jit
+def _apply_activation(x, ACTIVATION: tl.constexpr):
+    """act(x) for fp32 x, ACTIVATION one of ACTIVATIONS. Constants multiply from the right: under the interpreter a
+    constexpr on the left of a tensor does not broadcast.
+
+    NOTE: tl.math has no tanh in Triton 3.9 (neither under the interpreter nor portably on CUDA), and the identity
+    0.5 (1 + tanh(u)) = sigmoid(2u) makes gelu_tanh one sigmoid, with no 1 + tanh cancellation for negative x.
+    """
+    if ACTIVATION == "quick_gelu":
+        return x * tl.sigmoid(1.702 * x)
+    elif ACTIVATION == "gelu":
+        return 0.5 * x * (1.0 + tl.math.erf(x * INV_SQRT_2))
+    elif ACTIVATION == "gelu_tanh":
+        return x * tl.sigmoid((x + 0.044715 * x * x * x) * SQRT_8_OVER_PI)
+    else:  # relu
+        return tl.maximum(x, 0.0)
+
+
+@triton.jit
+def _tile(pid_m, pid_n, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(rows (BLOCK_M, 1) int64, cols (1, BLOCK_N), mask (BLOCK_M, BLOCK_N)) of one tile."""
+    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rows[:, None] < M) & (cols[None, :] < N)
+    return rows[:, None], cols[None, :], mask
+
+
+@triton.jit
+def _bias_activation_fwd_kernel(
+    X, BIAS, Y,  # X: (M, N) row-strided; BIAS: (N,) any float dtype; Y: (M, N) contiguous, x.dtype
+    stride_x,
+    M, N,
+    ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """y = act(x + bias) on one BLOCK_M x BLOCK_N tile; fp32 math, rounded once to Y's dtype."""
+    rows, cols, mask = _tile(tl.program_id(0), tl.program_id(1), M, N, BLOCK_M, BLOCK_N)
+    h = tl.load(X + rows * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        h += tl.load(BIAS + cols, mask=cols < N, other=0.0).to(tl.float32)
+    y = _apply_activation(h, ACTIVATION)
+    tl.store(Y + rows * N + cols, _round_to(y, Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gated_activation_fwd_kernel(
+    GATE, UP, Y,  # GATE, UP: (M, N) row-strided, same dtype; Y: (M, N) contiguous, same dtype
+    stride_gate, stride_up,
+    M, N,
+    ACTIVATION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """y = act(gate) * up on one BLOCK_M x BLOCK_N tile; fp32 math, rounded once to Y's dtype."""
+    rows, cols, mask = _tile(tl.program_id(0), tl.program_id(1), M, N, BLOCK_M, BLOCK_N)
+    gate = tl.load(GATE + rows * stride_gate + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(UP + rows * stride_up + cols, mask=mask, other=0.0).to(tl.float32)
+    y = _apply_activation(gate, ACTIVATION) * up
+    tl.store(Y + rows * N + cols, _round_to(y, Y.dtype.element_ty), mask=mask)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """t (..., N) as a (rows, N) view with unit column stride (a 0-d t is one element); copies only when needed."""
+    if t.dim() == 0 or t.stride(-1) != 1:
+        t = t.contiguous()
+    return t.reshape(-1, t.shape[-1] if t.dim() else 1)
+
+
+def _grid(m: int, n: int) -> tuple[tuple[int, int], int, int, int]:
+    block_m, block_n, num_warps = _elementwise_config(n)
+    return (triton.cdiv(m, block_m), triton.cdiv(n, block_n)), block_m, block_n, num_warps
+
+
+def _check_activation(activation: str) -> None:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+
+def bias_activation_unsupported_reason(x: torch.Tensor) -> str | None:
+    """None if bias_activation_forward can run on x, else why not (only a last dim too wide for CUDA's grid)."""
+    n = x.shape[-1] if x.dim() else 1
+    if triton.cdiv(n, MAX_BLOCK_N) > MAX_GRID_AXIS_1:
+        return f"last dim {n} needs more than {MAX_GRID_AXIS_1} column blocks of {MAX_BLOCK_N}"
+    return None
+
+
+def bias_activation_forward(x: torch.Tensor, bias: torch.Tensor | None, activation: str) -> torch.Tensor:
+    """act(x + bias) with fp32 math, output in x.dtype and x's shape. x: (..., N); bias: (N,) or None."""
+    _check_activation(activation)
+    x2 = _rows(x)
+    m, n = x2.shape
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if y.numel() == 0:
+        return y
+    bias = None if bias is None else bias.contiguous()
+    grid, block_m, block_n, num_warps = _grid(m, n)
+    _bias_activation_fwd_kernel[grid](
+        x2, x2 if bias is None else bias, y,
+        x2.stride(0),
+        m, n,
+        ACTIVATION=activation, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+    )  # fmt: skip
+    return y
+
+
+def gated_activation_forward(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
+    """act(gate) * up with fp32 math, output in gate's dtype and shape. gate, up: (..., N), same shape and dtype."""
+    _check_activation(activation)
+    if gate.shape != up.shape or gate.dtype != up.dtype or gate.device != up.device:
+        raise ValueError(
+            f"gate and up must match in shape, dtype and device, got {tuple(gate.shape)} {gate.dtype} {gate.device} "
+            f"and {tuple(up.shape)} {up.dtype} {up.device}"
+        )
+    g2, u2 = _rows(gate), _rows(up)
+    m, n = g2.shape
+    y = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    if y.numel() == 0:
+        return y
+    grid, block_m, block_n, num_warps = _grid(m, n)
+    _gated_activation_fwd_kernel[grid](
+        g2, u2, y,
+        g2.stride(0), u2.stride(0),
+        m, n,
+        ACTIVATION=activation, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+    )  # fmt: skip
+    return y

@@ -1,0 +1,381 @@
+"""Fused attention forward, FlashAttention-2 style: the (Sq, Sk) score matrix never leaves the chip.
+
+Math, per batch b, head h, query row i (all arithmetic in fp32, whatever the input dtype):
+    s_ij = scale * q_i . k_j + bias_bhij                                  (bias optional, broadcast by stride 0)
+    s_ij = -inf  where j > i (causal, top-left aligned) or key_padding_mask[b, j] is False
+    o_i  = sum_j softmax_j(s_i) v_j,  and o_i = 0 when every key of row i is masked (never NaN)
+
+The kernel works in base 2, t = s * log2(e), so exp(s - max) == exp2(t - max'); log2(e) is folded into the q.k
+scale. One program owns one BLOCK_M tile of query rows of one (b, h) and streams BLOCK_N tiles of keys (online
+softmax): with m the running row max of t, l the running row sum and acc the unnormalised output,
+    m_new = max(m, rowmax(t));  alpha = exp2(m - m_new);  p = exp2(t - m_new)
+    l = alpha * l + rowsum(p);  acc = alpha * acc + p @ v;  m = m_new
+and at the end o = acc / l (o = 0 where l == 0). m starts at -FP32_MAX, a finite sentinel, so a tile whose keys
+are all masked for a row (t = -inf) gives p = exp2(-inf) = 0 and alpha = 1 rather than exp2(-inf - -inf) = NaN.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# ---------------------------------------------------------------------------------------------------- constants
+
+LOG2E = 1.4426950408889634  # log2(e): exp(x) == exp2(x * LOG2E)
+FP32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max; -FP32_MAX is the running-max sentinel
+_LOG2E = tl.constexpr(LOG2E)  # jit functions may only read constexpr globals
+_FP32_MAX = tl.constexpr(FP32_MAX)
+MAX_HEAD_DIM = 256  # one (BLOCK_M, BLOCK_D) fp32 accumulator tile per program must fit in registers
+MIN_BLOCK = 16  # tl.dot needs every dimension >= 16; head dims below 16 are padded up to it
+MAX_GRID_YZ = 65535  # CUDA limit on grid dims 1 and 2, which carry heads and batch
+SEQ_BUCKET_MAX = 8192  # autotune key: next power of two of max(Sq, Sk), capped here
+
+
+def interpreting() -> bool:
+    """TRITON_INTERPRET=1: kernels run on CPU tensors through Triton's numpy interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+# ---------------------------------------------------------------------------------------------------- jit helpers
+
+
+@triton.jit
+def _attn_fwd_inner(
+    acc,  # (BLOCK_M, BLOCK_D) fp32, unnormalised output
+    l_i,  # (BLOCK_M,) fp32, running sum of exp2(t - m_i)
+    m_i,  # (BLOCK_M,) fp32, running max of t (base-2 scores)
+    q,  # (BLOCK_M, BLOCK_D) query tile, input dtype (fp32 when DOT_FP32)
+    k_base,  # K + b, h offset; key n, dim d at k_base + n * stride_kn + d
+    v_base,
+    kpm_base,  # key_padding_mask + b offset (uint8, 1 = attend)
+    bias_base,  # bias + b, h offset
+    offs_m,  # (BLOCK_M,) query rows of this program
+    offs_d,  # (BLOCK_D,)
+    lo,
+    hi,  # key range [lo, hi) this call covers, lo a multiple of BLOCK_N
+    seqlen_q,
+    seqlen_k,
+    stride_kn,
+    stride_vn,
+    stride_kpm_n,
+    stride_bias_m,
+    stride_bias_n,
+    qk_scale,  # scale * LOG2E
+    BOUNDARY: tl.constexpr,  # this range holds the key tail and/or the causal diagonal: mask per element
+    CAUSAL: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    d_ok = offs_d < HEAD_DIM  # (BLOCK_D,)
+    m_ok = offs_m < seqlen_q  # (BLOCK_M,)
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        offs_n = start_n + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+        n_ok = offs_n < seqlen_k
+        k_ptrs = k_base + offs_n[:, None] * stride_kn + offs_d[None, :]  # (BLOCK_N, BLOCK_D)
+        v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :]
+        if BOUNDARY:
+            kv_mask = n_ok[:, None] & d_ok[None, :]
+            k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+            v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+        elif BLOCK_D == HEAD_DIM:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        else:
+            k = tl.load(k_ptrs, mask=d_ok[None, :], other=0.0)
+            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
+        if DOT_FP32:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+
+        t = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N) fp32
+        if HAS_BIAS:
+            b_ptrs = bias_base + offs_m[:, None] * stride_bias_m + offs_n[None, :] * stride_bias_n
+            if BOUNDARY:
+                bias = tl.load(b_ptrs, mask=m_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
+            else:
+                bias = tl.load(b_ptrs, mask=m_ok[:, None], other=0.0).to(tl.float32)
+            # finfo.min-style additive masks overflow to -inf when scaled by LOG2E; clamp those to -FP32_MAX so a
+            # row that is all finfo.min stays uniform as in the reference, while a real -inf stays masked.
+            bias2 = tl.where(bias == float("-inf"), float("-inf"), tl.maximum(bias * _LOG2E, -_FP32_MAX))
+            t = t + bias2
+        if BOUNDARY:
+            keep = n_ok[None, :]  # (1, BLOCK_N)
+            if CAUSAL:
+                keep = keep & (offs_n[None, :] <= offs_m[:, None])  # (BLOCK_M, BLOCK_N)
+            t = tl.where(keep, t, float("-inf"))
+        if HAS_KPM:
+            if BOUNDARY:
+                kp = tl.load(kpm_base + offs_n * stride_kpm_n, mask=n_ok, other=0)
+            else:
+                kp = tl.load(kpm_base + offs_n * stride_kpm_n)
+            t = tl.where(kp[None, :] != 0, t, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(t, 1))  # >= -FP32_MAX, finite
+        alpha = tl.math.exp2(m_i - m_new)  # (BLOCK_M,)
+        p = tl.math.exp2(t - m_new[:, None])  # (BLOCK_M, BLOCK_N), 0 where t = -inf
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)  # p in v's dtype, as FA2
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+# ---------------------------------------------------------------------------------------------------- kernel
+
+
+@triton.jit
+def _attention_fwd_kernel(
+    Q,  # (B, H, Sq, D), last dim stride 1
+    K,  # (B, H, Sk, D), last dim stride 1
+    V,  # (B, H, Sk, D), last dim stride 1
+    Out,  # (B, H, Sq, D) view of a (B, Sq, H, D) buffer
+    KPM,  # (B, Sk) uint8, 1 = attend; unused unless HAS_KPM
+    Bias,  # (B, H, Sq, Sk) by strides (0 on broadcast dims); unused unless HAS_BIAS
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_ob,
+    stride_oh,
+    stride_om,
+    stride_kpm_b,
+    stride_kpm_n,
+    stride_bias_b,
+    stride_bias_h,
+    stride_bias_m,
+    stride_bias_n,
+    seqlen_q,
+    seqlen_k,
+    qk_scale,  # scale * LOG2E
+    SEQ_BUCKET,  # autotune key only: next power of two of max(Sq, Sk), capped
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,  # next power of two >= max(HEAD_DIM, 16)
+    CAUSAL: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    DOT_FP32: tl.constexpr,  # upcast tiles to fp32 before tl.dot (bf16 under the interpreter)
+    DOT_PRECISION: tl.constexpr,  # "ieee" or "tf32"; matters for fp32 operands only
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    tl.static_assert(BLOCK_M % BLOCK_N == 0)  # the causal diagonal starts on a key-tile boundary
+    start_m = tl.program_id(0)
+    off_h = tl.program_id(1).to(tl.int64)
+    off_b = tl.program_id(2).to(tl.int64)
+
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
+    offs_d = tl.arange(0, BLOCK_D)  # (BLOCK_D,)
+    q_ptrs = Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=(offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM), other=0.0)  # (BM, BD)
+    if DOT_FP32:
+        q = q.to(tl.float32)
+
+    k_base = K + off_b * stride_kb + off_h * stride_kh
+    v_base = V + off_b * stride_vb + off_h * stride_vh
+    kpm_base = KPM + off_b * stride_kpm_b
+    bias_base = Bias + off_b * stride_bias_b + off_h * stride_bias_h
+
+    m_i = tl.full([BLOCK_M], -_FP32_MAX, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    if CAUSAL:  # Sq == Sk: keys below this tile's first row need no mask; stop after its last row (skip the rest)
+        lo = start_m * BLOCK_M
+        hi = tl.minimum((start_m + 1) * BLOCK_M, seqlen_k)
+    else:  # full key tiles need no mask; the tail tile does
+        lo = (seqlen_k // BLOCK_N) * BLOCK_N
+        hi = seqlen_k
+    acc, l_i, m_i = _attn_fwd_inner(
+        acc, l_i, m_i, q, k_base, v_base, kpm_base, bias_base, offs_m, offs_d, 0, lo, seqlen_q, seqlen_k,
+        stride_kn, stride_vn, stride_kpm_n, stride_bias_m, stride_bias_n, qk_scale,
+        False, CAUSAL, HAS_KPM, HAS_BIAS, HEAD_DIM, BLOCK_N, BLOCK_D, DOT_FP32, DOT_PRECISION,
+    )  # fmt: skip
+    acc, l_i, m_i = _attn_fwd_inner(
+        acc, l_i, m_i, q, k_base, v_base, kpm_base, bias_base, offs_m, offs_d, lo, hi, seqlen_q, seqlen_k,
+        stride_kn, stride_vn, stride_kpm_n, stride_bias_m, stride_bias_n, qk_scale,
+        True, CAUSAL, HAS_KPM, HAS_BIAS, HEAD_DIM, BLOCK_N, BLOCK_D, DOT_FP32, DOT_PRECISION,
+    )  # fmt: skip
+
+    # every key masked -> l_i == 0 -> output 0 (acc is 0 too, but guard against 0 * inf in v)
+    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+    out = tl.where(l_i[:, None] > 0.0, acc / l_safe[:, None], 0.0)  # (BLOCK_M, BLOCK_D)
+    o_ptrs = Out + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM))
+
+
+# ---------------------------------------------------------------------------------------------------- configs
+
+# Under the interpreter every program runs in numpy: small tiles keep the tests fast and still exercise multi-tile
+# loops, key tails and the causal diagonal at short sequence lengths.
+INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16}
+
+# CUDA candidates, (BLOCK_M, BLOCK_N, num_warps, num_stages) per head-dim class (BLOCK_D <= 64, 128, 256), after
+# the shapes the FA2 Triton tutorial uses on H100. Autotuned per (BLOCK_D, SEQ_BUCKET, CAUSAL, dtypes); these are
+# candidates, not measured winners.
+CUDA_CONFIGS = {
+    64: [(128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2), (32, 32, 4, 2)],
+    128: [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2), (32, 32, 4, 2)],
+    256: [(64, 32, 4, 2), (64, 64, 8, 2), (128, 32, 8, 2), (32, 32, 4, 2)],
+}
+
+
+def _d_class(block_d: int) -> int:
+    return 64 if block_d <= 64 else 128 if block_d <= 128 else 256
+
+
+def attention_cuda_configs() -> list[triton.Config]:
+    """All CUDA autotune candidates; `_prune_configs` keeps those of the call's head-dim class."""
+    seen, out = set(), []
+    for rows in CUDA_CONFIGS.values():
+        for bm, bn, warps, stages in rows:
+            if (bm, bn, warps, stages) not in seen:
+                seen.add((bm, bn, warps, stages))
+                out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages))
+    return out
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """Keep the head-dim class's candidates, without query tiles far longer than the sequences."""
+    args = {**named_args, **kwargs}
+    wanted = set(CUDA_CONFIGS[_d_class(args["BLOCK_D"])])
+    longest = max(32, args["SEQ_BUCKET"])
+    kept = [
+        c
+        for c in configs
+        if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted
+        and c.kwargs["BLOCK_M"] <= longest
+    ]
+    return kept or configs[:1]
+
+
+@functools.cache
+def _autotuned_kernel():
+    """The CUDA entry point: `_attention_fwd_kernel` autotuned. Built lazily, never under the interpreter (where
+    autotuning would run every candidate in numpy)."""
+    return triton.autotune(
+        configs=attention_cuda_configs(),
+        key=["BLOCK_D", "SEQ_BUCKET", "CAUSAL"],  # the autotuner adds the tensors' dtypes to the key
+        prune_configs_by={"early_config_prune": _prune_configs},
+    )(_attention_fwd_kernel)
+
+
+# ---------------------------------------------------------------------------------------------------- launchers
+
+
+def attention_unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None):
+    """None if `attention_forward` handles these inputs, else a short reason (the op layer falls back to torch)."""
+    b, h, _, d = q.shape
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return f"dtype {q.dtype} is not fp32/fp16/bf16"
+    if d > MAX_HEAD_DIM:
+        return f"head dim {d} > {MAX_HEAD_DIM}"
+    if d == 0:
+        return "head dim 0"
+    if h > MAX_GRID_YZ or b > MAX_GRID_YZ:
+        return f"batch {b} or heads {h} > {MAX_GRID_YZ} (CUDA grid limit)"
+    if bias is not None and not bias.dtype.is_floating_point:
+        return f"bias dtype {bias.dtype} is not floating point"
+    if q.device.type != "cuda" and not (q.device.type == "cpu" and interpreting()):
+        return f"device {q.device} needs CUDA or TRITON_INTERPRET=1"
+    return None
+
+
+def _fp32_dot_precision() -> str:
+    """IEEE fp32 dots unless the user allowed TF32 in torch (DESIGN.md, Numerics)."""
+    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+def attention_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    key_padding_mask: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    """softmax(scale * q @ k^T + bias, masked) @ v. q: (B, H, Sq, D), k, v: (B, H, Sk, D), any strides.
+
+    key_padding_mask: (B, Sk) bool, True = attend. bias: broadcastable to (B, H, Sq, Sk). causal needs Sq == Sk.
+    Returns (B, H, Sq, D) in q.dtype, a view of a (B, Sq, H, D)-contiguous buffer; fully masked rows are 0.
+    """
+    b, h, sq, d = q.shape
+    sk = k.shape[2]
+    if causal:
+        assert sq == sk, f"causal attention needs Sq == Sk, got {sq}, {sk}"
+    out = torch.empty(b, sq, h, d, dtype=q.dtype, device=q.device).transpose(1, 2)  # (B, H, Sq, D)
+    if out.numel() == 0:
+        return out
+    q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
+
+    if key_padding_mask is not None:
+        kpm = key_padding_mask.to(torch.bool).view(torch.uint8)  # (B, Sk), free for bool
+        kpm_strides = (kpm.stride(0), kpm.stride(1))
+    else:
+        kpm, kpm_strides = q, (0, 0)  # dummy pointer, never read
+    if bias is not None:
+        bias_v = bias.expand(b, h, sq, sk)  # stride 0 on broadcast dims
+        bias_strides = bias_v.stride()
+    else:
+        bias_v, bias_strides = q, (0, 0, 0, 0)
+
+    interp = interpreting()
+    # NOTE: in the Triton 3.9 interpreter tl.dot on bf16 operands returns garbage: it matmuls the raw uint16
+    # storage (max abs error 8.5e10 measured on a 16x64 @ 64x16 randn tile; 2.8e10 in the issue's measurement),
+    # while fp32 and fp16 operands are right (3.8e-6 after upcasting to fp32). So under the interpreter bf16 tiles
+    # are upcast to fp32 before tl.dot; on GPU the dots stay native bf16 / fp16 (tensor cores).
+    dot_fp32 = interp and q.dtype == torch.bfloat16
+    dot_precision = _fp32_dot_precision() if q.dtype == torch.float32 or dot_fp32 else "tf32"
+    block_d = max(MIN_BLOCK, triton.next_power_of_2(d))
+    seq_bucket = min(SEQ_BUCKET_MAX, triton.next_power_of_2(max(sq, sk)))
+
+    args = (
+        q, k, v, out, kpm, bias_v,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        *kpm_strides, *bias_strides,
+        sq, sk, scale * LOG2E, seq_bucket,
+    )  # fmt: skip
+    meta = dict(
+        HEAD_DIM=d,
+        BLOCK_D=block_d,
+        CAUSAL=bool(causal),
+        HAS_KPM=key_padding_mask is not None,
+        HAS_BIAS=bias is not None,
+        DOT_FP32=dot_fp32,
+        DOT_PRECISION=dot_precision,
+    )
+    if interp or q.device.type != "cuda":
+        grid = (math.ceil(sq / INTERPRETER_CONFIG["BLOCK_M"]), h, b)
+        _attention_fwd_kernel[grid](*args, **meta, **INTERPRETER_CONFIG)
+    else:
+
+        def grid(m):
+            return (triton.cdiv(sq, m["BLOCK_M"]), h, b)
+
+        with torch.cuda.device(q.device):
+            _autotuned_kernel()[grid](*args, **meta)
+    return out

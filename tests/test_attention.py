@@ -1,0 +1,223 @@
+"""fastenc.ops.attention on the Triton backend (the interpreter on CPU) against `attention_reference`.
+
+Every call goes through the op with backend="triton", strict=True, and `fastenc.trace()` must show that the kernel
+ran (no silent fall-back to torch).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from utils import assert_close, assert_error_within
+
+import fastenc
+from fastenc.ops.attention import attention_reference
+
+FP32_TOL = {"atol": 1e-5, "rtol": 1e-4}
+
+
+def _qkv(b, h, sq, sk, d, dtype=torch.float32, device="cpu", packed=False):
+    """q: (B, H, Sq, D), k, v: (B, H, Sk, D). packed: views of one fused (B, S, 3, H, D) projection output."""
+    if packed:
+        assert sq == sk
+        qkv = torch.randn(b, sq, 3, h, d, dtype=dtype, device=device)
+        return qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, S, D), strides (S*3*H*D, D, 3*H*D, 1)
+    q = torch.randn(b, h, sq, d, dtype=dtype, device=device)
+    k = torch.randn(b, h, sk, d, dtype=dtype, device=device)
+    v = torch.randn(b, h, sk, d, dtype=dtype, device=device)
+    return q, k, v
+
+
+def _kpm(b, sk, device, kind):
+    """(B, Sk) bool, True = attend. "sparse": row 0 keeps one key; "empty": row 0 keeps none; "random": ~70%."""
+    if kind is None:
+        return None
+    m = torch.rand(b, sk, device=device) > 0.3
+    m[:, 0] |= b > 1  # other rows keep at least one key
+    if kind == "sparse":
+        m[0] = False
+        m[0, sk // 2] = True
+    elif kind == "empty":
+        m[0] = False
+    return m
+
+
+def _bias(b, h, sq, sk, device, kind):
+    shapes = {None: None, "1h": (1, h, sq, sk), "b1": (b, 1, sq, sk), "bh": (b, h, sq, sk), "row": (1, 1, 1, sk)}
+    shape = shapes[kind]
+    return None if shape is None else torch.randn(shape, device=device)
+
+
+def _run(q, k, v, **kw):
+    """The op through the Triton kernel; asserts the kernel ran exactly once."""
+    with fastenc.trace() as t:
+        out = fastenc.ops.attention(q, k, v, backend="triton", strict=True, **kw)
+    assert t.counts["triton.attention"] == 1, dict(t.counts)
+    assert not t.fallbacks
+    return out
+
+
+# (B, H, Sq, Sk, D, causal, key_padding_mask kind, bias kind); not a full product: the interpreter is slow
+FP32_CASES = [
+    (1, 1, 1, 1, 32, False, None, None),
+    (1, 1, 1, 1, 64, True, "random", None),
+    (3, 2, 13, 13, 40, True, "random", None),
+    (1, 2, 77, 77, 64, True, None, None),
+    (3, 1, 100, 100, 59, False, "random", None),
+    (1, 2, 100, 100, 80, True, "sparse", "1h"),
+    (3, 2, 5, 33, 104, False, None, "b1"),
+    (2, 2, 77, 77, 128, False, "empty", "b1"),
+    (1, 1, 13, 13, 111, True, None, "bh"),
+    (3, 2, 17, 17, 32, False, "sparse", "row"),
+    (2, 1, 33, 5, 72, False, "random", "1h"),
+]
+
+
+@pytest.mark.parametrize("b, h, sq, sk, d, causal, kpm, bias", FP32_CASES, ids=lambda x: str(x))
+def test_fp32_matches_reference(b, h, sq, sk, d, causal, kpm, bias, device):
+    q, k, v = _qkv(b, h, sq, sk, d, device=device)
+    mask = _kpm(b, sk, device, kpm)
+    bias_t = _bias(b, h, sq, sk, device, bias)
+    out = _run(q, k, v, causal=causal, key_padding_mask=mask, bias=bias_t)
+    ref = attention_reference(q, k, v, mask, bias_t, causal=causal)
+    assert out.dtype == q.dtype and out.shape == (b, h, sq, d)
+    assert_close(out, ref, name="out", **FP32_TOL)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_masked_rows_are_zero(causal, device):
+    """One key kept (row 0), none kept (row 1); with causal, the queries before the kept key see nothing."""
+    b, h, s, d = 3, 2, 37, 64
+    q, k, v = _qkv(b, h, s, s, d, device=device)
+    mask = torch.ones(b, s, dtype=torch.bool, device=device)
+    mask[0] = False
+    mask[0, 20] = True
+    mask[1] = False
+    mask[2, 5:] = False
+    bias_t = torch.randn(1, h, s, s, device=device)
+    out = _run(q, k, v, causal=causal, key_padding_mask=mask, bias=bias_t)
+    ref = attention_reference(q, k, v, mask, bias_t, causal=causal)
+    assert_close(out, ref, name="out", **FP32_TOL)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))  # every key masked: exactly 0
+    if causal:
+        assert torch.equal(out[0, :, :20], torch.zeros_like(out[0, :, :20]))
+        torch.testing.assert_close(out[0, :, 20:], v[0, :, 20:21].expand(-1, s - 20, -1), atol=0, rtol=0)
+    else:
+        torch.testing.assert_close(out[0], v[0, :, 20:21].expand(-1, s, -1), atol=0, rtol=0)
+
+
+def test_bias_masks_like_the_reference(device):
+    """-inf in the bias masks a key; a finfo.min additive mask (HF style) behaves as in the reference."""
+    b, h, s, d = 2, 2, 21, 32
+    q, k, v = _qkv(b, h, s, s, d, device=device)
+    bias_t = torch.zeros(b, 1, s, s, device=device)
+    bias_t[0, :, :, 3:] = float("-inf")
+    bias_t[1, :, :, ::2] = torch.finfo(torch.float32).min
+    bias_t[1, :, 4] = torch.finfo(torch.float32).min  # whole row: uniform over the keys, as the reference
+    out = _run(q, k, v, bias=bias_t)
+    assert_close(out, attention_reference(q, k, v, None, bias_t), name="out", **FP32_TOL)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_packed_qkv_views_and_output_layout(causal, device):
+    b, h, s, d = 2, 3, 29, 40
+    q, k, v = _qkv(b, h, s, s, d, device=device, packed=True)
+    assert not q.is_contiguous()
+    mask = _kpm(b, s, device, "random").to(torch.int32)  # 0/1 integers are accepted too
+    out = _run(q, k, v, causal=causal, key_padding_mask=mask, scale=1.0)  # T5: no scaling
+    ref = attention_reference(q, k, v, mask.bool(), None, causal=causal, scale=1.0)
+    assert_close(out, ref, name="out", **FP32_TOL)
+    assert out.transpose(1, 2).is_contiguous()  # (B, S, H, D) buffer
+    merged = out.transpose(1, 2).reshape(b, s, h * d)
+    assert merged.data_ptr() == out.data_ptr()  # the caller's reshape is a view
+
+
+def test_last_dim_not_contiguous(device):
+    b, h, s, d = 1, 2, 19, 32
+    q, k, v = (torch.randn(b, h, d, s, device=device).transpose(-1, -2) for _ in range(3))  # stride(-1) == S
+    out = _run(q, k, v)
+    assert_close(out, attention_reference(q, k, v), name="out", **FP32_TOL)
+
+
+def test_empty_keys_give_zero(device):
+    q = torch.randn(2, 1, 3, 32, device=device)
+    k = v = torch.randn(2, 1, 0, 32, device=device)
+    out = _run(q, k, v)
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+def _naive_low_precision(q, k, v, mask, bias, causal, scale):
+    """PyTorch attention computed entirely in q.dtype: the baseline of flash-attention's error rule."""
+    s = (q @ k.transpose(-1, -2)) * scale
+    if bias is not None:
+        s = s + bias.to(q.dtype)
+    keep = torch.ones(s.shape[-2:], dtype=torch.bool, device=q.device)
+    if causal:
+        keep = keep.tril()
+    if mask is not None:
+        keep = keep & mask[:, None, None, :]
+    p = torch.softmax(s.masked_fill(~keep, float("-inf")), dim=-1).nan_to_num(0.0)
+    return p @ v
+
+
+LOW_CASES = [
+    (2, 2, 77, 77, 64, True, "random", None),
+    (1, 2, 100, 100, 59, False, "sparse", "1h"),
+    (3, 1, 13, 13, 128, True, "empty", "b1"),
+    (2, 2, 5, 33, 80, False, None, None),
+]
+
+
+@pytest.mark.parametrize("dtype, atol", [(torch.float16, 1e-3), (torch.bfloat16, 1e-2)], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("b, h, sq, sk, d, causal, kpm, bias", LOW_CASES, ids=lambda x: str(x))
+def test_low_precision_error_rule(dtype, atol, b, h, sq, sk, d, causal, kpm, bias, device):
+    """flash-attention's rule: error vs the fp32 reference <= 2x PyTorch's own error in `dtype` (+ atol)."""
+    q, k, v = _qkv(b, h, sq, sk, d, device=device)
+    mask = _kpm(b, sk, device, kpm)
+    bias_t = _bias(b, h, sq, sk, device, bias)
+    ql, kl, vl = q.to(dtype), k.to(dtype), v.to(dtype)
+    out = _run(ql, kl, vl, causal=causal, key_padding_mask=mask, bias=bias_t)
+    assert out.dtype == dtype
+    ref = attention_reference(ql.float(), kl.float(), vl.float(), mask, bias_t, causal=causal)
+    base = _naive_low_precision(ql, kl, vl, mask, bias_t, causal, d**-0.5)
+    assert torch.isfinite(out.float()).all()
+    assert_error_within(out, base, ref, factor=2.0, atol=atol, name=f"out {dtype}")
+
+
+@pytest.mark.parametrize("causal, kpm, bias", [(False, "random", "1h"), (True, "sparse", None)])
+def test_gradients_match_reference(causal, kpm, bias, device):
+    """Forward through the kernel, backward through the reference (run_kernel): grads equal the reference's."""
+    b, h, s, d = 2, 2, 23, 40
+    q, k, v = _qkv(b, h, s, s, d, device=device)
+    mask = _kpm(b, s, device, kpm)
+    bias_t = _bias(b, h, s, s, device, bias)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)] + ([bias_t.clone().requires_grad_()] if bias else [])
+    ref_leaves = [t.detach().clone().requires_grad_() for t in leaves]
+    grad_out = torch.randn(b, h, s, d, device=device)
+
+    out = _run(*leaves[:3], causal=causal, key_padding_mask=mask, bias=leaves[3] if bias else None)
+    ref = attention_reference(*ref_leaves[:3], mask, ref_leaves[3] if bias else None, causal=causal)
+    assert_close(out, ref, name="out", **FP32_TOL)
+    out.backward(grad_out)
+    ref.backward(grad_out)
+    for name, got, want in zip("qkvb", leaves, ref_leaves, strict=False):
+        assert_close(got.grad, want.grad, name=f"d{name}", **FP32_TOL)
+
+
+def test_head_dim_too_large(device, monkeypatch):
+    from fastenc import _dispatch
+    from fastenc.kernels.attention import attention_unsupported_reason
+
+    q, k, v = _qkv(1, 1, 4, 4, 512, device=device)
+    reason = attention_unsupported_reason(q, k, v, None)
+    assert reason is not None and "512" in reason
+    assert attention_unsupported_reason(*_qkv(1, 1, 4, 4, 256, device=device), None) is None
+
+    with pytest.raises(fastenc.BackendUnavailableError, match="512"):
+        fastenc.ops.attention(q, k, v, backend="triton", strict=True)
+
+    monkeypatch.setattr(_dispatch, "_warned", set())  # the fall-back warning is once per process
+    with fastenc.trace() as t, pytest.warns(fastenc.FallbackWarning, match="512"):
+        out = fastenc.ops.attention(q, k, v, backend="triton", strict=False)
+    assert t.counts["torch.attention"] == 1 and t.counts["triton.attention"] == 0
+    assert_close(out, attention_reference(q, k, v), name="out", **FP32_TOL)
