@@ -1,15 +1,14 @@
 """fastenc: fused Triton/CUDA kernels for CLIP, SigLIP and T5 encoder towers, drop-in for transformers.
 
-    model = fastenc.optimize(hf_model)            # same forward signature and ModelOutput fields
-    with fastenc.trace() as t:                    # which backend ran which op
-        model(**inputs)
-    print(t.counts)                               # {"triton.attention": 12, ...}
+model = fastenc.optimize(hf_model)            # same forward signature and ModelOutput fields
+with fastenc.trace() as t:                    # which backend ran which op
+    model(**inputs)
+print(t.counts)                               # {"triton.attention": 12, ...}
 """
 
 from . import ops
 from ._dispatch import FallbackWarning, available_backends, trace
 from .errors import BackendUnavailableError, FastencError, InputError, UnsupportedModelError
-
 from .optimize import optimize  # noqa: E402  (the function shadows its module's name, as intended)
 
 __version__ = "0.1.0"

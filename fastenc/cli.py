@@ -1,7 +1,7 @@
 """fastenc command line.
 
-    fastenc demo   [--shape ViT-B/32] [--backend auto] [--dtype fp32] [--batch 4] [--layers N] [--json]
-    fastenc parity --model PATH [...]   (a local transformers checkpoint directory; nothing is downloaded)
+fastenc demo   [--shape ViT-B/32] [--backend auto] [--dtype fp32] [--batch 4] [--layers N] [--json]
+fastenc parity --model PATH [...]   (a local transformers checkpoint directory; nothing is downloaded)
 """
 
 from __future__ import annotations
@@ -23,7 +23,9 @@ def _parser() -> argparse.ArgumentParser:
     ):
         s = sub.add_parser(name, help=help_)
         s.add_argument("--model", help="local checkpoint directory (save_pretrained layout); never downloaded")
-        s.add_argument("--shape", default="ViT-B/32", help="named random-weight shape when no --model (default %(default)s)")
+        s.add_argument(
+            "--shape", default="ViT-B/32", help="named random-weight shape when no --model (default %(default)s)"
+        )
         s.add_argument("--layers", type=int, default=None, help="reduce both towers to N layers (labelled in output)")
         s.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "cuda"])
         s.add_argument("--strict", action="store_true", help="raise instead of falling back")

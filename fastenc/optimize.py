@@ -6,9 +6,9 @@ import torch
 
 from ._dispatch import check_backend_name
 from .errors import UnsupportedModelError
-from .models import FUSED_CLASSES
+from .models import FUSED_CLASSES, check_config
 from .models._base import Runtime, shallow_copy_as
-from .models.clip import FastencModelMixin, check_config
+from .models._encoder import FastencModelMixin
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

@@ -5,7 +5,7 @@
 
     quick_gelu: x * sigmoid(1.702 x)
     gelu:       0.5 x (1 + erf(x / sqrt(2)))
-    gelu_tanh:  0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))  computed as  x * sigmoid(2 sqrt(2/pi) (x + 0.044715 x^3))
+    gelu_tanh:  0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))  ==  x * sigmoid(2 sqrt(2/pi) (x + 0.044715 x^3))
     relu:       max(x, 0)
 
 Each program handles a BLOCK_M x BLOCK_N tile (2-D grid: row blocks on axis 0, column blocks on axis 1), so any N
@@ -71,7 +71,7 @@ def _bias_activation_fwd_kernel(
     stride_x,
     M, N,
     ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
+):  # fmt: skip
     """y = act(x + bias) on one BLOCK_M x BLOCK_N tile; fp32 math, rounded once to Y's dtype."""
     rows, cols, mask = _tile(tl.program_id(0), tl.program_id(1), M, N, BLOCK_M, BLOCK_N)
     h = tl.load(X + rows * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
@@ -87,7 +87,7 @@ def _gated_activation_fwd_kernel(
     stride_gate, stride_up,
     M, N,
     ACTIVATION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
+):  # fmt: skip
     """y = act(gate) * up on one BLOCK_M x BLOCK_N tile; fp32 math, rounded once to Y's dtype."""
     rows, cols, mask = _tile(tl.program_id(0), tl.program_id(1), M, N, BLOCK_M, BLOCK_N)
     gate = tl.load(GATE + rows * stride_gate + cols, mask=mask, other=0.0).to(tl.float32)

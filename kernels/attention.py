@@ -35,10 +35,19 @@ MIN_BLOCK = 16  # tl.dot needs every dimension >= 16; head dims below 16 are pad
 MAX_GRID_YZ = 65535  # CUDA limit on grid dims 1 and 2, which carry heads and batch
 SEQ_BUCKET_MAX = 8192  # autotune key: next power of two of max(Sq, Sk), capped here
 
+# Under the interpreter every program runs in numpy: small tiles keep the tests fast and still exercise multi-tile
+# loops, key tails and the causal diagonal at short sequence lengths.
+INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16}
 
-def interpreting() -> bool:
-    """TRITON_INTERPRET=1: kernels run on CPU tensors through Triton's numpy interpreter."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+# CUDA candidates, (BLOCK_M, BLOCK_N, num_warps, num_stages) per head-dim class (BLOCK_D <= 64, 128, 256): taken
+# from the space the Triton fused-attention tutorial searches on H100 (BLOCK_M 64/128, BLOCK_N 32/64, 4/8 warps),
+# plus 32x32 for short sequences and fewer stages at D = 256 (shared memory). Autotuned per (BLOCK_D, SEQ_BUCKET,
+# CAUSAL, dtypes). These are candidates; none has been measured here (no GPU when this file was written).
+CUDA_CONFIGS = {
+    64: [(128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2), (32, 32, 4, 2)],
+    128: [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2), (32, 32, 4, 2)],
+    256: [(64, 32, 4, 2), (64, 64, 8, 2), (128, 32, 8, 2), (32, 32, 4, 2)],
+}
 
 
 # ---------------------------------------------------------------------------------------------------- jit helpers
@@ -219,20 +228,12 @@ def _attention_fwd_kernel(
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM))
 
 
-# ---------------------------------------------------------------------------------------------------- configs
+# ---------------------------------------------------------------------------------------------------- launchers
 
-# Under the interpreter every program runs in numpy: small tiles keep the tests fast and still exercise multi-tile
-# loops, key tails and the causal diagonal at short sequence lengths.
-INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16}
 
-# CUDA candidates, (BLOCK_M, BLOCK_N, num_warps, num_stages) per head-dim class (BLOCK_D <= 64, 128, 256), after
-# the shapes the FA2 Triton tutorial uses on H100. Autotuned per (BLOCK_D, SEQ_BUCKET, CAUSAL, dtypes); these are
-# candidates, not measured winners.
-CUDA_CONFIGS = {
-    64: [(128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2), (32, 32, 4, 2)],
-    128: [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2), (32, 32, 4, 2)],
-    256: [(64, 32, 4, 2), (64, 64, 8, 2), (128, 32, 8, 2), (32, 32, 4, 2)],
-}
+def interpreting() -> bool:
+    """TRITON_INTERPRET=1: kernels run on CPU tensors through Triton's numpy interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
 def _d_class(block_d: int) -> int:
@@ -273,9 +274,6 @@ def _autotuned_kernel():
         key=["BLOCK_D", "SEQ_BUCKET", "CAUSAL"],  # the autotuner adds the tensors' dtypes to the key
         prune_configs_by={"early_config_prune": _prune_configs},
     )(_attention_fwd_kernel)
-
-
-# ---------------------------------------------------------------------------------------------------- launchers
 
 
 def attention_unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None):
@@ -368,7 +366,7 @@ def attention_forward(
         DOT_FP32=dot_fp32,
         DOT_PRECISION=dot_precision,
     )
-    if interp or q.device.type != "cuda":
+    if interp:
         grid = (math.ceil(sq / INTERPRETER_CONFIG["BLOCK_M"]), h, b)
         _attention_fwd_kernel[grid](*args, **meta, **INTERPRETER_CONFIG)
     else:

@@ -40,8 +40,9 @@ def _to_bf16_rtne(x):
     nearest even; rounding the bits ourselves gives the CUDA result in both places, so CPU tests see the GPU math.
     """
     bits = x.to(tl.uint32, bitcast=True)
-    bits = bits + 0x7FFF + ((bits >> 16) & 1)
-    return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    rounded = tl.where(x != x, (bits >> 16) | 0x40, rounded)  # NaN stays NaN (a low-bits payload would carry to inf)
+    return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
 
 @triton.jit
@@ -71,7 +72,7 @@ def _layer_norm_fwd_kernel(
     stride_x, stride_r, stride_y, stride_res_out,  # row strides; columns are contiguous
     N, eps,
     HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
-):
+):  # fmt: skip
     """y = (s - mean) * rsqrt(mean((s - mean)^2) + eps) * w + b over one row of s = x (+ residual); fp32 math."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
@@ -96,7 +97,7 @@ def _rms_norm_fwd_kernel(
     stride_x, stride_r, stride_y, stride_res_out,  # row strides; columns are contiguous
     N, eps,
     HAS_RESIDUAL: tl.constexpr, HALF_WEIGHT: tl.constexpr, BLOCK_N: tl.constexpr,
-):
+):  # fmt: skip
     """y = w * (s * rsqrt(mean(s^2) + eps)) over one row of s = x (+ residual); fp32 math.
 
     HALF_WEIGHT (w is fp16/bf16): the normalised value is rounded to w's dtype before the multiply, as T5LayerNorm.

@@ -22,14 +22,40 @@ FP32 = dict(atol=2e-5, rtol=1e-4)
 VOCAB = 99
 
 
-def make_config(width=64, heads=2, layers=2, *, vision_width=None, vision_heads=None, image=24, patch=8,
-                act="quick_gelu", eos=VOCAB - 1, max_pos=77):
-    text = dict(hidden_size=width, num_attention_heads=heads, num_hidden_layers=layers, intermediate_size=2 * width,
-                max_position_embeddings=max_pos, vocab_size=VOCAB, hidden_act=act, eos_token_id=eos,
-                bos_token_id=VOCAB - 2, pad_token_id=eos)
-    vision = dict(hidden_size=vision_width or width, num_attention_heads=vision_heads or heads,
-                  num_hidden_layers=layers, intermediate_size=2 * (vision_width or width), image_size=image,
-                  patch_size=patch, hidden_act=act)
+def make_config(
+    width=64,
+    heads=2,
+    layers=2,
+    *,
+    vision_width=None,
+    vision_heads=None,
+    image=24,
+    patch=8,
+    act="quick_gelu",
+    eos=VOCAB - 1,
+    max_pos=77,
+):
+    text = dict(
+        hidden_size=width,
+        num_attention_heads=heads,
+        num_hidden_layers=layers,
+        intermediate_size=2 * width,
+        max_position_embeddings=max_pos,
+        vocab_size=VOCAB,
+        hidden_act=act,
+        eos_token_id=eos,
+        bos_token_id=VOCAB - 2,
+        pad_token_id=eos,
+    )
+    vision = dict(
+        hidden_size=vision_width or width,
+        num_attention_heads=vision_heads or heads,
+        num_hidden_layers=layers,
+        intermediate_size=2 * (vision_width or width),
+        image_size=image,
+        patch_size=patch,
+        hidden_act=act,
+    )
     return CLIPConfig(text_config=text, vision_config=vision, projection_dim=32)
 
 
@@ -89,9 +115,7 @@ def test_every_class_matches_transformers(cls, backend):
     assert not t.fallbacks
 
 
-@pytest.mark.parametrize(
-    "width,heads", [(64, 2), (160, 2), (208, 2)], ids=["hd32", "hd80", "hd104"]
-)
+@pytest.mark.parametrize("width,heads", [(64, 2), (160, 2), (208, 2)], ids=["hd32", "hd80", "hd104"])
 @pytest.mark.parametrize("seq,batch", [(1, 1), (13, 3), (77, 3)])
 def test_text_tower_head_dims_and_lengths_triton(width, heads, seq, batch):
     model = build(CLIPTextModelWithProjection, make_config(width, heads))
@@ -199,8 +223,14 @@ def test_half_precision_within_twice_pytorch_error(dtype, backend):
         assert got[key].dtype == ref_half[key].dtype
         assert_error_within(got[key], ref_half[key], ref32[key], factor=2.0, atol=1e-3, name=key)
     for tower in ("text_model_output", "vision_model_output"):
-        assert_error_within(got[tower].last_hidden_state, ref_half[tower].last_hidden_state,
-                            ref32[tower].last_hidden_state, factor=2.0, atol=1e-2, name=tower)
+        assert_error_within(
+            got[tower].last_hidden_state,
+            ref_half[tower].last_hidden_state,
+            ref32[tower].last_hidden_state,
+            factor=2.0,
+            atol=1e-2,
+            name=tower,
+        )
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

@@ -43,13 +43,24 @@ def clip_config(name: str = "ViT-B/32", *, layers: int | None = None, eos_token_
     s = CLIP_SHAPES[name]
     eos = s.vocab_size - 1 if eos_token_id is None else eos_token_id
     text = dict(
-        hidden_size=s.text_width, num_attention_heads=s.text_heads, num_hidden_layers=layers or s.text_layers,
-        intermediate_size=s.text_ffn or 4 * s.text_width, max_position_embeddings=s.max_positions,
-        vocab_size=s.vocab_size, hidden_act=s.hidden_act, eos_token_id=eos, bos_token_id=eos - 1, pad_token_id=eos,
+        hidden_size=s.text_width,
+        num_attention_heads=s.text_heads,
+        num_hidden_layers=layers or s.text_layers,
+        intermediate_size=s.text_ffn or 4 * s.text_width,
+        max_position_embeddings=s.max_positions,
+        vocab_size=s.vocab_size,
+        hidden_act=s.hidden_act,
+        eos_token_id=eos,
+        bos_token_id=eos - 1,
+        pad_token_id=eos,
     )
     vision = dict(
-        hidden_size=s.vision_width, num_attention_heads=s.vision_heads, num_hidden_layers=layers or s.vision_layers,
-        intermediate_size=s.vision_ffn or 4 * s.vision_width, image_size=s.image_size, patch_size=s.patch_size,
+        hidden_size=s.vision_width,
+        num_attention_heads=s.vision_heads,
+        num_hidden_layers=layers or s.vision_layers,
+        intermediate_size=s.vision_ffn or 4 * s.vision_width,
+        image_size=s.image_size,
+        patch_size=s.patch_size,
         hidden_act=s.hidden_act,
     )
     return CLIPConfig(text_config=text, vision_config=vision, projection_dim=s.projection_dim)

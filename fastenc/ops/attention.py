@@ -77,7 +77,8 @@ def attention(
         try:
             torch.broadcast_shapes(bias.shape, (b, h, sq, sk))
         except RuntimeError:
-            raise InputError(f"bias must broadcast to (B, H, Sq, Sk)={(b, h, sq, sk)}, got {tuple(bias.shape)}") from None
+            want = (b, h, sq, sk)
+            raise InputError(f"bias must broadcast to (B, H, Sq, Sk)={want}, got {tuple(bias.shape)}") from None
     if scale is None:
         scale = d**-0.5
     scale = float(scale)

@@ -1,0 +1,182 @@
+"""Time fastenc's Triton bias + activation (and gated activation) against torch on CUDA.
+
+    python bench/bench_activation.py                                    # quick_gelu, gelu, gelu_tanh; fp16
+    python bench/bench_activation.py --activation gelu_tanh --gated     # T5 v1.1 gated-gelu: act(gate) * up
+    python bench/bench_activation.py --shape 16384,2816 --no-bias --out act.json
+
+Shapes are ROWS,N with ROWS = batch * sequence and N the FFN width. Providers: fastenc (the op, backend="triton";
+not for --gated, which has no op yet), kernel (the launcher alone), torch (eager: act(x + bias) in the input dtype;
+act(gate) * up), compile (torch.compile of the torch provider). Times are triton.testing.do_bench quantiles
+(p20/p50/p80, ms); GB/s = bytes() / p50, counting only the compulsory traffic. With --out, rows (provider, shape,
+config, timings, gpu, versions, git commit) are appended to a JSON list under bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+# ROWS, N: CLIP text B/32 FFN (64 x 77, 3072), ViT-L/14 (32 x 257, 4096), ViT-H/14 (16 x 257, 5120),
+# T5 v1.1-large gated FFN (32 x 512, 2816).
+DEFAULT_SHAPES = [(4928, 3072), (8224, 4096), (4112, 5120), (16384, 2816)]
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+ACTIVATIONS = ("quick_gelu", "gelu", "gelu_tanh", "relu")
+PROVIDERS = ("fastenc", "kernel", "torch", "compile")
+
+
+def bytes_moved(rows: int, n: int, dtype: torch.dtype, *, bias: bool, gated: bool) -> int:
+    """Compulsory HBM traffic: read x (gate and up when gated), write y, read the (fp32 here) bias once."""
+    elt = torch.empty((), dtype=dtype).element_size()
+    return rows * n * elt * (3 if gated else 2) + (n * 4 if bias and not gated else 0)
+
+
+def git_commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True)
+        return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def providers(activation, x, bias, up, gated):
+    import fastenc
+    from fastenc.kernels import activation as kernels
+    from fastenc.ops.activation import activation_reference
+
+    if gated:
+        eager = lambda x, up: activation_reference(x, activation) * up
+        fns = {
+            "kernel": lambda: kernels.gated_activation_forward(x, up, activation),
+            "torch": lambda: eager(x, up),
+        }
+        compiled = torch.compile(eager, dynamic=False)
+        fns["compile"] = lambda: compiled(x, up)
+        return fns
+    b_eager = None if bias is None else bias.to(x.dtype)
+    eager = lambda x: activation_reference(x if b_eager is None else x + b_eager, activation)  # in x.dtype
+    compiled = torch.compile(eager, dynamic=False)
+    return {
+        "fastenc": lambda: fastenc.ops.bias_activation(x, bias, activation, backend="triton", strict=True),
+        "kernel": lambda: kernels.bias_activation_forward(x, bias, activation),
+        "torch": lambda: eager(x),
+        "compile": lambda: compiled(x),
+    }
+
+
+def fp32_reference(activation, x, bias, up, gated):
+    from fastenc.ops.activation import activation_reference
+
+    if gated:
+        return activation_reference(x.float(), activation) * up.float()
+    return activation_reference(x.float() if bias is None else x.float() + bias.float(), activation)
+
+
+def parse_shape(text: str) -> tuple[int, int]:
+    try:
+        rows, n = (int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"shape must be ROWS,N (2 integers), got {text!r}") from None
+    return rows, n
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--activation", choices=ACTIVATIONS, action="append", help="repeatable; default: the three gelus")
+    p.add_argument("--shape", type=parse_shape, action="append", help="ROWS,N (repeatable); default: encoder FFNs")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp16")
+    p.add_argument("--no-bias", action="store_true", help="activation only (bias already fused into the matmul)")
+    p.add_argument("--gated", action="store_true", help="time act(gate) * up (gated_activation_forward) instead")
+    p.add_argument("--providers", default=",".join(PROVIDERS), help=f"comma list from {PROVIDERS}")
+    p.add_argument("--warmup", type=int, default=25, help="do_bench warmup, ms")
+    p.add_argument("--rep", type=int, default=100, help="do_bench repetition time, ms")
+    p.add_argument("--out", help="JSON file to append rows to (a bare name goes under bench/results/)")
+    args = p.parse_args(argv)
+
+    if not torch.cuda.is_available():
+        print("bench_activation: no CUDA device found; it times GPU kernels and needs one.", file=sys.stderr)
+        return 2
+    import triton
+    from triton.testing import do_bench
+
+    from fastenc.kernels.activation import _elementwise_config
+
+    names = [n.strip() for n in args.providers.split(",") if n.strip()]
+    unknown = sorted(set(names) - set(PROVIDERS))
+    if unknown:
+        p.error(f"unknown providers {unknown}; choose from {PROVIDERS}")
+    if args.gated and "fastenc" in names:
+        names.remove("fastenc")  # no op wraps gated_activation_forward yet
+    activations = args.activation or ["quick_gelu", "gelu", "gelu_tanh"]
+    dtype = DTYPES[args.dtype]
+    has_bias = not args.no_bias and not args.gated
+    env = {
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "commit": git_commit(),
+    }
+    print(f"# {env['gpu']}  torch {env['torch']}  triton {env['triton']}  commit {env['commit']}")
+    print(f"# dtype {args.dtype}  bias {has_bias}  gated {args.gated}")
+    header = f"{'activation':>10} {'ROWS,N':>12} {'provider':>9} {'p50 ms':>9} {'p20 ms':>9} {'p80 ms':>9}"
+    print(f"{header} {'GB/s':>8} {'max err':>9}")
+
+    rows_out = []
+    torch.manual_seed(0)
+    for activation in activations:
+        for rows, n in args.shape or DEFAULT_SHAPES:
+            x = torch.randn(rows, n, dtype=dtype, device="cuda")
+            up = torch.randn(rows, n, dtype=dtype, device="cuda") if args.gated else None
+            bias = torch.randn(n, device="cuda") if has_bias else None  # fp32, as a Linear bias kept in fp32
+            fns = providers(activation, x, bias, up, args.gated)
+            ref = fp32_reference(activation, x, bias, up, args.gated)
+            nbytes = bytes_moved(rows, n, dtype, bias=has_bias, gated=args.gated)
+            block_m, block_n, num_warps = _elementwise_config(n)
+            for name in names:
+                fn = fns[name]
+                err = (fn().float() - ref).abs().max().item()  # also warms up / compiles
+                p20, p50, p80 = do_bench(fn, warmup=args.warmup, rep=args.rep, quantiles=[0.2, 0.5, 0.8])
+                gbps = nbytes / (p50 * 1e-3) / 1e9
+                shape = f"{rows},{n}"
+                print(f"{activation:>10} {shape:>12} {name:>9} {p50:9.4f} {p20:9.4f} {p80:9.4f} {gbps:8.1f} {err:9.2e}")
+                config = {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": num_warps}
+                rows_out.append(
+                    {
+                        "op": "gated_activation" if args.gated else "bias_activation",
+                        "activation": activation,
+                        "provider": name,
+                        "mode": "forward",
+                        "shape": {"rows": rows, "N": n},
+                        "dtype": args.dtype,
+                        "bias": has_bias,
+                        "config": config if name in ("fastenc", "kernel") else None,
+                        "ms": {"p20": p20, "p50": p50, "p80": p80},
+                        "bytes": nbytes,
+                        "gbps_p50": gbps,
+                        "max_abs_err_vs_fp32": err,
+                        "do_bench": {"warmup_ms": args.warmup, "rep_ms": args.rep},
+                        **env,
+                    }
+                )
+
+    if args.out:
+        out = Path(args.out)
+        if out.parent == Path("."):
+            out = RESULTS / out
+        out.parent.mkdir(parents=True, exist_ok=True)
+        old = json.loads(out.read_text()) if out.exists() else []
+        out.write_text(json.dumps(old + rows_out, indent=1) + "\n")
+        print(f"# appended {len(rows_out)} rows to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

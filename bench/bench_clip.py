@@ -1,0 +1,143 @@
+"""First CLIP tower timing: transformers eager vs transformers SDPA vs fastenc (Triton), one process, one run.
+
+    python bench/bench_clip.py --shape ViT-L/14 --dtype fp16 --batch 1 8 64 --out bench/results/clip_first.json
+
+Random weights from a named config (no downloads). Per row: p50/p90 latency over --iters timed calls (CUDA events,
+after --warmup calls), throughput, peak memory, and the speedup of fastenc over each competitor from the same run.
+Needs a CUDA device; the full harness (compile, ONNX, CUDA graphs, plots) is bench/'s own issue.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "HEAD"], text=True, stderr=subprocess.DEVNULL).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def time_cuda(fn, warmup: int, iters: int) -> list[float]:
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end))  # ms
+    return samples
+
+
+def percentile(xs: list[float], q: float) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, int(round(q / 100 * (len(s) - 1))))]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="ViT-L/14")
+    p.add_argument("--tower", choices=["text", "vision"], nargs="+", default=["text", "vision"])
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp16")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 64])
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--iters", type=int, default=50)
+    p.add_argument("--out", type=Path, default=None, help="append rows to this JSON file")
+    args = p.parse_args(argv)
+
+    import torch
+
+    if not torch.cuda.is_available():
+        print("bench_clip.py: no CUDA device here; this benchmark only runs on a GPU", file=sys.stderr)
+        return 2
+    import transformers
+    import triton
+    from transformers import CLIPTextModelWithProjection, CLIPVisionModelWithProjection
+
+    import fastenc
+    from fastenc.models.configs import clip_config
+    from fastenc.parity import clip_inputs
+
+    dtype = getattr(torch, DTYPES[args.dtype])
+    cfg = clip_config(args.shape)
+    rows = []
+    meta = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "transformers": transformers.__version__,
+        "fastenc": fastenc.__version__,
+        "python": platform.python_version(),
+        "commit": git_commit(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    for tower in args.tower:
+        cls, sub = (
+            (CLIPTextModelWithProjection, cfg.text_config)
+            if tower == "text"
+            else (CLIPVisionModelWithProjection, cfg.vision_config)
+        )
+        models = {}
+        for impl in ("eager", "sdpa"):
+            torch.manual_seed(0)
+            models[f"transformers-{impl}"] = cls._from_config(sub, attn_implementation=impl).to("cuda", dtype).eval()
+        models["fastenc-triton"] = fastenc.optimize(models["transformers-sdpa"], backend="triton", strict=True)
+        for batch in args.batch:
+            inputs = clip_inputs(cfg, batch, device="cuda", dtype=dtype)
+            inputs = {k: v for k, v in inputs.items() if (k == "pixel_values") == (tower == "vision")}
+            results = {}
+            for name, model in models.items():
+                torch.cuda.reset_peak_memory_stats()
+                with torch.inference_mode():
+                    samples = time_cuda(lambda m=model, x=inputs: m(**x), args.warmup, args.iters)
+                results[name] = {
+                    "p50_ms": percentile(samples, 50),
+                    "p90_ms": percentile(samples, 90),
+                    "items_per_s": batch / (percentile(samples, 50) / 1e3),
+                    "peak_mem_mb": torch.cuda.max_memory_allocated() / 2**20,
+                    "samples_ms": samples,
+                }
+            fe = results["fastenc-triton"]["p50_ms"]
+            for name, r in results.items():
+                r["fastenc_speedup"] = r["p50_ms"] / fe
+                print(
+                    f"{args.shape:>12} {tower:>6} {args.dtype} b={batch:<4} {name:<22} p50 {r['p50_ms']:8.3f} ms  "
+                    f"p90 {r['p90_ms']:8.3f} ms  {r['items_per_s']:10.1f}/s  peak {r['peak_mem_mb']:8.1f} MB  "
+                    f"fastenc x{r['fastenc_speedup']:.2f}"
+                )
+                rows.append(
+                    {
+                        **meta,
+                        "shape": args.shape,
+                        "tower": tower,
+                        "dtype": args.dtype,
+                        "batch": batch,
+                        "provider": name,
+                        **r,
+                    }
+                )
+    if args.out:
+        old = json.loads(args.out.read_text()) if args.out.exists() else []
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(old + rows, indent=1))
+        print(f"wrote {len(rows)} rows to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

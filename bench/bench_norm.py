@@ -1,0 +1,205 @@
+"""Time fastenc's Triton LayerNorm / RMSNorm (optionally with the fused residual add) against torch on CUDA.
+
+    python bench/bench_norm.py                                         # layer_norm + rms_norm, encoder shapes, fp16
+    python bench/bench_norm.py --op rms_norm --residual --dtype bf16   # T5 block: x + residual, then T5LayerNorm
+    python bench/bench_norm.py --shape 16384,1024 --providers kernel,torch --out norm.json
+
+Shapes are ROWS,N with ROWS = batch * sequence. Providers: fastenc (the op, backend="triton"), kernel (the launcher
+alone), torch (eager as transformers runs it: nn.LayerNorm in the input dtype / the T5LayerNorm formula, residual
+added first), compile (torch.compile of the torch provider). Times are triton.testing.do_bench quantiles
+(p20/p50/p80, ms); GB/s = bytes() / p50, counting only the compulsory traffic, so it is comparable across providers.
+With --out, rows (provider, shape, config, timings, gpu, versions, git commit) are appended to a JSON list under
+bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+# ROWS, N: CLIP text B/32 (64 x 77, 768), ViT-L/14 (32 x 257, 1024), ViT-H/14 (16 x 257, 1280),
+# T5-large (32 x 512, 1024), T5-XXL (8 x 512, 4096).
+DEFAULT_SHAPES = [(4928, 768), (8224, 1024), (4112, 1280), (16384, 1024), (4096, 4096)]
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+OPS = ("layer_norm", "rms_norm")
+PROVIDERS = ("fastenc", "kernel", "torch", "compile")
+
+
+def bytes_moved(op: str, rows: int, n: int, dtype: torch.dtype, weight_dtype: torch.dtype, residual: bool) -> int:
+    """Compulsory HBM traffic: read x (+ residual), write y (+ residual_out), read weight (+ bias for layer_norm).
+
+    y is in x.dtype except for rms_norm with a half weight, where it takes the weight's dtype (same size here)."""
+    elt = torch.empty((), dtype=dtype).element_size()
+    w_elt = torch.empty((), dtype=weight_dtype).element_size()
+    activations = rows * n * elt * (2 + 2 * int(residual))
+    params = n * w_elt * (2 if op == "layer_norm" else 1)
+    return activations + params
+
+
+def git_commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True)
+        return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def make_inputs(rows, n, dtype, weight_dtype, residual):
+    x = torch.randn(rows, n, dtype=dtype, device="cuda")
+    r = torch.randn(rows, n, dtype=dtype, device="cuda") if residual else None
+    w = (1.0 + 0.1 * torch.randn(n, device="cuda")).to(weight_dtype)
+    b = (0.1 * torch.randn(n, device="cuda")).to(weight_dtype)
+    return x, r, w, b
+
+
+def providers(op, x, r, w, b, eps):
+    import fastenc
+    from fastenc.kernels import norm as kernels
+    from fastenc.ops.norm import rms_norm_reference
+
+    n = x.shape[-1]
+    if op == "layer_norm":
+        w_eager, b_eager = w.to(x.dtype), b.to(x.dtype)  # nn.LayerNorm holds its parameters in the model dtype
+
+        def eager(x, r):
+            s = x if r is None else x + r
+            return F.layer_norm(s, (n,), w_eager, b_eager, eps), s
+
+        fastenc_fn = lambda: fastenc.ops.layer_norm(x, w, b, eps, r, backend="triton", strict=True)
+        kernel_fn = lambda: kernels.layer_norm_forward(x, w, b, eps, r)
+    else:
+
+        def eager(x, r):
+            s = x if r is None else x + r
+            return rms_norm_reference(s, w, eps=eps), s  # the T5LayerNorm formula
+
+        fastenc_fn = lambda: fastenc.ops.rms_norm(x, w, eps, r, backend="triton", strict=True)
+        kernel_fn = lambda: kernels.rms_norm_forward(x, w, eps, r)
+    compiled = torch.compile(eager, dynamic=False)
+    return {
+        "fastenc": fastenc_fn,
+        "kernel": kernel_fn,
+        "torch": lambda: eager(x, r),
+        "compile": lambda: compiled(x, r),
+    }
+
+
+def fp32_reference(op, x, r, w, b, eps):
+    s = (x if r is None else x + r).float()  # the residual sum rounded to x.dtype first, as every provider does
+    if op == "layer_norm":
+        return F.layer_norm(s, (s.shape[-1],), w.float(), b.float(), eps)
+    return s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + eps) * w.float()
+
+
+def first(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def parse_shape(text: str) -> tuple[int, int]:
+    try:
+        rows, n = (int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"shape must be ROWS,N (2 integers), got {text!r}") from None
+    return rows, n
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--op", choices=[*OPS, "both"], default="both")
+    p.add_argument("--shape", type=parse_shape, action="append", help="ROWS,N (repeatable); default: encoder shapes")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp16")
+    p.add_argument("--weight-dtype", choices=["same", "fp32"], default="same", help="weight/bias dtype")
+    p.add_argument("--residual", action="store_true", help="fuse s = x + residual and also return s")
+    p.add_argument("--eps", type=float, default=1e-5)
+    p.add_argument("--providers", default=",".join(PROVIDERS), help=f"comma list from {PROVIDERS}")
+    p.add_argument("--warmup", type=int, default=25, help="do_bench warmup, ms")
+    p.add_argument("--rep", type=int, default=100, help="do_bench repetition time, ms")
+    p.add_argument("--out", help="JSON file to append rows to (a bare name goes under bench/results/)")
+    args = p.parse_args(argv)
+
+    if not torch.cuda.is_available():
+        print("bench_norm: no CUDA device found; this benchmark times GPU kernels and needs one.", file=sys.stderr)
+        return 2
+    import triton
+    from triton.testing import do_bench
+
+    from fastenc.kernels.norm import _norm_config
+
+    names = [n.strip() for n in args.providers.split(",") if n.strip()]
+    unknown = sorted(set(names) - set(PROVIDERS))
+    if unknown:
+        p.error(f"unknown providers {unknown}; choose from {PROVIDERS}")
+    ops = OPS if args.op == "both" else (args.op,)
+    dtype = DTYPES[args.dtype]
+    weight_dtype = dtype if args.weight_dtype == "same" else torch.float32
+    env = {
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "commit": git_commit(),
+    }
+    print(f"# {env['gpu']}  torch {env['torch']}  triton {env['triton']}  commit {env['commit']}")
+    print(f"# dtype {args.dtype}  weight {args.weight_dtype}  residual {args.residual}  eps {args.eps}")
+    header = f"{'op':>10} {'ROWS,N':>12} {'provider':>9} {'p50 ms':>9} {'p20 ms':>9} {'p80 ms':>9}"
+    print(f"{header} {'GB/s':>8} {'max err':>9}")
+
+    rows_out = []
+    torch.manual_seed(0)
+    for op in ops:
+        for rows, n in args.shape or DEFAULT_SHAPES:
+            x, r, w, b = make_inputs(rows, n, dtype, weight_dtype, args.residual)
+            fns = providers(op, x, r, w, b, args.eps)
+            ref = fp32_reference(op, x, r, w, b, args.eps)
+            nbytes = bytes_moved(op, rows, n, dtype, weight_dtype, args.residual)
+            block_n, num_warps = _norm_config(n)
+            config = {"BLOCK_N": block_n, "num_warps": num_warps}
+            for name in names:
+                fn = fns[name]
+                err = (first(fn()).float() - ref).abs().max().item()  # also warms up / compiles
+                p20, p50, p80 = do_bench(fn, warmup=args.warmup, rep=args.rep, quantiles=[0.2, 0.5, 0.8])
+                gbps = nbytes / (p50 * 1e-3) / 1e9
+                shape = f"{rows},{n}"
+                print(f"{op:>10} {shape:>12} {name:>9} {p50:9.4f} {p20:9.4f} {p80:9.4f} {gbps:8.1f} {err:9.2e}")
+                rows_out.append(
+                    {
+                        "op": op,
+                        "provider": name,
+                        "mode": "forward",
+                        "shape": {"rows": rows, "N": n},
+                        "dtype": args.dtype,
+                        "weight_dtype": args.weight_dtype,
+                        "residual": args.residual,
+                        "eps": args.eps,
+                        "config": config if name in ("fastenc", "kernel") else None,
+                        "ms": {"p20": p20, "p50": p50, "p80": p80},
+                        "bytes": nbytes,
+                        "gbps_p50": gbps,
+                        "max_abs_err_vs_fp32": err,
+                        "do_bench": {"warmup_ms": args.warmup, "rep_ms": args.rep},
+                        **env,
+                    }
+                )
+
+    if args.out:
+        out = Path(args.out)
+        if out.parent == Path("."):
+            out = RESULTS / out
+        out.parent.mkdir(parents=True, exist_ok=True)
+        old = json.loads(out.read_text()) if out.exists() else []
+        out.write_text(json.dumps(old + rows_out, indent=1) + "\n")
+        print(f"# appended {len(rows_out)} rows to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
