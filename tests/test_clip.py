@@ -16,9 +16,8 @@ from transformers import (
 
 import fastenc
 from fastenc.parity import clip_inputs
-from tests.utils import assert_close, assert_error_within
+from tests.utils import FP32, assert_close, assert_error_within, compare_outputs, run_both
 
-FP32 = dict(atol=2e-5, rtol=1e-4)
 VOCAB = 99
 
 
@@ -69,33 +68,6 @@ def build(cls, config):
 
 def inputs_for(model, batch, seq=None):
     return clip_inputs(model.config, batch, seq=seq)
-
-
-def compare_outputs(ref, got, fmt=FP32, prefix=""):
-    assert type(ref) is type(got)
-    assert list(ref.keys()) == list(got.keys()), (list(ref.keys()), list(got.keys()))
-    for key in ref.keys():
-        r, g = ref[key], got[key]
-        if isinstance(r, torch.Tensor):
-            assert_close(g, r, **fmt, name=prefix + key)
-        elif isinstance(r, tuple):
-            assert len(r) == len(g), f"{prefix}{key}: {len(g)} items, expected {len(r)}"
-            for i, (a, b) in enumerate(zip(g, r, strict=True)):
-                assert (a is None) == (b is None), f"{prefix}{key}[{i}]"
-                if a is not None:
-                    assert_close(a, b, **fmt, name=f"{prefix}{key}[{i}]")
-        elif r is None:
-            assert g is None, prefix + key
-        else:
-            compare_outputs(r, g, fmt, prefix=f"{prefix}{key}.")
-
-
-def run_both(model, fast, inputs, **kw):
-    with torch.no_grad():
-        ref = model(**inputs, **kw)
-        with fastenc.trace() as t:
-            got = fast(**inputs, **kw)
-    return ref, got, t
 
 
 ALL_CLASSES = [CLIPModel, CLIPTextModel, CLIPTextModelWithProjection, CLIPVisionModel, CLIPVisionModelWithProjection]

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import torch
 
+import fastenc
+
+# fp32 parity bar for whole towers against transformers (issue 2: about 1e-4 relative)
+FP32 = dict(atol=2e-5, rtol=1e-4)
+
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, atol: float, rtol: float, name: str = "tensor"):
     """torch.testing-style closeness that reports max abs / max rel error and the first mismatching index."""
@@ -39,3 +44,32 @@ def assert_error_within(actual, baseline, reference, *, factor: float, atol: flo
     assert err <= factor * base + atol, (
         f"{name}: error vs fp32 reference {err:.3e} > {factor} x PyTorch's own error {base:.3e} + {atol:.1e}"
     )
+
+
+def compare_outputs(ref, got, fmt=FP32, prefix=""):
+    """Every field of two ModelOutputs (nested outputs and tuples of tensors included) close, same keys and types."""
+    assert type(ref) is type(got)
+    assert list(ref.keys()) == list(got.keys()), (list(ref.keys()), list(got.keys()))
+    for key in ref.keys():
+        r, g = ref[key], got[key]
+        if isinstance(r, torch.Tensor):
+            assert_close(g, r, **fmt, name=prefix + key)
+        elif isinstance(r, tuple):
+            assert len(r) == len(g), f"{prefix}{key}: {len(g)} items, expected {len(r)}"
+            for i, (a, b) in enumerate(zip(g, r, strict=True)):
+                assert (a is None) == (b is None), f"{prefix}{key}[{i}]"
+                if a is not None:
+                    assert_close(a, b, **fmt, name=f"{prefix}{key}[{i}]")
+        elif r is None:
+            assert g is None, prefix + key
+        else:
+            compare_outputs(r, g, fmt, prefix=f"{prefix}{key}.")
+
+
+def run_both(model, fast, inputs, **kw):
+    """(reference output, fastenc output, trace of the fastenc call), no grad."""
+    with torch.no_grad():
+        ref = model(**inputs, **kw)
+        with fastenc.trace() as t:
+            got = fast(**inputs, **kw)
+    return ref, got, t
