@@ -6,7 +6,7 @@ with fastenc.trace() as t:                    # which backend ran which op
 print(t.counts)                               # {"triton.attention": 12, ...}
 """
 
-from . import ops
+from . import distributed, ops
 from ._dispatch import FallbackWarning, available_backends, trace
 from .errors import BackendUnavailableError, FastencError, InputError, UnsupportedModelError
 from .optimize import optimize  # noqa: E402  (the function shadows its module's name, as intended)
@@ -21,6 +21,7 @@ __all__ = [
     "InputError",
     "UnsupportedModelError",
     "available_backends",
+    "distributed",
     "ops",
     "optimize",
     "trace",

@@ -2,6 +2,7 @@
 
 Math, per batch b, head h, query row i (all arithmetic in fp32, whatever the input dtype):
     s_ij = scale * q_i . k_j + bias_bhij                                  (bias optional, broadcast by stride 0)
+         + table[lut[j - i + Sq - 1], h]                                (relative-position bias optional, T5)
     s_ij = -inf  where j > i (causal, top-left aligned) or key_padding_mask[b, j] is False
     o_i  = sum_j softmax_j(s_i) v_j,  and o_i = 0 when every key of row i is masked (never NaN)
 
@@ -12,6 +13,13 @@ softmax): with m the running row max of t, l the running row sum and acc the unn
     l = alpha * l + rowsum(p);  acc = alpha * acc + p @ v;  m = m_new
 and at the end o = acc / l (o = 0 where l == 0). m starts at -FP32_MAX, a finite sentinel, so a tile whose keys
 are all masked for a row (t = -inf) gives p = exp2(-inf) = 0 and alpha = 1 rather than exp2(-inf - -inf) = NaN.
+
+Relative-position bias (T5, UMT5): `lut` is an O(Sq + Sk) int32 vector of bucket ids, one per relative distance
+d = j - i in [-(Sq - 1), Sk - 1], at index d + Sq - 1. It is built on the host with transformers' exact fp32 log
+formula (a kernel-side log could put a distance on the other side of an integer boundary and change its bucket).
+`table` is the learned (num_buckets, H) bias. Each tile gathers lut[j - i + Sq - 1] and then table[bucket, h]: both
+are tiny and stay in cache, and the (Sq, Sk) bias is never written to memory. Bucket ids are clamped to
+[0, num_buckets) in the kernel, so a bad lut cannot read out of bounds.
 """
 
 from __future__ import annotations
@@ -63,6 +71,8 @@ def _attn_fwd_inner(
     v_base,
     kpm_base,  # key_padding_mask + b offset (uint8, 1 = attend)
     bias_base,  # bias + b, h offset
+    rb_base,  # relative-bias table + h offset; bucket n at rb_base + n * stride_rb_n
+    lut_ptr,  # (Sq + Sk - 1,) int32 bucket ids, indexed by j - i + Sq - 1
     offs_m,  # (BLOCK_M,) query rows of this program
     offs_d,  # (BLOCK_D,)
     lo,
@@ -74,11 +84,14 @@ def _attn_fwd_inner(
     stride_kpm_n,
     stride_bias_m,
     stride_bias_n,
+    stride_rb_n,
+    num_buckets,
     qk_scale,  # scale * LOG2E
     BOUNDARY: tl.constexpr,  # this range holds the key tail and/or the causal diagonal: mask per element
     CAUSAL: tl.constexpr,
     HAS_KPM: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    HAS_RELBIAS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -118,6 +131,13 @@ def _attn_fwd_inner(
             # row that is all finfo.min stays uniform as in the reference, while a real -inf stays masked.
             bias2 = tl.where(bias == float("-inf"), float("-inf"), tl.maximum(bias * _LOG2E, -_FP32_MAX))
             t = t + bias2
+        if HAS_RELBIAS:
+            rel = offs_n[None, :] - offs_m[:, None] + (seqlen_q - 1)  # (BLOCK_M, BLOCK_N), j - i + Sq - 1
+            rb_ok = m_ok[:, None] & n_ok[None, :]
+            bucket = tl.load(lut_ptr + rel, mask=rb_ok, other=0)
+            bucket = tl.minimum(tl.maximum(bucket, 0), num_buckets - 1)
+            rb = tl.load(rb_base + bucket * stride_rb_n, mask=rb_ok, other=0.0).to(tl.float32)
+            t = t + rb * _LOG2E
         if BOUNDARY:
             keep = n_ok[None, :]  # (1, BLOCK_N)
             if CAUSAL:
@@ -151,6 +171,8 @@ def _attention_fwd_kernel(
     Out,  # (B, H, Sq, D) view of a (B, Sq, H, D) buffer
     KPM,  # (B, Sk) uint8, 1 = attend; unused unless HAS_KPM
     Bias,  # (B, H, Sq, Sk) by strides (0 on broadcast dims); unused unless HAS_BIAS
+    RelBias,  # (num_buckets, H) relative-position bias table; unused unless HAS_RELBIAS
+    RelLut,  # (Sq + Sk - 1,) int32 bucket ids; unused unless HAS_RELBIAS
     stride_qb,
     stride_qh,
     stride_qm,
@@ -169,6 +191,9 @@ def _attention_fwd_kernel(
     stride_bias_h,
     stride_bias_m,
     stride_bias_n,
+    stride_rb_n,
+    stride_rb_h,
+    num_buckets,
     seqlen_q,
     seqlen_k,
     qk_scale,  # scale * LOG2E
@@ -178,6 +203,7 @@ def _attention_fwd_kernel(
     CAUSAL: tl.constexpr,
     HAS_KPM: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    HAS_RELBIAS: tl.constexpr,
     DOT_FP32: tl.constexpr,  # upcast tiles to fp32 before tl.dot (bf16 under the interpreter)
     DOT_PRECISION: tl.constexpr,  # "ieee" or "tf32"; matters for fp32 operands only
     BLOCK_M: tl.constexpr,
@@ -199,6 +225,7 @@ def _attention_fwd_kernel(
     v_base = V + off_b * stride_vb + off_h * stride_vh
     kpm_base = KPM + off_b * stride_kpm_b
     bias_base = Bias + off_b * stride_bias_b + off_h * stride_bias_h
+    rb_base = RelBias + off_h * stride_rb_h
 
     m_i = tl.full([BLOCK_M], -_FP32_MAX, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -211,14 +238,16 @@ def _attention_fwd_kernel(
         lo = (seqlen_k // BLOCK_N) * BLOCK_N
         hi = seqlen_k
     acc, l_i, m_i = _attn_fwd_inner(
-        acc, l_i, m_i, q, k_base, v_base, kpm_base, bias_base, offs_m, offs_d, 0, lo, seqlen_q, seqlen_k,
-        stride_kn, stride_vn, stride_kpm_n, stride_bias_m, stride_bias_n, qk_scale,
-        False, CAUSAL, HAS_KPM, HAS_BIAS, HEAD_DIM, BLOCK_N, BLOCK_D, DOT_FP32, DOT_PRECISION,
+        acc, l_i, m_i, q, k_base, v_base, kpm_base, bias_base, rb_base, RelLut, offs_m, offs_d, 0, lo,
+        seqlen_q, seqlen_k, stride_kn, stride_vn, stride_kpm_n, stride_bias_m, stride_bias_n, stride_rb_n,
+        num_buckets, qk_scale, False, CAUSAL, HAS_KPM, HAS_BIAS, HAS_RELBIAS, HEAD_DIM, BLOCK_N, BLOCK_D, DOT_FP32,
+        DOT_PRECISION,
     )  # fmt: skip
     acc, l_i, m_i = _attn_fwd_inner(
-        acc, l_i, m_i, q, k_base, v_base, kpm_base, bias_base, offs_m, offs_d, lo, hi, seqlen_q, seqlen_k,
-        stride_kn, stride_vn, stride_kpm_n, stride_bias_m, stride_bias_n, qk_scale,
-        True, CAUSAL, HAS_KPM, HAS_BIAS, HEAD_DIM, BLOCK_N, BLOCK_D, DOT_FP32, DOT_PRECISION,
+        acc, l_i, m_i, q, k_base, v_base, kpm_base, bias_base, rb_base, RelLut, offs_m, offs_d, lo, hi,
+        seqlen_q, seqlen_k, stride_kn, stride_vn, stride_kpm_n, stride_bias_m, stride_bias_n, stride_rb_n,
+        num_buckets, qk_scale, True, CAUSAL, HAS_KPM, HAS_BIAS, HAS_RELBIAS, HEAD_DIM, BLOCK_N, BLOCK_D, DOT_FP32,
+        DOT_PRECISION,
     )  # fmt: skip
 
     # every key masked -> l_i == 0 -> output 0 (acc is 0 too, but guard against 0 * inf in v)
@@ -271,12 +300,18 @@ def _autotuned_kernel():
     autotuning would run every candidate in numpy)."""
     return triton.autotune(
         configs=attention_cuda_configs(),
-        key=["BLOCK_D", "SEQ_BUCKET", "CAUSAL"],  # the autotuner adds the tensors' dtypes to the key
+        key=["BLOCK_D", "SEQ_BUCKET", "CAUSAL", "HAS_RELBIAS"],  # the autotuner adds the tensors' dtypes to the key
         prune_configs_by={"early_config_prune": _prune_configs},
     )(_attention_fwd_kernel)
 
 
-def attention_unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None):
+def attention_unsupported_reason(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor | None,
+    rel_bias_table: torch.Tensor | None = None,
+):
     """None if `attention_forward` handles these inputs, else a short reason (the op layer falls back to torch)."""
     b, h, _, d = q.shape
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -289,6 +324,8 @@ def attention_unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         return f"batch {b} or heads {h} > {MAX_GRID_YZ} (CUDA grid limit)"
     if bias is not None and not bias.dtype.is_floating_point:
         return f"bias dtype {bias.dtype} is not floating point"
+    if rel_bias_table is not None and rel_bias_table.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return f"rel_bias_table dtype {rel_bias_table.dtype} is not fp32/fp16/bf16"
     if q.device.type != "cuda" and not (q.device.type == "cpu" and interpreting()):
         return f"device {q.device} needs CUDA or TRITON_INTERPRET=1"
     return None
@@ -312,10 +349,14 @@ def attention_forward(
     key_padding_mask: torch.Tensor | None,
     bias: torch.Tensor | None,
     scale: float,
+    rel_bias_table: torch.Tensor | None = None,
+    rel_bias_lut: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """softmax(scale * q @ k^T + bias, masked) @ v. q: (B, H, Sq, D), k, v: (B, H, Sk, D), any strides.
+    """softmax(scale * q @ k^T + bias + rel, masked) @ v. q: (B, H, Sq, D), k, v: (B, H, Sk, D), any strides.
 
     key_padding_mask: (B, Sk) bool, True = attend. bias: broadcastable to (B, H, Sq, Sk). causal needs Sq == Sk.
+    rel_bias_table: (num_buckets, H) and rel_bias_lut: (Sq + Sk - 1,) integer bucket ids, both or neither:
+    rel[h, i, j] = rel_bias_table[rel_bias_lut[j - i + Sq - 1], h], gathered per tile, never materialised.
     Returns (B, H, Sq, D) in q.dtype, a view of a (B, Sq, H, D)-contiguous buffer; fully masked rows are 0.
     """
     b, h, sq, d = q.shape
@@ -337,6 +378,14 @@ def attention_forward(
         bias_strides = bias_v.stride()
     else:
         bias_v, bias_strides = q, (0, 0, 0, 0)
+    has_rel = rel_bias_table is not None
+    if has_rel:
+        assert rel_bias_lut is not None and rel_bias_lut.numel() == sq + sk - 1, "rel_bias_lut needs Sq + Sk - 1 ids"
+        assert rel_bias_table.shape[1] == h, f"rel_bias_table must be (num_buckets, H={h})"
+        rb, lut = rel_bias_table, rel_bias_lut.to(torch.int32).contiguous()
+        rb_args = (rb.stride(0), rb.stride(1), rb.shape[0])
+    else:
+        rb, lut, rb_args = q, q, (0, 0, 1)  # dummy pointers, never read
 
     interp = interpreting()
     # NOTE: in the Triton 3.9 interpreter tl.dot on bf16 operands returns garbage: it matmuls the raw uint16
@@ -349,12 +398,12 @@ def attention_forward(
     seq_bucket = min(SEQ_BUCKET_MAX, triton.next_power_of_2(max(sq, sk)))
 
     args = (
-        q, k, v, out, kpm, bias_v,
+        q, k, v, out, kpm, bias_v, rb, lut,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        *kpm_strides, *bias_strides,
+        *kpm_strides, *bias_strides, *rb_args,
         sq, sk, scale * LOG2E, seq_bucket,
     )  # fmt: skip
     meta = dict(
@@ -363,6 +412,7 @@ def attention_forward(
         CAUSAL=bool(causal),
         HAS_KPM=key_padding_mask is not None,
         HAS_BIAS=bias is not None,
+        HAS_RELBIAS=has_rel,
         DOT_FP32=dot_fp32,
         DOT_PRECISION=dot_precision,
     )

@@ -247,3 +247,130 @@ def test_cuda_configs_are_valid():
             for c in kept:
                 bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
                 assert bm % bn == 0 and bn >= 16 and bm <= max(32, bucket), c
+
+
+# ------------------------------------------------------------------------------------ relative-position bias (T5)
+
+
+def _hf_buckets(sq, sk, bidirectional, num_buckets, max_distance):
+    from transformers.models.t5.modeling_t5 import T5Attention
+
+    rel = torch.arange(sk)[None, :] - torch.arange(sq)[:, None]  # (Sq, Sk), memory - context as compute_bias
+    return T5Attention._relative_position_bucket(
+        rel, bidirectional=bidirectional, num_buckets=num_buckets, max_distance=max_distance
+    )
+
+
+@pytest.mark.parametrize("num_buckets, max_distance", [(32, 128), (32, 20), (8, 20), (8, 128), (16, 7), (64, 1000)])
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_relative_position_buckets_match_transformers(num_buckets, max_distance, bidirectional):
+    from fastenc.ops.attention import relative_position_buckets
+
+    for sq, sk in [(1, 1), (2, 2), (13, 13), (100, 100), (7, 100), (100, 7), (600, 600), (1000, 1000)]:
+        lut = relative_position_buckets(
+            sq, sk, bidirectional=bidirectional, num_buckets=num_buckets, max_distance=max_distance
+        )
+        assert lut.dtype == torch.int32 and lut.shape == (sq + sk - 1,)
+        idx = torch.arange(sk)[None, :] - torch.arange(sq)[:, None] + sq - 1
+        want = _hf_buckets(sq, sk, bidirectional, num_buckets, max_distance)
+        assert torch.equal(lut.long()[idx], want), (sq, sk)
+
+
+def _rel_inputs(h, sq, sk, num_buckets, max_distance, device, table_dtype=torch.float32):
+    from fastenc.ops.attention import relative_position_buckets
+
+    table = (torch.randn(num_buckets, h, device=device) * 2).to(table_dtype)
+    lut = relative_position_buckets(sq, sk, num_buckets=num_buckets, max_distance=max_distance, device=device)
+    return table, lut
+
+
+# (B, H, Sq, Sk, D, num_buckets, max_distance, key_padding_mask kind, extra bias kind)
+REL_CASES = [
+    (1, 1, 1, 1, 16, 32, 128, None, None),
+    (2, 2, 13, 13, 48, 32, 20, "random", None),
+    (2, 3, 100, 100, 64, 8, 20, "sparse", None),
+    (1, 2, 37, 29, 16, 32, 128, "random", "1h"),
+    (2, 1, 5, 70, 32, 32, 20, "empty", None),
+    (1, 2, 300, 300, 64, 32, 128, "random", None),
+]
+
+
+@pytest.mark.parametrize("b, h, sq, sk, d, nb, md, kpm, bias", REL_CASES, ids=lambda x: str(x))
+def test_relative_bias_matches_reference(b, h, sq, sk, d, nb, md, kpm, bias, device):
+    q, k, v = _qkv(b, h, sq, sk, d, device=device)
+    mask = _kpm(b, sk, device, kpm)
+    bias_t = _bias(b, h, sq, sk, device, bias)
+    table, lut = _rel_inputs(h, sq, sk, nb, md, device)
+    out = _run(q, k, v, key_padding_mask=mask, bias=bias_t, scale=1.0, rel_bias_table=table, rel_bias_lut=lut)
+    ref = attention_reference(q, k, v, mask, bias_t, table, lut, scale=1.0)
+    # the reference as transformers writes it: the (1, H, Sq, Sk) bias from its own bucket function
+    hf_bias = table[_hf_buckets(sq, sk, True, nb, md)].permute(2, 0, 1).unsqueeze(0)
+    full = hf_bias if bias_t is None else hf_bias + bias_t
+    assert_close(ref, attention_reference(q, k, v, mask, full, scale=1.0), name="reference", atol=1e-6, rtol=1e-6)
+    assert_close(out, ref, name="out", atol=2e-5, rtol=1e-4)
+
+
+def test_relative_bias_is_not_materialised_on_triton(device, monkeypatch):
+    """The Triton path never builds the (Sq, Sk) bias: the reference's materialiser is not called."""
+    import sys
+
+    attention_mod = sys.modules["fastenc.ops.attention"]  # the module; fastenc.ops.attention is the function
+
+    def boom(*args, **kwargs):
+        raise AssertionError("relative bias materialised")
+
+    q, k, v = _qkv(1, 2, 40, 40, 32, device=device)
+    table, lut = _rel_inputs(2, 40, 40, 32, 128, device)
+    ref = attention_reference(q, k, v, None, None, table, lut, scale=1.0)
+    monkeypatch.setattr(attention_mod, "relative_bias_reference", boom)
+    out = _run(q, k, v, scale=1.0, rel_bias_table=table, rel_bias_lut=lut)
+    assert_close(out, ref, name="out", **FP32_TOL)
+
+
+@pytest.mark.parametrize("dtype, atol", [(torch.float16, 1e-4), (torch.bfloat16, 1e-3)], ids=["fp16", "bf16"])
+def test_relative_bias_low_precision_error_rule(dtype, atol, device):
+    from fastenc.ops.attention import relative_bias_reference
+
+    b, h, s, d = 2, 2, 77, 64
+    q, k, v = (t * 0.5 for t in _qkv(b, h, s, s, d, device=device))
+    mask = _kpm(b, s, device, "random")
+    table, lut = _rel_inputs(h, s, s, 32, 128, device, table_dtype=dtype)  # a model-dtype table
+    ql, kl, vl = q.to(dtype), k.to(dtype), v.to(dtype)
+    out = _run(ql, kl, vl, key_padding_mask=mask, scale=1.0, rel_bias_table=table, rel_bias_lut=lut)
+    assert out.dtype == dtype
+    ref = attention_reference(ql.float(), kl.float(), vl.float(), mask, None, table.float(), lut, scale=1.0)
+    base = _naive_low_precision(ql, kl, vl, mask, relative_bias_reference(table, lut, s, s), False, 1.0)
+    assert torch.isfinite(out.float()).all()
+    assert_error_within(out, base, ref, factor=2.0, atol=atol, name=f"out {dtype}")
+
+
+def test_relative_bias_gradients_reach_the_table(device):
+    b, h, s, d = 2, 2, 21, 16
+    q, k, v = _qkv(b, h, s, s, d, device=device)
+    table, lut = _rel_inputs(h, s, s, 8, 20, device)
+    t1, t2 = table.clone().requires_grad_(), table.clone().requires_grad_()
+    q1, q2 = q.clone().requires_grad_(), q.clone().requires_grad_()
+    out = _run(q1, k, v, scale=1.0, rel_bias_table=t1, rel_bias_lut=lut)
+    ref = attention_reference(q2, k, v, None, None, t2, lut, scale=1.0)
+    g = torch.randn_like(ref)
+    out.backward(g)
+    ref.backward(g)
+    assert_close(t1.grad, t2.grad, name="dtable", **FP32_TOL)
+    assert_close(q1.grad, q2.grad, name="dq", **FP32_TOL)
+
+
+def test_relative_bias_input_errors(device):
+    q, k, v = _qkv(1, 2, 10, 10, 16, device=device)
+    table, lut = _rel_inputs(2, 10, 10, 32, 128, device)
+    bad = {
+        "together": dict(rel_bias_table=table),
+        "lut length": dict(rel_bias_table=table, rel_bias_lut=lut[:-1]),
+        "heads": dict(rel_bias_table=table[:, :1], rel_bias_lut=lut),
+        "lut dtype": dict(rel_bias_table=table, rel_bias_lut=lut.float()),
+        "table dtype": dict(rel_bias_table=table.long(), rel_bias_lut=lut),
+        "range": dict(rel_bias_table=table[:4], rel_bias_lut=lut),
+    }
+    for name, kw in bad.items():
+        with pytest.raises(fastenc.InputError):
+            fastenc.ops.attention(q, k, v, scale=1.0, **kw)
+            pytest.fail(name)

@@ -14,4 +14,5 @@ def check_config(model) -> None:
     fused = FUSED_CLASSES.get(getattr(model, "_fastenc_base", type(model)))
     getattr(fused, "fastenc_check_config", _check_encoder_config)(model)
 
+
 __all__ = ["FUSED_CLASSES", "check_config"]

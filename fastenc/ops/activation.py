@@ -72,3 +72,39 @@ def bias_activation(x, bias, activation, *, backend=None, strict=False):
         return kernels.bias_activation_forward(x, bias, activation)
 
     return run_kernel(kernel, ref, x, bias)
+
+
+def gated_activation_reference(gate, up, *, activation):
+    """act(gate) * up in fp32, output in gate.dtype (T5's DenseGatedActDense before `wo`)."""
+    return (activation_reference(gate.float(), activation) * up.float()).to(gate.dtype)
+
+
+def gated_activation(gate, up, activation, *, backend=None, strict=False):
+    """act(gate) * up. gate, up: (..., N), same shape, dtype and device; activation in ACTIVATIONS. fp32 math,
+    output in gate.dtype. With T5's fused wi_0/wi_1 GEMM, gate and up are the two halves (strided views) of one
+    (..., 2N) output."""
+    check_tensor("gate", gate, dtypes=FLOAT_DTYPES)
+    check_tensor("up", up, dtypes=FLOAT_DTYPES, device=gate.device)
+    if activation not in ACTIVATIONS:
+        raise InputError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if gate.shape != up.shape or gate.dtype != up.dtype:
+        raise InputError(
+            f"gate and up must have the same shape and dtype, got {tuple(gate.shape)} {gate.dtype} and "
+            f"{tuple(up.shape)} {up.dtype}"
+        )
+    reasons = {}
+    if _triton_can_run(gate.device) is None:
+        from ..kernels import activation as kernels
+
+        reasons["triton"] = kernels.bias_activation_unsupported_reason(gate)
+    which = resolve_backend("gated_activation", backend, gate.device, strict=strict, unsupported=reasons)
+    record(which, "gated_activation")
+    ref = functools.partial(gated_activation_reference, activation=activation)
+    if which == "torch":
+        return ref(gate, up)
+    from ..kernels import activation as kernels
+
+    def kernel(gate, up):
+        return kernels.gated_activation_forward(gate, up, activation)
+
+    return run_kernel(kernel, ref, gate, up)

@@ -1,8 +1,16 @@
-"""fastenc.ops.attention: softmax(scale * q @ k^T + bias, masked) @ v over (B, H, S, D) tensors."""
+"""fastenc.ops.attention: softmax(scale * q @ k^T + bias, masked) @ v over (B, H, S, D) tensors.
+
+Relative-position bias (T5, UMT5) is passed as two small tensors instead of an (Sq, Sk) bias:
+    rel_bias_table: (num_buckets, H) float, the learned table (relative_attention_bias.weight)
+    rel_bias_lut:   (Sq + Sk - 1,) int32/int64, bucket id of each relative distance d = j - i, at index d + Sq - 1
+and the score of (h, i, j) gains rel_bias_table[rel_bias_lut[j - i + Sq - 1], h]. `relative_position_buckets`
+builds the lut with transformers' exact formula (fp32 log on the host), so buckets match bit for bit.
+"""
 
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 
@@ -11,16 +19,53 @@ from ..errors import InputError
 from ._common import FLOAT_DTYPES, check_same_dtype, check_tensor, run_kernel
 
 
-def attention_reference(q, k, v, key_padding_mask=None, bias=None, *, causal=False, scale=None):
+def relative_position_buckets(
+    sq: int, sk: int, *, bidirectional: bool = True, num_buckets: int = 32, max_distance: int = 128, device=None
+) -> torch.Tensor:
+    """(Sq + Sk - 1,) int32 bucket ids of the relative distances d = j - i (key minus query position), d running
+    from -(Sq - 1) to Sk - 1 and stored at index d + Sq - 1: the `rel_bias_lut` of `attention`.
+
+    Reproduces transformers' T5Attention._relative_position_bucket exactly (same fp32 ops in the same order)."""
+    d = torch.arange(-(sq - 1), sk, dtype=torch.long, device=device)  # j - i for every (i, j) pair
+    buckets = torch.zeros_like(d)
+    if bidirectional:
+        num_buckets //= 2
+        buckets = buckets + (d > 0).to(torch.long) * num_buckets
+        d = torch.abs(d)
+    else:
+        d = -torch.min(d, torch.zeros_like(d))
+    max_exact = num_buckets // 2
+    is_small = d < max_exact
+    large = max_exact + (
+        torch.log(d.float() / max_exact) / math.log(max_distance / max_exact) * (num_buckets - max_exact)
+    ).to(torch.long)
+    large = torch.min(large, torch.full_like(large, num_buckets - 1))
+    return (buckets + torch.where(is_small, d, large)).to(torch.int32)
+
+
+def relative_bias_reference(table: torch.Tensor, lut: torch.Tensor, sq: int, sk: int) -> torch.Tensor:
+    """The (1, H, Sq, Sk) bias the kernel never materialises: table[lut[j - i + Sq - 1], h]."""
+    i = torch.arange(sq, device=table.device)[:, None]
+    j = torch.arange(sk, device=table.device)[None, :]
+    idx = lut.long()[j - i + sq - 1]  # (Sq, Sk)
+    return table[idx].permute(2, 0, 1).unsqueeze(0)
+
+
+def attention_reference(
+    q, k, v, key_padding_mask=None, bias=None, rel_bias_table=None, rel_bias_lut=None, *, causal=False, scale=None
+):
     """Plain-torch attention, fp32 math. Rows whose keys are all masked give 0 (never NaN).
 
     q: (B, H, Sq, D), k/v: (B, H, Sk, D), key_padding_mask: (B, Sk) bool, True = attend,
     bias: broadcastable to (B, H, Sq, Sk). causal masks key j > query i (top-left aligned, as torch SDPA).
+    rel_bias_table / rel_bias_lut: see the module docstring (materialised here: this is the reference).
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale  # (B, H, Sq, Sk)
     if bias is not None:
         s = s + bias.float()
+    if rel_bias_table is not None:
+        s = s + relative_bias_reference(rel_bias_table.float(), rel_bias_lut, s.shape[-2], s.shape[-1])
     keep = None
     if causal:
         sq, sk = s.shape[-2:]
@@ -45,6 +90,8 @@ def attention(
     key_padding_mask: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     scale: float | None = None,
+    rel_bias_table: torch.Tensor | None = None,
+    rel_bias_lut: torch.Tensor | None = None,
     backend: str | None = None,
     strict: bool = False,
 ) -> torch.Tensor:
@@ -53,6 +100,12 @@ def attention(
     key_padding_mask: (B, Sk), bool or 0/1 integers, True/1 = attend. bias: additive, broadcastable to
     (B, H, Sq, Sk). scale defaults to D ** -0.5. The Triton output is a (B, Sq, H, D)-contiguous buffer seen as
     (B, H, Sq, D), so `.transpose(1, 2).reshape(B, Sq, H * D)` is free.
+
+    rel_bias_table: (num_buckets, H) float and rel_bias_lut: (Sq + Sk - 1,) int32/int64 bucket ids, both or
+    neither: adds rel_bias_table[rel_bias_lut[j - i + Sq - 1], h] to score (h, i, j) (T5 relative-position bias;
+    build the lut with `relative_position_buckets`). The Triton kernel gathers it per tile, never forming the
+    (Sq, Sk) bias. Lut values must lie in [0, num_buckets): checked for CPU tensors; on CUDA they are not checked
+    (that would synchronise) and the kernel clamps them into range instead.
     """
     check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES)
     check_tensor("k", k, ndim=4, device=q.device)
@@ -79,6 +132,26 @@ def attention(
         except RuntimeError:
             want = (b, h, sq, sk)
             raise InputError(f"bias must broadcast to (B, H, Sq, Sk)={want}, got {tuple(bias.shape)}") from None
+    if (rel_bias_table is None) != (rel_bias_lut is None):
+        raise InputError("rel_bias_table and rel_bias_lut must be given together (or neither)")
+    if rel_bias_table is not None:
+        check_tensor("rel_bias_table", rel_bias_table, ndim=2, dtypes=FLOAT_DTYPES, device=q.device)
+        if rel_bias_table.shape[1] != h or rel_bias_table.shape[0] == 0:
+            raise InputError(
+                f"rel_bias_table must have shape (num_buckets >= 1, H={h}), got {tuple(rel_bias_table.shape)}"
+            )
+        check_tensor("rel_bias_lut", rel_bias_lut, ndim=1, dtypes=(torch.int32, torch.int64), device=q.device)
+        if rel_bias_lut.shape[0] != sq + sk - 1:
+            raise InputError(
+                f"rel_bias_lut must have shape (Sq + Sk - 1 = {sq + sk - 1},) for Sq={sq}, Sk={sk}, "
+                f"got {tuple(rel_bias_lut.shape)}"
+            )
+        if rel_bias_lut.device.type == "cpu" and rel_bias_lut.numel() > 0:
+            lo, hi = int(rel_bias_lut.min()), int(rel_bias_lut.max())
+            if lo < 0 or hi >= rel_bias_table.shape[0]:
+                raise InputError(
+                    f"rel_bias_lut values must lie in [0, num_buckets={rel_bias_table.shape[0]}), got [{lo}, {hi}]"
+                )
     if scale is None:
         scale = d**-0.5
     scale = float(scale)
@@ -92,15 +165,25 @@ def attention(
         if _triton_can_run(q.device) is None:
             from ..kernels import attention as kernels
 
-            reasons["triton"] = kernels.attention_unsupported_reason(q, k, v, bias)
+            reasons["triton"] = kernels.attention_unsupported_reason(q, k, v, bias, rel_bias_table)
     which = resolve_backend("attention", backend, q.device, strict=strict, unsupported=reasons)
     record(which, "attention")
     ref = functools.partial(attention_reference, causal=causal, scale=scale)
     if which == "torch":
-        return ref(q, k, v, key_padding_mask, bias)
+        return ref(q, k, v, key_padding_mask, bias, rel_bias_table, rel_bias_lut)
     from ..kernels import attention as kernels
 
-    def kernel(q, k, v, kpm, bias):
-        return kernels.attention_forward(q, k, v, causal=causal, key_padding_mask=kpm, bias=bias, scale=scale)
+    def kernel(q, k, v, kpm, bias, rb_table, rb_lut):
+        return kernels.attention_forward(
+            q,
+            k,
+            v,
+            causal=causal,
+            key_padding_mask=kpm,
+            bias=bias,
+            scale=scale,
+            rel_bias_table=rb_table,
+            rel_bias_lut=rb_lut,
+        )
 
-    return run_kernel(kernel, ref, q, k, v, key_padding_mask, bias)
+    return run_kernel(kernel, ref, q, k, v, key_padding_mask, bias, rel_bias_table, rel_bias_lut)

@@ -1,0 +1,302 @@
+"""Fused T5 encoder towers: T5EncoderModel and UMT5EncoderModel.
+
+Each fused class subclasses the transformers class it replaces and overrides `forward` with one pass over the same
+weights (d_model = D, heads = H, d_kv = Dk independent of D / H, inner = H * Dk, d_ff = F):
+
+    x = embed_tokens(input_ids)                        # (B, S, D), or inputs_embeds
+    lut = relative_position_buckets(S, S, ...)         # (2S - 1,) int32 bucket ids, transformers' exact formula
+    per layer:  h, x = RMSNorm(x + delta)              # residual add of the previous layer fused into the norm
+                q, k, v = h @ Wqkv^T                   # one GEMM (no biases), (B, S, 3, H, Dk) -> 3 x (B, H, S, Dk)
+                a = attention(q, k, v, scale=1, key_padding_mask, rel_bias=(table, lut)) @ Wo^T
+                h, x = RMSNorm(x + a)                  # fused residual + norm
+                relu:       delta = act(h @ Wi^T) @ Wo_ff^T
+                gated-gelu: g, u = h @ [Wi_0; Wi_1]^T  # one GEMM; delta = gelu_new(g) * u @ Wo_ff^T (fused kernel)
+    last = final RMSNorm(x + delta)
+
+The relative-position bias table lives in layer 0 for T5 (shared by every layer) and in every layer for UMT5; the
+attention kernel gathers table[lut[j - i + S - 1], h] per tile, so the (S, S) bias is never in memory. Dropout is
+the identity in eval mode (transformers' too); a model in training mode with dropout_rate > 0 runs the original
+transformers forward (recorded as a fallback of "t5_encoder").
+
+fp16 policy. transformers' eager T5 overflows in fp16: the FFN output (`wo`) and the residual stream of T5 v1.1 /
+Flan-T5 exceed 65504, so it clamps inf to finfo.max - 1000 after each sub-layer (which still leaves garbage) and
+loads `wo` in fp32 (`_keep_in_fp32_modules = ["wo"]`, which promotes its residual stream to fp32 after the first
+FFN). Here, for fp16 models (the dtype of the attention weights):
+  * the residual stream x is kept in fp32 (embeddings upcast once; every sub-layer output is added in fp32, and the
+    RMSNorm statistics are fp32 as always); the normed activations that feed the GEMMs are fp16;
+  * the two GEMMs whose output joins the residual (attention `o` and FFN `wo`) produce fp32 outputs: on CUDA via
+    `torch.mm(..., out_dtype=torch.float32)` (fp16 operands, fp32 accumulate and store) where this torch has it,
+    otherwise (and on CPU) an fp32 GEMM of the fp16-rounded operands; a `wo` kept in fp32 runs in fp32 as in HF;
+  * the d_ff intermediate (act(wi h), gelu(wi_0 h) * wi_1 h) stays fp16, as in transformers;
+  * hidden_states are returned in fp16, saturated to +-finfo(fp16).max (transformers' own clamp, without inf).
+So where the fp32 model is finite, ours is finite unless the d_ff intermediate itself exceeds 65504 (it does not in
+the published checkpoints; transformers would fail there too). bf16 and fp32 models compute in their own dtype, as
+transformers does (bf16 has fp32's range).
+
+Not reproduced: a batch row whose attention_mask is all zeros gives 0 from the attention here (transformers gives a
+uniform average over the padded keys); such rows carry no tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import T5EncoderModel
+from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
+
+from .. import ops
+from .._dispatch import record
+from ..errors import InputError, UnsupportedModelError
+from ..ops.attention import relative_bias_reference, relative_position_buckets
+from ._base import Runtime, _weight_key, check_device, hidden_state_selection, linear, norm_eps
+from ._encoder import FastencModelMixin, finish_hidden, model_output
+
+try:
+    from transformers import UMT5EncoderModel
+except ImportError:  # pragma: no cover - every transformers 5.x has it
+    UMT5EncoderModel = None
+
+FP16_MAX = torch.finfo(torch.float16).max
+
+# ------------------------------------------------------------------------------------------------------ weights
+
+
+def _stacked(rt: Runtime, owner: torch.nn.Module, tag: str, ws: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """torch.cat(ws) cached per (owner, tag) while the weights keep their storage and version (as fused_qkv)."""
+    if torch.is_grad_enabled() and any(w.requires_grad for w in ws):
+        return torch.cat(ws)
+    key = _weight_key(*ws)
+    hit = rt.qkv_cache.get((id(owner), tag))
+    if hit is None or hit[0] != key:
+        hit = (key, torch.cat(ws).detach())
+        rt.qkv_cache[(id(owner), tag)] = hit
+    return hit[1]
+
+
+_MM_OUT_DTYPE: dict[str, bool] = {}  # device type -> torch.mm(..., out_dtype=) works there
+
+
+def _linear_fp32_out(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x @ w^T with an fp32 result, for the GEMMs that feed the fp32 residual of an fp16 model."""
+    record("torch", "linear")
+    if w.dtype == torch.float32:  # wo kept in fp32 (_keep_in_fp32_modules): HF casts the input up
+        return F.linear(x.float(), w)
+    if x.is_cuda and _MM_OUT_DTYPE.get("cuda", True):
+        try:
+            y = torch.mm(x.reshape(-1, x.shape[-1]), w.t(), out_dtype=torch.float32)
+            _MM_OUT_DTYPE["cuda"] = True
+            return y.view(*x.shape[:-1], w.shape[0])
+        except (TypeError, RuntimeError, NotImplementedError):
+            _MM_OUT_DTYPE["cuda"] = False
+    return F.linear(x.float(), w.float())
+
+
+# ------------------------------------------------------------------------------------------------------ checks
+
+
+def _act(config) -> str:
+    act = getattr(config, "dense_act_fn", None)
+    if act not in ops.HF_ACTIVATIONS:
+        raise UnsupportedModelError(
+            f"config.dense_act_fn={act!r} has no fused kernel; supported: {sorted(ops.HF_ACTIVATIONS)}"
+        )
+    return ops.HF_ACTIVATIONS[act]
+
+
+def check_t5_config(model) -> None:
+    """Raise UnsupportedModelError for T5 / UMT5 encoder configs the fused tower does not reproduce."""
+    config = model.config
+    if getattr(config, "is_decoder", False):
+        raise UnsupportedModelError("fastenc fuses T5 encoders only (config.is_decoder=True)")
+    _act(config)
+    stack = model.encoder
+    if not len(stack.block) or not stack.block[0].layer[0].SelfAttention.has_relative_attention_bias:
+        raise UnsupportedModelError("the first T5 block has no relative_attention_bias; fastenc needs it")
+    for block in stack.block:
+        attn = block.layer[0].SelfAttention
+        if any(getattr(attn, n, None) is None for n in ("q", "k", "v", "o")):
+            raise UnsupportedModelError(f"{type(attn).__name__} is not a T5 attention fastenc knows")
+        if any(getattr(attn, n).bias is not None for n in ("q", "k", "v", "o")):
+            raise UnsupportedModelError("T5 attention projections with biases are not supported")
+        ff = block.layer[-1].DenseReluDense
+        if not (hasattr(ff, "wi") or (hasattr(ff, "wi_0") and hasattr(ff, "wi_1"))) or not hasattr(ff, "wo"):
+            raise UnsupportedModelError(f"{type(ff).__name__} is not a T5 feed-forward fastenc knows")
+
+
+def _embed(stack, input_ids, attention_mask, inputs_embeds):
+    """Checked embeddings. Returns x (B, S, D) and the key mask (B, S) bool or None."""
+    device = stack.embed_tokens.weight.device
+    if (input_ids is None) == (inputs_embeds is None):
+        raise InputError("pass exactly one of input_ids ((batch, sequence) integers) or inputs_embeds")
+    if input_ids is not None:
+        if (
+            not isinstance(input_ids, torch.Tensor)
+            or input_ids.dtype.is_floating_point
+            or input_ids.dtype in (torch.bool, torch.complex64)
+        ):
+            raise InputError(f"input_ids must be an integer tensor, got {getattr(input_ids, 'dtype', type(input_ids))}")
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise InputError(
+                f"input_ids must have shape (batch, sequence) with sequence >= 1, got {tuple(input_ids.shape)}"
+            )
+        check_device("input_ids", input_ids, device)
+        x = stack.embed_tokens(input_ids)  # (B, S, D)
+    else:
+        d = stack.embed_tokens.weight.shape[1]
+        if not isinstance(inputs_embeds, torch.Tensor) or not inputs_embeds.dtype.is_floating_point:
+            raise InputError(f"inputs_embeds must be a float tensor, got {getattr(inputs_embeds, 'dtype', None)}")
+        if inputs_embeds.dim() != 3 or inputs_embeds.shape[1] == 0 or inputs_embeds.shape[2] != d:
+            raise InputError(
+                f"inputs_embeds must have shape (batch, sequence >= 1, d_model={d}), got {tuple(inputs_embeds.shape)}"
+            )
+        check_device("inputs_embeds", inputs_embeds, device)
+        x = inputs_embeds
+    b, s = x.shape[:2]
+    if attention_mask is not None:
+        if not isinstance(attention_mask, torch.Tensor):
+            raise InputError(f"attention_mask must be a tensor, got {type(attention_mask).__name__}")
+        if tuple(attention_mask.shape) != (b, s):
+            raise InputError(
+                f"attention_mask must have shape (batch, sequence)={(b, s)}, got {tuple(attention_mask.shape)}"
+            )
+        check_device("attention_mask", attention_mask, device)
+        attention_mask = attention_mask != 0  # (B, S) bool, True = real token
+    return x, attention_mask
+
+
+# ------------------------------------------------------------------------------------------------------ tower
+
+
+def _attention_with_probs(q, k, v, table, lut, mask):
+    """Eager attention returning the probabilities (output_attentions=True): scale 1, relative bias materialised,
+    softmax in fp32, probabilities cast to q.dtype as transformers' eager path."""
+    s = torch.matmul(q.float(), k.float().transpose(-1, -2))  # (B, H, S, S)
+    s = s + relative_bias_reference(table.float(), lut, q.shape[2], k.shape[2])
+    if mask is not None:
+        s = s.masked_fill(~mask[:, None, None, :], float("-inf"))
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)
+    return torch.matmul(p, v.float()).to(q.dtype), p.to(q.dtype)
+
+
+def t5_encoder_forward(
+    model, rt: Runtime, input_ids, attention_mask, inputs_embeds, *, output_attentions, output_hidden_states
+) -> BaseModelOutputWithPastAndCrossAttentions:
+    """The T5 / UMT5 encoder stack of `model` (model.encoder: embed_tokens, block, final_layer_norm)."""
+    stack = model.encoder
+    config = model.config
+    x, mask = _embed(stack, input_ids, attention_mask, inputs_embeds)
+    b, s, _ = x.shape
+    blocks = stack.block
+    cdt = blocks[0].layer[0].SelfAttention.q.weight.dtype  # compute dtype of the GEMMs
+    wide = cdt == torch.float16  # fp16 policy (module docstring): fp32 residual stream, fp32-out branch GEMMs
+    if wide:
+        x = x.float()
+    out_dtype = cdt if wide else x.dtype
+
+    def branch_linear(h, w):
+        return _linear_fp32_out(h, w) if wide else linear(h.to(w.dtype), w).to(x.dtype)
+
+    def visible(t):  # hidden states as returned: the model dtype, saturated (no inf)
+        return t.clamp(-FP16_MAX, FP16_MAX).to(out_dtype) if wide else t
+
+    lut = relative_position_buckets(
+        s,
+        s,
+        bidirectional=not getattr(config, "is_decoder", False),
+        num_buckets=config.relative_attention_num_buckets,
+        max_distance=config.relative_attention_max_distance,
+        device=x.device,
+    )  # (2S - 1,) int32
+    act = _act(config)
+    hidden = [visible(x)] if output_hidden_states is not False else None
+    attns = [] if output_attentions else None
+    table = None
+    delta = None
+    for block in blocks:
+        sa, ff = block.layer[0], block.layer[-1]
+        attn = sa.SelfAttention
+        if attn.has_relative_attention_bias:
+            table = attn.relative_attention_bias.weight  # (num_buckets, H); T5: layer 0 only, UMT5: every layer
+        ln = sa.layer_norm
+        if delta is None:
+            h = ops.rms_norm(x, ln.weight, norm_eps(ln), **rt.kw)
+        else:
+            h, x = ops.rms_norm(delta, ln.weight, norm_eps(ln), residual=x, **rt.kw)
+            if hidden is not None:
+                hidden.append(visible(x))
+        h = h.to(cdt)
+        nh, dk = attn.n_heads, attn.key_value_proj_dim
+        w_qkv = _stacked(rt, attn, "qkv", (attn.q.weight, attn.k.weight, attn.v.weight))  # (3 H Dk, D)
+        qkv = linear(h, w_qkv).view(b, s, 3, nh, dk)  # (B, S, 3, H, Dk)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, S, Dk), strided views
+        if attns is not None:
+            rt.fallback("attention", "output_attentions=True needs the probabilities")
+            record("torch", "attention")
+            o, p = _attention_with_probs(q, k, v, table, lut, mask)
+            attns.append(p)
+        else:
+            o = ops.attention(
+                q, k, v, key_padding_mask=mask, scale=1.0, rel_bias_table=table, rel_bias_lut=lut, **rt.kw
+            )  # (B, H, S, Dk), a view of (B, S, H, Dk)
+        o = o.transpose(1, 2).reshape(b, s, nh * dk)  # free for the kernel's layout
+        a = branch_linear(o, attn.o.weight)  # (B, S, D), x.dtype
+        ln = ff.layer_norm
+        h, x = ops.rms_norm(a, ln.weight, norm_eps(ln), residual=x, **rt.kw)
+        h = h.to(cdt)
+        mlp = ff.DenseReluDense
+        if hasattr(mlp, "wi_0"):
+            n = mlp.wi_0.weight.shape[0]
+            w_in = _stacked(rt, mlp, "wi", (mlp.wi_0.weight, mlp.wi_1.weight))  # (2F, D)
+            gu = linear(h, w_in)  # (B, S, 2F)
+            f = ops.gated_activation(gu[..., :n], gu[..., n:], act, **rt.kw)  # (B, S, F)
+        else:
+            f = ops.bias_activation(linear(h, mlp.wi.weight), None, act, **rt.kw)
+        delta = branch_linear(f, mlp.wo.weight)
+    fln = stack.final_layer_norm
+    last, x = ops.rms_norm(delta, fln.weight, norm_eps(fln), residual=x, **rt.kw)
+    if hidden is not None:
+        hidden.append(last)  # transformers' last hidden state is the final norm's output
+    return BaseModelOutputWithPastAndCrossAttentions(
+        last_hidden_state=last,
+        hidden_states=finish_hidden(hidden, hidden_state_selection(output_hidden_states, len(blocks) + 1)),
+        attentions=tuple(attns) if attns is not None else None,
+        cross_attentions=() if output_attentions else None,
+    )
+
+
+# ------------------------------------------------------------------------------------------------------ models
+
+
+class _FastT5EncoderBase(FastencModelMixin):
+    fastenc_check_config = staticmethod(check_t5_config)
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, **kwargs):
+        if self.training and float(getattr(self.config, "dropout_rate", 0.0)) > 0:
+            self._fastenc.fallback("t5_encoder", "training-mode dropout runs the transformers forward")
+            return self._fastenc_base.forward(self, input_ids, attention_mask, inputs_embeds, **kwargs)
+        oa, oh, rd = self._flags(kwargs)
+        out = t5_encoder_forward(
+            self,
+            self._fastenc,
+            input_ids,
+            attention_mask,
+            inputs_embeds,
+            output_attentions=oa,
+            output_hidden_states=oh,
+        )
+        return model_output(out, rd)
+
+
+class FastT5EncoderModel(_FastT5EncoderBase, T5EncoderModel):
+    pass
+
+
+# transformers class -> fused class. Exact classes only: a subclass may change forward in ways we cannot see.
+FUSED_CLASSES = {T5EncoderModel: FastT5EncoderModel}
+
+if UMT5EncoderModel is not None:
+
+    class FastUMT5EncoderModel(_FastT5EncoderBase, UMT5EncoderModel):
+        pass
+
+    FUSED_CLASSES[UMT5EncoderModel] = FastUMT5EncoderModel
