@@ -79,11 +79,12 @@ def encoder_layers_forward(
     return x, delta
 
 
-def activation_of(config) -> str:
-    act = getattr(config, "hidden_act", None)
+def activation_of(config, attr: str = "hidden_act") -> str:
+    """fastenc's name for the activation that config.<attr> names; UnsupportedModelError if none is fused."""
+    act = getattr(config, attr, None)
     if act not in ops.HF_ACTIVATIONS:
         raise UnsupportedModelError(
-            f"config.hidden_act={act!r} has no fused kernel; supported: {sorted(ops.HF_ACTIVATIONS)}"
+            f"config.{attr}={act!r} has no fused kernel; supported: {sorted(ops.HF_ACTIVATIONS)}"
         )
     return ops.HF_ACTIVATIONS[act]
 
@@ -177,6 +178,25 @@ def run_encoder(tower, x, rt: Runtime, *, causal, key_padding_mask, output_atten
         dropout_p=float(getattr(config, "attention_dropout", 0.0)),
     )
     return x, delta, hidden, attns
+
+
+def text_transformer(tower, rt: Runtime, input_ids, attention_mask, position_ids, *, causal, oa, oh):
+    """Embeddings, encoder layers and the fused final norm of a CLIP / SigLIP text tower.
+    Returns (last_hidden_state (B, S, D), input_ids (B, S), hidden list or None, attentions list or None)."""
+    x, input_ids, mask = text_embeddings(tower, input_ids, attention_mask, position_ids)  # (B, S, D)
+    x, delta, hidden, attns = run_encoder(
+        tower, x, rt, causal=causal, key_padding_mask=mask, output_attentions=oa, output_hidden_states=oh
+    )
+    return final_norm(tower.final_layer_norm, x, delta, hidden, rt), input_ids, hidden, attns
+
+
+def final_norm(norm, x, delta, hidden, rt: Runtime):
+    """norm(x + delta) with the add fused; the sum (the last layer's output) is appended to hidden as transformers
+    reports it, before the norm."""
+    last, x = ops.layer_norm(delta, norm.weight, norm.bias, norm.eps, residual=x, **rt.kw)
+    if hidden is not None:
+        hidden.append(x)
+    return last
 
 
 def tower_output(cls, last, pooled, hidden, attns, output_hidden_states, n_layers):

@@ -32,7 +32,7 @@ from ._encoder import (
     image_embeddings,
     model_output,
     run_encoder,
-    text_embeddings,
+    text_transformer,
     tower_output,
 )
 
@@ -43,21 +43,9 @@ def text_tower_forward(
     tower, rt: Runtime, input_ids, attention_mask, position_ids, *, output_attentions, output_hidden_states
 ) -> BaseModelOutputWithPooling:
     """The CLIP text transformer of `tower` (a module with embeddings, encoder.layers, final_layer_norm)."""
-    x, input_ids, mask = text_embeddings(tower, input_ids, attention_mask, position_ids)  # (B, S, D)
-    x, delta, hidden, attns = run_encoder(
-        tower,
-        x,
-        rt,
-        causal=True,
-        key_padding_mask=mask,
-        output_attentions=output_attentions,
-        output_hidden_states=output_hidden_states,
+    last, input_ids, hidden, attns = text_transformer(
+        tower, rt, input_ids, attention_mask, position_ids, causal=True, oa=output_attentions, oh=output_hidden_states
     )
-    fln = tower.final_layer_norm
-    last, x = ops.layer_norm(delta, fln.weight, fln.bias, fln.eps, residual=x, **rt.kw)
-    if hidden is not None:
-        hidden.append(x)  # the last layer's output before the final norm, as transformers
-
     rows = torch.arange(input_ids.shape[0], device=last.device)
     eos = tower.config.eos_token_id
     ids = input_ids.to(dtype=torch.int)

@@ -32,10 +32,11 @@ from ._base import Runtime, check_device, linear
 from ._encoder import (
     FastencModelMixin,
     activation_of,
+    final_norm,
     image_embeddings,
     model_output,
     run_encoder,
-    text_embeddings,
+    text_transformer,
     tower_output,
 )
 
@@ -44,20 +45,9 @@ def text_tower_forward(
     tower, rt: Runtime, input_ids, attention_mask, position_ids, *, output_attentions, output_hidden_states
 ) -> BaseModelOutputWithPooling:
     """SiglipTextModel's transformer: bidirectional, last-token pooling through `head`."""
-    x, _, mask = text_embeddings(tower, input_ids, attention_mask, position_ids)  # (B, S, D)
-    x, delta, hidden, attns = run_encoder(
-        tower,
-        x,
-        rt,
-        causal=False,
-        key_padding_mask=mask,
-        output_attentions=output_attentions,
-        output_hidden_states=output_hidden_states,
+    last, _, hidden, attns = text_transformer(
+        tower, rt, input_ids, attention_mask, position_ids, causal=False, oa=output_attentions, oh=output_hidden_states
     )
-    fln = tower.final_layer_norm
-    last, x = ops.layer_norm(delta, fln.weight, fln.bias, fln.eps, residual=x, **rt.kw)
-    if hidden is not None:
-        hidden.append(x)
     pooled = linear(last[:, -1, :], tower.head.weight, tower.head.bias)  # the last token, which may be padding
     return tower_output(
         BaseModelOutputWithPooling, last, pooled, hidden, attns, output_hidden_states, len(tower.encoder.layers)
@@ -96,10 +86,7 @@ def vision_tower_forward(
         output_attentions=output_attentions,
         output_hidden_states=output_hidden_states,
     )
-    post = tower.post_layernorm
-    last, x = ops.layer_norm(delta, post.weight, post.bias, post.eps, residual=x, **rt.kw)
-    if hidden is not None:
-        hidden.append(x)
+    last = final_norm(tower.post_layernorm, x, delta, hidden, rt)
     pooled = None
     if getattr(tower, "use_head", True) and hasattr(tower, "head"):
         pooled = attention_pooling_head(tower.head, last, rt, activation_of(tower.config), key_padding_mask)

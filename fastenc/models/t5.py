@@ -49,7 +49,7 @@ from .._dispatch import record
 from ..errors import InputError, UnsupportedModelError
 from ..ops.attention import relative_bias_reference, relative_position_buckets
 from ._base import Runtime, _weight_key, check_device, hidden_state_selection, linear, norm_eps
-from ._encoder import FastencModelMixin, finish_hidden, model_output
+from ._encoder import FastencModelMixin, activation_of, finish_hidden, model_output
 
 try:
     from transformers import UMT5EncoderModel
@@ -94,21 +94,12 @@ def _linear_fp32_out(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------------ checks
 
 
-def _act(config) -> str:
-    act = getattr(config, "dense_act_fn", None)
-    if act not in ops.HF_ACTIVATIONS:
-        raise UnsupportedModelError(
-            f"config.dense_act_fn={act!r} has no fused kernel; supported: {sorted(ops.HF_ACTIVATIONS)}"
-        )
-    return ops.HF_ACTIVATIONS[act]
-
-
 def check_t5_config(model) -> None:
     """Raise UnsupportedModelError for T5 / UMT5 encoder configs the fused tower does not reproduce."""
     config = model.config
     if getattr(config, "is_decoder", False):
         raise UnsupportedModelError("fastenc fuses T5 encoders only (config.is_decoder=True)")
-    _act(config)
+    activation_of(config, "dense_act_fn")
     stack = model.encoder
     if not len(stack.block) or not stack.block[0].layer[0].SelfAttention.has_relative_attention_bias:
         raise UnsupportedModelError("the first T5 block has no relative_attention_bias; fastenc needs it")
@@ -207,7 +198,7 @@ def t5_encoder_forward(
         max_distance=config.relative_attention_max_distance,
         device=x.device,
     )  # (2S - 1,) int32
-    act = _act(config)
+    act = activation_of(config, "dense_act_fn")
     hidden = [visible(x)] if output_hidden_states is not False else None
     attns = [] if output_attentions else None
     table = None
