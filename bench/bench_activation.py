@@ -14,15 +14,20 @@ config, timings, gpu, versions, git commit) are appended to a JSON list under be
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
-from pathlib import Path
 
 import torch
+from _common import (
+    EXIT_NO_CUDA,
+    bench_quantiles,
+    kernel_env,
+    no_cuda,
+    parse_providers,
+    print_kernel_env,
+    save_results,
+    shape_parser,
+)
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "bench" / "results"
 # ROWS, N: CLIP text B/32 FFN (64 x 77, 3072), ViT-L/14 (32 x 257, 4096), ViT-H/14 (16 x 257, 5120),
 # T5 v1.1-large gated FFN (32 x 512, 2816).
 DEFAULT_SHAPES = [(4928, 3072), (8224, 4096), (4112, 5120), (16384, 2816)]
@@ -35,15 +40,6 @@ def bytes_moved(rows: int, n: int, dtype: torch.dtype, *, bias: bool, gated: boo
     """Compulsory HBM traffic: read x (gate and up when gated), write y, read the (fp32 here) bias once."""
     elt = torch.empty((), dtype=dtype).element_size()
     return rows * n * elt * (3 if gated else 2) + (n * 4 if bias and not gated else 0)
-
-
-def git_commit() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True)
-        return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def providers(activation, x, bias, up, gated):
@@ -79,12 +75,7 @@ def fp32_reference(activation, x, bias, up, gated):
     return activation_reference(x.float() if bias is None else x.float() + bias.float(), activation)
 
 
-def parse_shape(text: str) -> tuple[int, int]:
-    try:
-        rows, n = (int(x) for x in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"shape must be ROWS,N (2 integers), got {text!r}") from None
-    return rows, n
+parse_shape = shape_parser("ROWS,N")
 
 
 def main(argv=None) -> int:
@@ -100,31 +91,19 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="JSON file to append rows to (a bare name goes under bench/results/)")
     args = p.parse_args(argv)
 
-    if not torch.cuda.is_available():
-        print("bench_activation: no CUDA device found; it times GPU kernels and needs one.", file=sys.stderr)
-        return 2
-    import triton
-    from triton.testing import do_bench
+    if no_cuda("bench_activation: no CUDA device found; it times GPU kernels and needs one."):
+        return EXIT_NO_CUDA
 
     from fastenc.kernels.activation import _elementwise_config
 
-    names = [n.strip() for n in args.providers.split(",") if n.strip()]
-    unknown = sorted(set(names) - set(PROVIDERS))
-    if unknown:
-        p.error(f"unknown providers {unknown}; choose from {PROVIDERS}")
+    names = parse_providers(p, args.providers, PROVIDERS)
     if args.gated and "fastenc" in names:
         names.remove("fastenc")  # no op wraps gated_activation_forward yet
     activations = args.activation or ["quick_gelu", "gelu", "gelu_tanh"]
     dtype = DTYPES[args.dtype]
     has_bias = not args.no_bias and not args.gated
-    env = {
-        "gpu": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "cuda": torch.version.cuda,
-        "commit": git_commit(),
-    }
-    print(f"# {env['gpu']}  torch {env['torch']}  triton {env['triton']}  commit {env['commit']}")
+    env = kernel_env()
+    print_kernel_env(env)
     print(f"# dtype {args.dtype}  bias {has_bias}  gated {args.gated}")
     header = f"{'activation':>10} {'ROWS,N':>12} {'provider':>9} {'p50 ms':>9} {'p20 ms':>9} {'p80 ms':>9}"
     print(f"{header} {'GB/s':>8} {'max err':>9}")
@@ -143,7 +122,7 @@ def main(argv=None) -> int:
             for name in names:
                 fn = fns[name]
                 err = (fn().float() - ref).abs().max().item()  # also warms up / compiles
-                p20, p50, p80 = do_bench(fn, warmup=args.warmup, rep=args.rep, quantiles=[0.2, 0.5, 0.8])
+                p20, p50, p80 = bench_quantiles(fn, args.warmup, args.rep)
                 gbps = nbytes / (p50 * 1e-3) / 1e9
                 shape = f"{rows},{n}"
                 print(f"{activation:>10} {shape:>12} {name:>9} {p50:9.4f} {p20:9.4f} {p80:9.4f} {gbps:8.1f} {err:9.2e}")
@@ -168,13 +147,7 @@ def main(argv=None) -> int:
                 )
 
     if args.out:
-        out = Path(args.out)
-        if out.parent == Path("."):
-            out = RESULTS / out
-        out.parent.mkdir(parents=True, exist_ok=True)
-        old = json.loads(out.read_text()) if out.exists() else []
-        out.write_text(json.dumps(old + rows_out, indent=1) + "\n")
-        print(f"# appended {len(rows_out)} rows to {out}")
+        save_results(args.out, rows_out)
     return 0
 
 

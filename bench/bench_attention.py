@@ -12,15 +12,20 @@ them. Times are triton.testing.do_bench quantiles (p20/p50/p80, ms); TFLOP/s = f
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
-from pathlib import Path
 
 import torch
+from _common import (
+    EXIT_NO_CUDA,
+    bench_quantiles,
+    kernel_env,
+    no_cuda,
+    parse_providers,
+    print_kernel_env,
+    save_results,
+    shape_parser,
+)
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "bench" / "results"
 DEFAULT_SHAPES = [(64, 12, 77, 64), (32, 16, 257, 64), (8, 16, 577, 64)]  # CLIP text B/32, ViT-L/14, ViT-L/14-336
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 PROVIDERS = ("fastenc", "kernel", "sdpa", "reference")
@@ -32,15 +37,6 @@ def flops(b: int, h: int, sq: int, sk: int, d: int, causal: bool) -> float:
     Causal counts the kept (i, j) pairs only: Sq * (Sq + 1) / 2 of Sq * Sk (Sq == Sk)."""
     pairs = sq * (sq + 1) / 2 if causal else sq * sk
     return 4.0 * b * h * pairs * d
-
-
-def git_commit() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True)
-        return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def make_inputs(b, h, s, d, dtype, *, mask: bool, bias: bool):
@@ -94,12 +90,7 @@ def chosen_config() -> dict | None:
     return {**best.kwargs, "num_warps": best.num_warps, "num_stages": best.num_stages}
 
 
-def parse_shape(text: str) -> tuple[int, int, int, int]:
-    try:
-        b, h, s, d = (int(x) for x in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"shape must be B,H,S,D (4 integers), got {text!r}") from None
-    return b, h, s, d
+parse_shape = shape_parser("B,H,S,D")
 
 
 def main(argv=None) -> int:
@@ -115,26 +106,14 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="JSON file to append rows to (a bare name goes under bench/results/)")
     args = p.parse_args(argv)
 
-    if not torch.cuda.is_available():
-        print("bench_attention: no CUDA device found; this benchmark times GPU kernels and needs one.", file=sys.stderr)
-        return 2
-    import triton
-    from triton.testing import do_bench
+    if no_cuda("bench_attention: no CUDA device found; this benchmark times GPU kernels and needs one."):
+        return EXIT_NO_CUDA
 
-    names = [n.strip() for n in args.providers.split(",") if n.strip()]
-    unknown = sorted(set(names) - set(PROVIDERS))
-    if unknown:
-        p.error(f"unknown providers {unknown}; choose from {PROVIDERS}")
+    names = parse_providers(p, args.providers, PROVIDERS)
     dtype = DTYPES[args.dtype]
     shapes = args.shape or DEFAULT_SHAPES
-    env = {
-        "gpu": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "cuda": torch.version.cuda,
-        "commit": git_commit(),
-    }
-    print(f"# {env['gpu']}  torch {env['torch']}  triton {env['triton']}  commit {env['commit']}")
+    env = kernel_env()
+    print_kernel_env(env)
     print(f"# dtype {args.dtype}  causal {args.causal}  mask {args.mask}  bias {args.bias}")
     print(f"{'B,H,S,D':>16} {'provider':>10} {'p50 ms':>9} {'p20 ms':>9} {'p80 ms':>9} {'TFLOP/s':>8} {'max err':>9}")
 
@@ -148,7 +127,7 @@ def main(argv=None) -> int:
         for name in names:
             fn = fns[name]
             err = (fn().float() - ref).abs().nan_to_num(0.0).max().item()  # also warms up / autotunes
-            p20, p50, p80 = do_bench(fn, warmup=args.warmup, rep=args.rep, quantiles=[0.2, 0.5, 0.8])
+            p20, p50, p80 = bench_quantiles(fn, args.warmup, args.rep)
             tflops = fl / (p50 * 1e-3) / 1e12
             print(f"{f'{b},{h},{s},{d}':>16} {name:>10} {p50:9.4f} {p20:9.4f} {p80:9.4f} {tflops:8.2f} {err:9.2e}")
             rows.append(
@@ -172,13 +151,7 @@ def main(argv=None) -> int:
             )
 
     if args.out:
-        out = Path(args.out)
-        if out.parent == Path("."):
-            out = RESULTS / out
-        out.parent.mkdir(parents=True, exist_ok=True)
-        old = json.loads(out.read_text()) if out.exists() else []
-        out.write_text(json.dumps(old + rows, indent=1) + "\n")
-        print(f"# appended {len(rows)} rows to {out}")
+        save_results(args.out, rows)
     return 0
 
 

@@ -10,43 +10,12 @@ Needs a CUDA device; the full harness (compile, ONNX, CUDA graphs, plots) is ben
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import subprocess
 import sys
-import time
 from pathlib import Path
 
+from _common import EXIT_NO_CUDA, append_rows, model_meta, no_cuda, percentile, time_cuda
+
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], text=True, stderr=subprocess.DEVNULL).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def time_cuda(fn, warmup: int, iters: int) -> list[float]:
-    import torch
-
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    samples = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end))  # ms
-    return samples
-
-
-def percentile(xs: list[float], q: float) -> float:
-    s = sorted(xs)
-    return s[min(len(s) - 1, int(round(q / 100 * (len(s) - 1))))]
 
 
 def main(argv=None) -> int:
@@ -60,13 +29,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=None, help="append rows to this JSON file")
     args = p.parse_args(argv)
 
+    if no_cuda("bench_clip.py: no CUDA device here; this benchmark only runs on a GPU"):
+        return EXIT_NO_CUDA
     import torch
-
-    if not torch.cuda.is_available():
-        print("bench_clip.py: no CUDA device here; this benchmark only runs on a GPU", file=sys.stderr)
-        return 2
-    import transformers
-    import triton
     from transformers import CLIPTextModelWithProjection, CLIPVisionModelWithProjection
 
     import fastenc
@@ -76,16 +41,7 @@ def main(argv=None) -> int:
     dtype = getattr(torch, DTYPES[args.dtype])
     cfg = clip_config(args.shape)
     rows = []
-    meta = {
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "transformers": transformers.__version__,
-        "fastenc": fastenc.__version__,
-        "python": platform.python_version(),
-        "commit": git_commit(),
-        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
+    meta = model_meta()
     for tower in args.tower:
         cls, sub = (
             (CLIPTextModelWithProjection, cfg.text_config)
@@ -132,9 +88,7 @@ def main(argv=None) -> int:
                     }
                 )
     if args.out:
-        old = json.loads(args.out.read_text()) if args.out.exists() else []
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(old + rows, indent=1))
+        append_rows(args.out, rows, newline=False)
         print(f"wrote {len(rows)} rows to {args.out}")
     return 0
 

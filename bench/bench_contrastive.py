@@ -15,15 +15,11 @@ minimal 6 N^2 d (fwd + 2 grad matmuls) for every provider so TFLOP/s compare lik
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
-from pathlib import Path
 
 import torch
+from _common import EXIT_NO_CUDA, kernel_env, no_cuda, parse_providers, print_kernel_env, save_results
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "bench" / "results"
 DEFAULT_N = [4096, 8192, 16384, 32768, 65536]
 DEFAULT_D = [512, 1024]
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -33,15 +29,6 @@ PROVIDERS = ("fastenc", "torch-tiled", "reference")
 def flops(n: int, d: int) -> float:
     """Minimal forward + backward FLOPs: s I T^T (2 N^2 d), dI = G T and dT = G^T I (2 N^2 d each)."""
     return 6.0 * n * n * d
-
-
-def git_commit() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True)
-        return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def make_step(provider: str, loss: str, n: int, d: int, dtype: torch.dtype):
@@ -117,25 +104,12 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="JSON file to append rows to (a bare name goes under bench/results/)")
     args = p.parse_args(argv)
 
-    if not torch.cuda.is_available():
-        msg = "bench_contrastive: no CUDA device found; this benchmark times GPU kernels and needs one."
-        print(msg, file=sys.stderr)
-        return 2
-    import triton
-
-    names = [x.strip() for x in args.providers.split(",") if x.strip()]
-    unknown = sorted(set(names) - set(PROVIDERS))
-    if unknown:
-        p.error(f"unknown providers {unknown}; choose from {PROVIDERS}")
+    if no_cuda("bench_contrastive: no CUDA device found; this benchmark times GPU kernels and needs one."):
+        return EXIT_NO_CUDA
+    names = parse_providers(p, args.providers, PROVIDERS)
     dtype = DTYPES[args.dtype]
-    env = {
-        "gpu": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "cuda": torch.version.cuda,
-        "commit": git_commit(),
-    }
-    print(f"# {env['gpu']}  torch {env['torch']}  triton {env['triton']}  commit {env['commit']}")
+    env = kernel_env()
+    print_kernel_env(env)
     print(f"# loss {args.loss}  dtype {args.dtype}  fwd+bwd")
     print(f"{'N':>7} {'d':>5} {'provider':>12} {'p50 ms':>9} {'peak MiB':>9} {'TFLOP/s':>8} {'loss':>10}")
 
@@ -176,13 +150,7 @@ def main(argv=None) -> int:
                 rows.append(row)
 
     if args.out:
-        out = Path(args.out)
-        if out.parent == Path("."):
-            out = RESULTS / out
-        out.parent.mkdir(parents=True, exist_ok=True)
-        old = json.loads(out.read_text()) if out.exists() else []
-        out.write_text(json.dumps(old + rows, indent=1) + "\n")
-        print(f"# appended {len(rows)} rows to {out}")
+        save_results(args.out, rows)
     return 0
 
 

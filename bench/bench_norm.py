@@ -15,16 +15,21 @@ bench/results/.
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _common import (
+    EXIT_NO_CUDA,
+    bench_quantiles,
+    kernel_env,
+    no_cuda,
+    parse_providers,
+    print_kernel_env,
+    save_results,
+    shape_parser,
+)
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "bench" / "results"
 # ROWS, N: CLIP text B/32 (64 x 77, 768), ViT-L/14 (32 x 257, 1024), ViT-H/14 (16 x 257, 1280),
 # T5-large (32 x 512, 1024), T5-XXL (8 x 512, 4096).
 DEFAULT_SHAPES = [(4928, 768), (8224, 1024), (4112, 1280), (16384, 1024), (4096, 4096)]
@@ -42,15 +47,6 @@ def bytes_moved(op: str, rows: int, n: int, dtype: torch.dtype, weight_dtype: to
     activations = rows * n * elt * (2 + 2 * int(residual))
     params = n * w_elt * (2 if op == "layer_norm" else 1)
     return activations + params
-
-
-def git_commit() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True)
-        return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def make_inputs(rows, n, dtype, weight_dtype, residual):
@@ -104,12 +100,7 @@ def first(out):
     return out[0] if isinstance(out, tuple) else out
 
 
-def parse_shape(text: str) -> tuple[int, int]:
-    try:
-        rows, n = (int(x) for x in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"shape must be ROWS,N (2 integers), got {text!r}") from None
-    return rows, n
+parse_shape = shape_parser("ROWS,N")
 
 
 def main(argv=None) -> int:
@@ -126,29 +117,17 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="JSON file to append rows to (a bare name goes under bench/results/)")
     args = p.parse_args(argv)
 
-    if not torch.cuda.is_available():
-        print("bench_norm: no CUDA device found; this benchmark times GPU kernels and needs one.", file=sys.stderr)
-        return 2
-    import triton
-    from triton.testing import do_bench
+    if no_cuda("bench_norm: no CUDA device found; this benchmark times GPU kernels and needs one."):
+        return EXIT_NO_CUDA
 
     from fastenc.kernels.norm import _norm_config
 
-    names = [n.strip() for n in args.providers.split(",") if n.strip()]
-    unknown = sorted(set(names) - set(PROVIDERS))
-    if unknown:
-        p.error(f"unknown providers {unknown}; choose from {PROVIDERS}")
+    names = parse_providers(p, args.providers, PROVIDERS)
     ops = OPS if args.op == "both" else (args.op,)
     dtype = DTYPES[args.dtype]
     weight_dtype = dtype if args.weight_dtype == "same" else torch.float32
-    env = {
-        "gpu": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "cuda": torch.version.cuda,
-        "commit": git_commit(),
-    }
-    print(f"# {env['gpu']}  torch {env['torch']}  triton {env['triton']}  commit {env['commit']}")
+    env = kernel_env()
+    print_kernel_env(env)
     print(f"# dtype {args.dtype}  weight {args.weight_dtype}  residual {args.residual}  eps {args.eps}")
     header = f"{'op':>10} {'ROWS,N':>12} {'provider':>9} {'p50 ms':>9} {'p20 ms':>9} {'p80 ms':>9}"
     print(f"{header} {'GB/s':>8} {'max err':>9}")
@@ -166,7 +145,7 @@ def main(argv=None) -> int:
             for name in names:
                 fn = fns[name]
                 err = (first(fn()).float() - ref).abs().max().item()  # also warms up / compiles
-                p20, p50, p80 = do_bench(fn, warmup=args.warmup, rep=args.rep, quantiles=[0.2, 0.5, 0.8])
+                p20, p50, p80 = bench_quantiles(fn, args.warmup, args.rep)
                 gbps = nbytes / (p50 * 1e-3) / 1e9
                 shape = f"{rows},{n}"
                 print(f"{op:>10} {shape:>12} {name:>9} {p50:9.4f} {p20:9.4f} {p80:9.4f} {gbps:8.1f} {err:9.2e}")
@@ -191,13 +170,7 @@ def main(argv=None) -> int:
                 )
 
     if args.out:
-        out = Path(args.out)
-        if out.parent == Path("."):
-            out = RESULTS / out
-        out.parent.mkdir(parents=True, exist_ok=True)
-        old = json.loads(out.read_text()) if out.exists() else []
-        out.write_text(json.dumps(old + rows_out, indent=1) + "\n")
-        print(f"# appended {len(rows_out)} rows to {out}")
+        save_results(args.out, rows_out)
     return 0
 
 

@@ -14,12 +14,10 @@ non_finite counts inf/NaN elements, which transformers' fp16 T5 can produce). Ne
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import subprocess
 import sys
-import time
 from pathlib import Path
+
+from _common import EXIT_NO_CUDA, append_rows, model_meta, no_cuda, percentile, time_cuda
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
@@ -30,35 +28,6 @@ SHAPES = {
     "t5-v1_1-xl": dict(d_model=2048, d_kv=64, num_heads=32, d_ff=5120, num_layers=24),
     "t5-v1_1-xxl": dict(d_model=4096, d_kv=64, num_heads=64, d_ff=10240, num_layers=24),
 }
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], text=True, stderr=subprocess.DEVNULL).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def time_cuda(fn, warmup: int, iters: int) -> list[float]:
-    import torch
-
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    samples = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end))  # ms
-    return samples
-
-
-def percentile(xs: list[float], q: float) -> float:
-    s = sorted(xs)
-    return s[min(len(s) - 1, int(round(q / 100 * (len(s) - 1))))]
 
 
 def t5_config(shape: str, layers: int):
@@ -87,28 +56,15 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=None, help="append rows to this JSON file")
     args = p.parse_args(argv)
 
+    if no_cuda("bench_t5.py: no CUDA device here; this benchmark only runs on a GPU"):
+        return EXIT_NO_CUDA
     import torch
-
-    if not torch.cuda.is_available():
-        print("bench_t5.py: no CUDA device here; this benchmark only runs on a GPU", file=sys.stderr)
-        return 2
-    import transformers
-    import triton
     from transformers import T5EncoderModel
 
     import fastenc
 
     rows = []
-    meta = {
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "transformers": transformers.__version__,
-        "fastenc": fastenc.__version__,
-        "python": platform.python_version(),
-        "commit": git_commit(),
-        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
+    meta = model_meta()
     for shape in args.shape:
         cfg, full_layers = t5_config(shape, args.layers)
         torch.manual_seed(0)
@@ -179,9 +135,7 @@ def main(argv=None) -> int:
             base32 = base32.to("cpu")
             torch.cuda.empty_cache()
     if args.out:
-        old = json.loads(args.out.read_text()) if args.out.exists() else []
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(old + rows, indent=1))
+        append_rows(args.out, rows, newline=False)
         print(f"wrote {len(rows)} rows to {args.out}")
     return 0
 

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .norm import _round_to
+from ._common import _round_to
 
 ACTIVATIONS = ("quick_gelu", "gelu", "gelu_tanh", "relu")
 

@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from ._common import dot_flags, interpreting
 
 # ---------------------------------------------------------------------------------------------------- constants
 
@@ -260,11 +261,6 @@ def _attention_fwd_kernel(
 # ---------------------------------------------------------------------------------------------------- launchers
 
 
-def interpreting() -> bool:
-    """TRITON_INTERPRET=1: kernels run on CPU tensors through Triton's numpy interpreter."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-
-
 def _d_class(block_d: int) -> int:
     return 64 if block_d <= 64 else 128 if block_d <= 128 else 256
 
@@ -331,11 +327,6 @@ def attention_unsupported_reason(
     return None
 
 
-def _fp32_dot_precision() -> str:
-    """IEEE fp32 dots unless the user allowed TF32 in torch (DESIGN.md, Numerics)."""
-    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
-
-
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
@@ -388,12 +379,8 @@ def attention_forward(
         rb, lut, rb_args = q, q, (0, 0, 1)  # dummy pointers, never read
 
     interp = interpreting()
-    # NOTE: in the Triton 3.9 interpreter tl.dot on bf16 operands returns garbage: it matmuls the raw uint16
-    # storage (max abs error 8.5e10 measured on a 16x64 @ 64x16 randn tile; 2.8e10 in the issue's measurement),
-    # while fp32 and fp16 operands are right (3.8e-6 after upcasting to fp32). So under the interpreter bf16 tiles
-    # are upcast to fp32 before tl.dot; on GPU the dots stay native bf16 / fp16 (tensor cores).
-    dot_fp32 = interp and q.dtype == torch.bfloat16
-    dot_precision = _fp32_dot_precision() if q.dtype == torch.float32 or dot_fp32 else "tf32"
+    # bf16 tiles are upcast to fp32 before tl.dot under the interpreter (see dot_flags in kernels/_common.py)
+    dot_fp32, dot_precision = dot_flags(q.dtype)
     block_d = max(MIN_BLOCK, triton.next_power_of_2(d))
     seq_bucket = min(SEQ_BUCKET_MAX, triton.next_power_of_2(max(sq, sk)))
 

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .cosine import dot_flags, interpreting
+from ._common import dot_flags, interpreting
 
 # ---------------------------------------------------------------------------------------------------- constants
 

@@ -11,13 +11,12 @@ tile's O(BLOCK_M * BLOCK_N * D)).
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from .norm import _round_to
+from ._common import _round_to, dot_flags, interpreting
 
 # ---------------------------------------------------------------------------------------------------- constants
 
@@ -95,26 +94,6 @@ def _cosine_fwd_kernel(
 
 
 # ---------------------------------------------------------------------------------------------------- launchers
-
-
-def interpreting() -> bool:
-    """TRITON_INTERPRET=1: kernels run on CPU tensors through Triton's numpy interpreter."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-
-
-def _fp32_dot_precision() -> str:
-    """IEEE fp32 dots unless the user allowed TF32 in torch (DESIGN.md, Numerics)."""
-    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
-
-
-def dot_flags(dtype: torch.dtype) -> tuple[bool, str]:
-    """(DOT_FP32, DOT_PRECISION) for tiles of `dtype`.
-
-    NOTE: in the Triton 3.9 interpreter tl.dot on bf16 operands returns garbage (it matmuls the raw uint16 storage;
-    see kernels/attention.py), so under the interpreter bf16 tiles are upcast to fp32 before tl.dot."""
-    dot_fp32 = interpreting() and dtype == torch.bfloat16
-    precision = _fp32_dot_precision() if dtype == torch.float32 or dot_fp32 else "tf32"
-    return dot_fp32, precision
 
 
 @functools.cache

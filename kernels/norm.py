@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import _round_to
+
 # Widest row one program holds in registers (fp32 row + weight): 64 K columns at 32 warps is 64 values per thread.
 MAX_FUSED_N = 65536
 
@@ -30,28 +32,6 @@ def _norm_config(n: int) -> tuple[int, int]:
     block_n = triton.next_power_of_2(n)
     num_warps = next(w for lo, w in _NUM_WARPS_BY_BLOCK_N if block_n >= lo)
     return block_n, num_warps
-
-
-@triton.jit
-def _to_bf16_rtne(x):
-    """fp32 -> bf16, round to nearest even, by bit arithmetic.
-
-    NOTE: the Triton 3.9 interpreter truncates fp32 -> bf16 casts (and mangles fp32 subnormals) where CUDA rounds to
-    nearest even; rounding the bits ourselves gives the CUDA result in both places, so CPU tests see the GPU math.
-    """
-    bits = x.to(tl.uint32, bitcast=True)
-    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-    rounded = tl.where(x != x, (bits >> 16) | 0x40, rounded)  # NaN stays NaN (a low-bits payload would carry to inf)
-    return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-
-
-@triton.jit
-def _round_to(x, dtype: tl.constexpr):
-    """Round fp32 x to `dtype` (round to nearest even for every float dtype)."""
-    if dtype == tl.bfloat16:
-        return _to_bf16_rtne(x)
-    else:
-        return x.to(dtype)
 
 
 @triton.jit

@@ -1,0 +1,157 @@
+"""Scaffolding shared by the bench/ scripts: git commit, environment metadata, the CUDA check, timing and
+percentile helpers, provider / shape argument parsing and appending JSON rows to an --out file.
+
+The scripts run as `python bench/bench_x.py`, which puts bench/ on sys.path, so they `from _common import ...`.
+torch, triton, transformers and fastenc are imported inside the helpers that need them, so `--help` stays cheap
+for the scripts that import torch lazily.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+EXIT_NO_CUDA = 2  # exit status of every script on a machine without a CUDA device
+
+
+def git_commit(*, dirty: bool = True, cwd: Path | None = REPO) -> str:
+    """HEAD's sha, or "unknown" where git fails.
+
+    dirty=True appends "-dirty" when `git status --porcelain` reports changes. cwd: where git runs (None: the
+    current directory)."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True)
+        commit = sha.stdout.strip()
+        if dirty:
+            status = subprocess.run(["git", "status", "--porcelain"], cwd=cwd, capture_output=True, text=True)
+            commit += "-dirty" if status.stdout.strip() else ""
+        return commit
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def no_cuda(message: str) -> bool:
+    """True, after printing `message` to stderr, when torch sees no CUDA device (the caller returns EXIT_NO_CUDA)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return False
+    print(message, file=sys.stderr)
+    return True
+
+
+def kernel_env() -> dict:
+    """Metadata carried by every row of the kernel benchmarks (attention, norm, activation, contrastive)."""
+    import torch
+    import triton
+
+    return {
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "commit": git_commit(),
+    }
+
+
+def print_kernel_env(env: dict) -> None:
+    print(f"# {env['gpu']}  torch {env['torch']}  triton {env['triton']}  commit {env['commit']}")
+
+
+def model_meta() -> dict:
+    """Metadata carried by every row of the model benchmarks (CLIP, T5)."""
+    import torch
+    import transformers
+    import triton
+
+    import fastenc
+
+    return {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "transformers": transformers.__version__,
+        "fastenc": fastenc.__version__,
+        "python": platform.python_version(),
+        "commit": git_commit(dirty=False, cwd=None),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def parse_providers(parser: argparse.ArgumentParser, text: str, allowed: tuple[str, ...]) -> list[str]:
+    """The comma list `text` as names; parser.error (exit 2) on a name not in `allowed`."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = sorted(set(names) - set(allowed))
+    if unknown:
+        parser.error(f"unknown providers {unknown}; choose from {allowed}")
+    return names
+
+
+def shape_parser(spec: str):
+    """An argparse type for a comma-separated integer shape named like `spec` (e.g. "ROWS,N" or "B,H,S,D")."""
+    count = len(spec.split(","))
+
+    def parse_shape(text: str) -> tuple[int, ...]:
+        try:
+            dims = tuple(int(x) for x in text.split(","))
+            if len(dims) != count:
+                raise ValueError(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"shape must be {spec} ({count} integers), got {text!r}") from None
+        return dims
+
+    return parse_shape
+
+
+def bench_quantiles(fn, warmup: int, rep: int) -> tuple[float, float, float]:
+    """(p20, p50, p80) ms of fn from triton.testing.do_bench."""
+    from triton.testing import do_bench
+
+    p20, p50, p80 = do_bench(fn, warmup=warmup, rep=rep, quantiles=[0.2, 0.5, 0.8])
+    return p20, p50, p80
+
+
+def time_cuda(fn, warmup: int, iters: int) -> list[float]:
+    """Per-call ms of fn over `iters` calls (CUDA events), after `warmup` untimed calls."""
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end))  # ms
+    return samples
+
+
+def percentile(xs: list[float], q: float) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, int(round(q / 100 * (len(s) - 1))))]
+
+
+def append_rows(path: Path, rows: list[dict], *, newline: bool = True) -> None:
+    """Append `rows` to the JSON list in `path` (created with its parent folders when missing)."""
+    old = json.loads(path.read_text()) if path.exists() else []
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(old + rows, indent=1) + ("\n" if newline else ""))
+
+
+def save_results(out: str, rows: list[dict]) -> None:
+    """--out of the kernel benchmarks: a bare file name goes under bench/results/."""
+    path = Path(out)
+    if path.parent == Path("."):
+        path = RESULTS / path
+    append_rows(path, rows)
+    print(f"# appended {len(rows)} rows to {path}")
