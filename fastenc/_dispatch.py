@@ -128,6 +128,20 @@ def resolve_backend(
     return chosen
 
 
+def kernel_module(name: str):
+    """fastenc.kernels.<name>, imported on first use (importing triton must follow TRITON_INTERPRET)."""
+    return importlib.import_module(f"fastenc.kernels.{name}")
+
+
+def choose_backend(op: str, device: torch.device, backend: str | None, strict: bool, triton_reason) -> str:
+    """One op call's backend: resolve_backend with the Triton shape check `triton_reason()` (str or None) run only
+    where Triton can run at all, and the choice recorded for fastenc.trace()."""
+    unsupported = {"triton": triton_reason()} if _triton_can_run(device) is None else {}
+    which = resolve_backend(op, backend, device, strict=strict, unsupported=unsupported)
+    record(which, op)
+    return which
+
+
 _warned: set[tuple[str, str, str]] = set()
 
 

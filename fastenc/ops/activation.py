@@ -8,7 +8,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .._dispatch import _triton_can_run, record, resolve_backend
+from .._dispatch import choose_backend, kernel_module
 from ..errors import InputError
 from ._common import FLOAT_DTYPES, check_tensor, run_kernel
 
@@ -56,13 +56,8 @@ def bias_activation(x, bias, activation, *, backend=None, strict=False):
         check_tensor("bias", bias, ndim=1, device=x.device)
         if x.dim() == 0 or bias.shape[0] != x.shape[-1]:
             raise InputError(f"bias must have shape ({x.shape[-1] if x.dim() else '?'},), got {tuple(bias.shape)}")
-    reasons = {}
-    if _triton_can_run(x.device) is None:
-        from ..kernels import activation as kernels
-
-        reasons["triton"] = kernels.bias_activation_unsupported_reason(x)
-    which = resolve_backend("bias_activation", backend, x.device, strict=strict, unsupported=reasons)
-    record(which, "bias_activation")
+    reason = lambda: kernel_module("activation").bias_activation_unsupported_reason(x)
+    which = choose_backend("bias_activation", x.device, backend, strict, reason)
     ref = functools.partial(bias_activation_reference, activation=activation)
     if which == "torch":
         return ref(x, bias)
@@ -92,13 +87,8 @@ def gated_activation(gate, up, activation, *, backend=None, strict=False):
             f"gate and up must have the same shape and dtype, got {tuple(gate.shape)} {gate.dtype} and "
             f"{tuple(up.shape)} {up.dtype}"
         )
-    reasons = {}
-    if _triton_can_run(gate.device) is None:
-        from ..kernels import activation as kernels
-
-        reasons["triton"] = kernels.bias_activation_unsupported_reason(gate)
-    which = resolve_backend("gated_activation", backend, gate.device, strict=strict, unsupported=reasons)
-    record(which, "gated_activation")
+    reason = lambda: kernel_module("activation").bias_activation_unsupported_reason(gate)
+    which = choose_backend("gated_activation", gate.device, backend, strict, reason)
     ref = functools.partial(gated_activation_reference, activation=activation)
     if which == "torch":
         return ref(gate, up)

@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from .._dispatch import record, resolve_backend
+from .._dispatch import choose_backend, kernel_module
 from ..errors import InputError
 from ._common import FLOAT_DTYPES, check_same_dtype, check_tensor, run_kernel
 
@@ -158,16 +158,8 @@ def attention(
     if causal and sq != sk:
         raise InputError(f"causal attention needs Sq == Sk, got Sq={sq}, Sk={sk}")
 
-    reasons = {}
-    if q.device.type in ("cuda", "cpu"):
-        from .._dispatch import _triton_can_run
-
-        if _triton_can_run(q.device) is None:
-            from ..kernels import attention as kernels
-
-            reasons["triton"] = kernels.attention_unsupported_reason(q, k, v, bias, rel_bias_table)
-    which = resolve_backend("attention", backend, q.device, strict=strict, unsupported=reasons)
-    record(which, "attention")
+    reason = lambda: kernel_module("attention").attention_unsupported_reason(q, k, v, bias, rel_bias_table)
+    which = choose_backend("attention", q.device, backend, strict, reason)
     ref = functools.partial(attention_reference, causal=causal, scale=scale)
     if which == "torch":
         return ref(q, k, v, key_padding_mask, bias, rel_bias_table, rel_bias_lut)

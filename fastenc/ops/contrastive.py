@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .._dispatch import _triton_can_run, record, resolve_backend
+from .._dispatch import choose_backend, kernel_module
 from ..errors import InputError
 from ._common import FLOAT_DTYPES, check_tensor
 
@@ -298,14 +298,9 @@ def check_loss_inputs(image_features, text_features, logit_scale, logit_bias=Non
 
 
 def _backend(op, x, backend, strict):
-    reasons = {}
-    if _triton_can_run(x.device) is None:
-        from ..kernels import contrastive as kernels
-
-        reasons["triton"] = kernels.contrastive_unsupported_reason(x)
-    which = resolve_backend(op, backend, x.device, strict=strict, unsupported=reasons)
-    record(which, op)
-    return which
+    return choose_backend(
+        op, x.device, backend, strict, lambda: kernel_module("contrastive").contrastive_unsupported_reason(x)
+    )
 
 
 def _as_arg(x):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .._dispatch import _triton_can_run, record, resolve_backend
+from .._dispatch import choose_backend, kernel_module
 from ..errors import InputError
 from ._common import FLOAT_DTYPES, check_same_dtype, check_tensor, run_kernel
 
@@ -39,14 +39,7 @@ def _check_pair(a_name, a, b_name, b):
 
 
 def _backend(op, x, backend, strict):
-    reasons = {}
-    if _triton_can_run(x.device) is None:
-        from ..kernels import cosine as kernels
-
-        reasons["triton"] = kernels.cosine_unsupported_reason(x)
-    which = resolve_backend(op, backend, x.device, strict=strict, unsupported=reasons)
-    record(which, op)
-    return which
+    return choose_backend(op, x.device, backend, strict, lambda: kernel_module("cosine").cosine_unsupported_reason(x))
 
 
 def _scale(scale) -> float:

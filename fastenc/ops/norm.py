@@ -11,7 +11,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from .._dispatch import _triton_can_run, record, resolve_backend
+from .._dispatch import choose_backend, kernel_module
 from ..errors import InputError
 from ._common import FLOAT_DTYPES, check_tensor, run_kernel
 
@@ -57,14 +57,7 @@ def rms_norm_reference(x, weight, residual=None, *, eps):
 
 
 def _backend(op, x, backend, strict):
-    reasons = {}
-    if _triton_can_run(x.device) is None:
-        from ..kernels import norm as kernels
-
-        reasons["triton"] = kernels.norm_unsupported_reason(x)
-    which = resolve_backend(op, backend, x.device, strict=strict, unsupported=reasons)
-    record(which, op)
-    return which
+    return choose_backend(op, x.device, backend, strict, lambda: kernel_module("norm").norm_unsupported_reason(x))
 
 
 def layer_norm(x, weight, bias, eps, residual=None, *, backend=None, strict=False):
