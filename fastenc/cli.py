@@ -2,6 +2,8 @@
 
 fastenc demo   [--shape ViT-B/32] [--backend auto] [--dtype fp32] [--batch 4] [--layers N] [--json]
 fastenc parity --model PATH [...]   (a local transformers checkpoint directory; nothing is downloaded)
+fastenc tokens --tokenizer PATH "prompt" [--chunk] [--json]     token budget, what the 77-token limit cuts off
+fastenc probe  --model PATH --prompt "..." [--image IMG] [--text-only] [--pairs FILE] [--json]
 """
 
 from __future__ import annotations
@@ -34,6 +36,11 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--batch", type=int, default=4)
         s.add_argument("--seq", type=int, default=None, help="text sequence length (default: the model's maximum)")
         s.add_argument("--json", action="store_true", help="print the report as JSON")
+    from .diagnostics.probe import add_probe_parser
+    from .diagnostics.tokens import add_tokens_parser
+
+    add_tokens_parser(sub)
+    add_probe_parser(sub)
     return p
 
 
@@ -87,6 +94,8 @@ def cmd_parity(args) -> int:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
+    if args.cmd in ("tokens", "probe"):
+        return args.func(args)
     if args.cmd == "parity" and not args.model:
         raise SystemExit("fastenc parity: --model PATH is required (use `fastenc demo` for random weights)")
     return cmd_parity(args)
