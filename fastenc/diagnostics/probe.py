@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import FastencError, InputError, UnsupportedModelError
+from .tokens import check_prompts
 
 DEFAULT_THRESHOLD = 1.0
 FLAG = "distinction not represented by this encoder"
@@ -234,20 +235,6 @@ def _split_processor(processor_or_tokenizer):
 
 def _text_config(model):
     return getattr(model.config, "text_config", model.config)
-
-
-def _check_prompts(prompts: Sequence[str], arg: str) -> list[str]:
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    prompts = list(prompts)
-    if not prompts:
-        raise InputError(f"{arg} is empty")
-    for i, p in enumerate(prompts):
-        if not isinstance(p, str):
-            raise InputError(f"{arg}[{i}] must be a str, got {type(p).__name__}")
-        if not p.strip():
-            raise InputError(f"{arg}[{i}] is an empty prompt")
-    return prompts
 
 
 def _tokenize(tokenizer, model, prompts: list[str]) -> torch.Tensor:
@@ -523,14 +510,14 @@ def binding_probe(
         raise UnsupportedModelError(f"binding_probe needs a CLIPModel or SiglipModel, got {type(model).__name__}")
     if not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
         raise InputError(f"threshold must be a finite number, got {threshold!r}")
-    prompt = _check_prompts([prompt], "prompt")[0]
+    prompt = check_prompts([prompt], "prompt")[0]
     if variants is None:
         gen = caption_variants(prompt)
         if not gen:
             raise InputError(f"prompt {prompt!r}: {gen.reason}")
         kinds = [(v.text, v.kind, v.detail) for v in gen]
     else:
-        kinds = [(v, "user", "") for v in _check_prompts(list(variants), "variants")]
+        kinds = [(v, "user", "") for v in check_prompts(list(variants), "variants")]
     tok, image_processor = _split_processor(processor_or_tokenizer)
     captions = [prompt] + [k[0] for k in kinds]
     p = next(model.parameters())
@@ -575,7 +562,7 @@ def text_similarity(model, tokenizer, prompts: Sequence[str]) -> SimilarityRepor
     show pooled cosine near 1."""
     if _base_name(model) not in _TEXT:
         raise UnsupportedModelError(f"text_similarity supports {', '.join(_TEXT)}, got {type(model).__name__}")
-    prompts = _check_prompts(prompts, "prompts")
+    prompts = check_prompts(prompts, "prompts")
     if len(prompts) < 2:
         raise InputError("prompts needs at least two prompts to compare")
     tok, _ = _split_processor(tokenizer)

@@ -23,12 +23,13 @@ LongTensor (B, S); such a tower needs no tokenizer (pass None), and `prompts` ma
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import InputError, UnsupportedModelError
+from .tokens import check_prompts
 
 CLIP_MAX_LENGTH = 77
 
@@ -49,21 +50,6 @@ def _maybe_optimize(model, optimize: bool, backend: str, strict: bool):
     import fastenc
 
     return fastenc.optimize(model, backend=backend, strict=strict)
-
-
-def _check_prompts(prompts) -> list[str] | None:
-    if prompts is None:
-        return None
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    if not isinstance(prompts, Sequence) or not prompts:
-        raise InputError(f"prompts must be a str or a non-empty list of str, got {prompts!r}")
-    for i, p in enumerate(prompts):
-        if not isinstance(p, str):
-            raise InputError(f"prompts[{i}] must be a str, got {type(p).__name__}")
-        if not p.strip():
-            raise InputError(f"prompts[{i}] is empty")
-    return list(prompts)
 
 
 def _ids_for(name: str, tokenizer, prompts, input_ids: Mapping | None, max_length: int, device) -> torch.Tensor:
@@ -115,7 +101,7 @@ def sdxl_conditioning(
     optimize=True runs both towers through `fastenc.optimize(backend=..., strict=...)` (weights shared)."""
     _check_tower(text_encoder_1, "text_encoder_1", ("CLIPTextModel", "CLIPTextModelWithProjection"))
     _check_tower(text_encoder_2, "text_encoder_2", ("CLIPTextModelWithProjection",))
-    prompts = _check_prompts(prompts)
+    prompts = None if prompts is None else check_prompts(prompts)
     te1 = _maybe_optimize(text_encoder_1, optimize, backend, strict)
     te2 = _maybe_optimize(text_encoder_2, optimize, backend, strict)
     ids = {
@@ -162,7 +148,7 @@ def sd3_conditioning(
     _check_tower(t5, "t5", ("T5EncoderModel", "UMT5EncoderModel"))
     if not isinstance(t5_max_length, int) or t5_max_length < 1:
         raise InputError(f"t5_max_length must be a positive int, got {t5_max_length!r}")
-    prompts = _check_prompts(prompts)
+    prompts = None if prompts is None else check_prompts(prompts)
     clip_l, clip_g, t5 = (_maybe_optimize(m, optimize, backend, strict) for m in (clip_l, clip_g, t5))
     ids = {
         "clip_l": _ids_for("clip_l", tok_l, prompts, input_ids, CLIP_MAX_LENGTH, _device(clip_l)),
@@ -203,7 +189,7 @@ def flux_conditioning(
     _check_tower(t5, "t5", ("T5EncoderModel", "UMT5EncoderModel"))
     if not isinstance(t5_max_length, int) or t5_max_length < 1:
         raise InputError(f"t5_max_length must be a positive int, got {t5_max_length!r}")
-    prompts = _check_prompts(prompts)
+    prompts = None if prompts is None else check_prompts(prompts)
     clip_l, t5 = (_maybe_optimize(m, optimize, backend, strict) for m in (clip_l, t5))
     ids = {
         "clip_l": _ids_for("clip_l", tok_l, prompts, input_ids, CLIP_MAX_LENGTH, _device(clip_l)),

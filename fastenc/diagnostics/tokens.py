@@ -14,6 +14,7 @@ import json
 import math
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 from ..errors import InputError
@@ -34,6 +35,20 @@ def load_tokenizer(path):
         return AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception as exc:  # transformers raises OSError/ValueError/KeyError depending on what is missing
         raise InputError(f"tokenizer path {path!r} could not be loaded as a tokenizer: {exc}") from exc
+
+
+def check_prompts(prompts, arg: str = "prompts") -> list[str]:
+    """A str or a non-empty sequence of non-empty str -> list[str]; InputError naming `arg` otherwise."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if not isinstance(prompts, Sequence) or not prompts:
+        raise InputError(f"{arg} must be a str or a non-empty list of str, got {prompts!r}")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str):
+            raise InputError(f"{arg}[{i}] must be a str, got {type(p).__name__}")
+        if not p.strip():
+            raise InputError(f"{arg}[{i}] is an empty prompt")
+    return list(prompts)
 
 
 def _check_prompt(prompt, name="prompt", allow_empty=False) -> str:
