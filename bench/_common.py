@@ -141,6 +141,27 @@ def percentile(xs: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(round(q / 100 * (len(s) - 1))))]
 
 
+def time_model(model, inputs: dict, warmup: int, iters: int) -> dict:
+    """One model's forward on `inputs` under inference_mode: p50/p90 latency (ms), peak memory (MB), raw samples."""
+    import torch
+
+    torch.cuda.reset_peak_memory_stats()
+    with torch.inference_mode():
+        samples = time_cuda(lambda: model(**inputs), warmup, iters)
+    return {
+        "p50_ms": percentile(samples, 50),
+        "p90_ms": percentile(samples, 90),
+        "peak_mem_mb": torch.cuda.max_memory_allocated() / 2**20,
+        "samples_ms": samples,
+    }
+
+
+def add_speedups(results: dict[str, dict], fast: str) -> None:
+    """results[name]["fastenc_speedup"] = p50 of `name` / p50 of `fast`, same run."""
+    for r in results.values():
+        r["fastenc_speedup"] = r["p50_ms"] / results[fast]["p50_ms"]
+
+
 def append_rows(path: Path, rows: list[dict], *, newline: bool = True) -> None:
     """Append `rows` to the JSON list in `path` (created with its parent folders when missing)."""
     old = json.loads(path.read_text()) if path.exists() else []

@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from _common import EXIT_NO_CUDA, append_rows, model_meta, no_cuda, percentile, time_cuda
+from _common import EXIT_NO_CUDA, add_speedups, append_rows, model_meta, no_cuda, time_model
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
@@ -58,19 +58,10 @@ def main(argv=None) -> int:
             inputs = {k: v for k, v in inputs.items() if (k == "pixel_values") == (tower == "vision")}
             results = {}
             for name, model in models.items():
-                torch.cuda.reset_peak_memory_stats()
-                with torch.inference_mode():
-                    samples = time_cuda(lambda m=model, x=inputs: m(**x), args.warmup, args.iters)
-                results[name] = {
-                    "p50_ms": percentile(samples, 50),
-                    "p90_ms": percentile(samples, 90),
-                    "items_per_s": batch / (percentile(samples, 50) / 1e3),
-                    "peak_mem_mb": torch.cuda.max_memory_allocated() / 2**20,
-                    "samples_ms": samples,
-                }
-            fe = results["fastenc-triton"]["p50_ms"]
+                r = time_model(model, inputs, args.warmup, args.iters)
+                results[name] = {**r, "items_per_s": batch / (r["p50_ms"] / 1e3)}
+            add_speedups(results, "fastenc-triton")
             for name, r in results.items():
-                r["fastenc_speedup"] = r["p50_ms"] / fe
                 print(
                     f"{args.shape:>12} {tower:>6} {args.dtype} b={batch:<4} {name:<22} p50 {r['p50_ms']:8.3f} ms  "
                     f"p90 {r['p90_ms']:8.3f} ms  {r['items_per_s']:10.1f}/s  peak {r['peak_mem_mb']:8.1f} MB  "

@@ -17,7 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from _common import EXIT_NO_CUDA, append_rows, model_meta, no_cuda, percentile, time_cuda
+from _common import EXIT_NO_CUDA, add_speedups, append_rows, model_meta, no_cuda, time_model
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
@@ -94,22 +94,18 @@ def main(argv=None) -> int:
                             got = model(**inputs).last_hidden_state.float()
                         finite = torch.isfinite(got)
                         diff = (got - want).abs()[finite]
-                        torch.cuda.reset_peak_memory_stats()
-                        with torch.inference_mode():
-                            samples = time_cuda(lambda m=model, x=inputs: m(**x), args.warmup, args.iters)
-                        p50 = percentile(samples, 50)
+                        r = time_model(model, inputs, args.warmup, args.iters)
                         results[name] = {
-                            "p50_ms": p50,
-                            "p90_ms": percentile(samples, 90),
-                            "tokens_per_s": batch * seq / (p50 / 1e3),
-                            "peak_mem_mb": torch.cuda.max_memory_allocated() / 2**20,
+                            "p50_ms": r["p50_ms"],
+                            "p90_ms": r["p90_ms"],
+                            "tokens_per_s": batch * seq / (r["p50_ms"] / 1e3),
+                            "peak_mem_mb": r["peak_mem_mb"],
                             "max_abs_err_vs_fp32": diff.max().item() if diff.numel() else float("nan"),
                             "non_finite": int((~finite).sum()),
-                            "samples_ms": samples,
+                            "samples_ms": r["samples_ms"],
                         }
-                    fe = results["fastenc-triton"]["p50_ms"]
+                    add_speedups(results, "fastenc-triton")
                     for name, r in results.items():
-                        r["fastenc_speedup"] = r["p50_ms"] / fe
                         print(
                             f"{shape:>13} L={args.layers}/{full_layers} {dname} b={batch:<3} s={seq:<5} {name:<22} "
                             f"p50 {r['p50_ms']:8.3f} ms  p90 {r['p90_ms']:8.3f} ms  peak {r['peak_mem_mb']:8.1f} MB  "

@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .. import ops
 from .._dispatch import Fallback, _active_traces, check_backend_name, record
 from ..errors import BackendUnavailableError, InputError
 
@@ -139,7 +138,6 @@ __all__ = [
     "hidden_state_selection",
     "linear",
     "norm_eps",
-    "ops",
     "resolve_output_flags",
     "shallow_copy_as",
 ]
