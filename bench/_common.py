@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,19 +21,11 @@ EXIT_NO_CUDA = 2  # exit status of every script on a machine without a CUDA devi
 
 
 def git_commit(*, dirty: bool = True, cwd: Path | None = REPO) -> str:
-    """HEAD's sha, or "unknown" where git fails.
+    """HEAD's sha, or "unknown" where git fails (fastenc.benchmark.env.git_commit, imported when called so that
+    --help stays cheap). dirty=True appends "-dirty" for a modified tree; cwd: where git runs (None: here)."""
+    from fastenc.benchmark.env import git_commit as _git_commit
 
-    dirty=True appends "-dirty" when `git status --porcelain` reports changes. cwd: where git runs (None: the
-    current directory)."""
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True)
-        commit = sha.stdout.strip()
-        if dirty:
-            status = subprocess.run(["git", "status", "--porcelain"], cwd=cwd, capture_output=True, text=True)
-            commit += "-dirty" if status.stdout.strip() else ""
-        return commit
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+    return _git_commit(dirty=dirty, cwd=cwd)
 
 
 def no_cuda(message: str) -> bool:
@@ -137,8 +128,10 @@ def time_cuda(fn, warmup: int, iters: int) -> list[float]:
 
 
 def percentile(xs: list[float], q: float) -> float:
-    s = sorted(xs)
-    return s[min(len(s) - 1, int(round(q / 100 * (len(s) - 1))))]
+    """Nearest-rank percentile (fastenc.benchmark.env.percentile: the harness and these scripts agree)."""
+    from fastenc.benchmark.env import percentile as _percentile
+
+    return _percentile(xs, q)
 
 
 def time_model(model, inputs: dict, warmup: int, iters: int) -> dict:

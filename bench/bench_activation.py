@@ -33,7 +33,7 @@ from _common import (
 DEFAULT_SHAPES = [(4928, 3072), (8224, 4096), (4112, 5120), (16384, 2816)]
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 ACTIVATIONS = ("quick_gelu", "gelu", "gelu_tanh", "relu")
-PROVIDERS = ("fastenc", "kernel", "torch", "compile")
+PROVIDERS = ("fastenc", "kernel", "cuda", "cuda_kernel", "torch", "compile")
 
 
 def bytes_moved(rows: int, n: int, dtype: torch.dtype, *, bias: bool, gated: bool) -> int:
@@ -44,6 +44,7 @@ def bytes_moved(rows: int, n: int, dtype: torch.dtype, *, bias: bool, gated: boo
 
 def providers(activation, x, bias, up, gated):
     import fastenc
+    from fastenc import _cuda
     from fastenc.kernels import activation as kernels
     from fastenc.ops.activation import activation_reference
 
@@ -51,6 +52,8 @@ def providers(activation, x, bias, up, gated):
         eager = lambda x, up: activation_reference(x, activation) * up
         fns = {
             "kernel": lambda: kernels.gated_activation_forward(x, up, activation),
+            "cuda": lambda: fastenc.ops.gated_activation(x, up, activation, backend="cuda", strict=True),
+            "cuda_kernel": lambda: _cuda.gated_activation_forward(x, up, activation),
             "torch": lambda: eager(x, up),
         }
         compiled = torch.compile(eager, dynamic=False)
@@ -62,6 +65,8 @@ def providers(activation, x, bias, up, gated):
     return {
         "fastenc": lambda: fastenc.ops.bias_activation(x, bias, activation, backend="triton", strict=True),
         "kernel": lambda: kernels.bias_activation_forward(x, bias, activation),
+        "cuda": lambda: fastenc.ops.bias_activation(x, bias, activation, backend="cuda", strict=True),
+        "cuda_kernel": lambda: _cuda.bias_activation_forward(x, bias, activation),
         "torch": lambda: eager(x),
         "compile": lambda: compiled(x),
     }

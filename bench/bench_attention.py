@@ -28,7 +28,7 @@ from _common import (
 
 DEFAULT_SHAPES = [(64, 12, 77, 64), (32, 16, 257, 64), (8, 16, 577, 64)]  # CLIP text B/32, ViT-L/14, ViT-L/14-336
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-PROVIDERS = ("fastenc", "kernel", "sdpa", "reference")
+PROVIDERS = ("fastenc", "kernel", "cuda", "cuda_kernel", "sdpa", "reference")
 
 
 def flops(b: int, h: int, sq: int, sk: int, d: int, causal: bool) -> float:
@@ -52,6 +52,7 @@ def make_inputs(b, h, s, d, dtype, *, mask: bool, bias: bool):
 
 def providers(q, k, v, kpm, bias, causal):
     import fastenc
+    from fastenc import _cuda
     from fastenc.kernels.attention import attention_forward
     from fastenc.ops.attention import attention_reference
 
@@ -73,6 +74,13 @@ def providers(q, k, v, kpm, bias, causal):
             q, k, v, causal=causal, key_padding_mask=kpm, bias=bias, backend="triton", strict=True
         ),
         "kernel": lambda: attention_forward(q, k, v, causal=causal, key_padding_mask=kpm, bias=bias, scale=scale),
+        # the csrc/ short-sequence kernel (Sk <= 128, fp16/bf16, no bias): the op strict, and its launcher
+        "cuda": lambda: fastenc.ops.attention(
+            q, k, v, causal=causal, key_padding_mask=kpm, bias=bias, backend="cuda", strict=True
+        ),
+        "cuda_kernel": lambda: _cuda.attention_forward(
+            q, k, v, causal=causal, key_padding_mask=kpm, bias=bias, scale=scale
+        ),
         "sdpa": lambda: torch.nn.functional.scaled_dot_product_attention(
             q, k, v, attn_mask=sdpa_mask, is_causal=sdpa_causal, scale=scale
         ),

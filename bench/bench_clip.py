@@ -4,7 +4,7 @@
 
 Random weights from a named config (no downloads). Per row: p50/p90 latency over --iters timed calls (CUDA events,
 after --warmup calls), throughput, peak memory, and the speedup of fastenc over each competitor from the same run.
-Needs a CUDA device; the full harness (compile, ONNX, CUDA graphs, plots) is bench/'s own issue.
+Needs a CUDA device; the full side-by-side harness (compile, ONNX, CUDA graphs, MFU, plots) is bench_models.py.
 """
 
 from __future__ import annotations

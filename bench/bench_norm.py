@@ -35,7 +35,7 @@ from _common import (
 DEFAULT_SHAPES = [(4928, 768), (8224, 1024), (4112, 1280), (16384, 1024), (4096, 4096)]
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 OPS = ("layer_norm", "rms_norm")
-PROVIDERS = ("fastenc", "kernel", "torch", "compile")
+PROVIDERS = ("fastenc", "kernel", "cuda", "cuda_kernel", "torch", "compile")
 
 
 def bytes_moved(op: str, rows: int, n: int, dtype: torch.dtype, weight_dtype: torch.dtype, residual: bool) -> int:
@@ -59,6 +59,7 @@ def make_inputs(rows, n, dtype, weight_dtype, residual):
 
 def providers(op, x, r, w, b, eps):
     import fastenc
+    from fastenc import _cuda
     from fastenc.kernels import norm as kernels
     from fastenc.ops.norm import rms_norm_reference
 
@@ -72,6 +73,8 @@ def providers(op, x, r, w, b, eps):
 
         fastenc_fn = lambda: fastenc.ops.layer_norm(x, w, b, eps, r, backend="triton", strict=True)
         kernel_fn = lambda: kernels.layer_norm_forward(x, w, b, eps, r)
+        cuda_fn = lambda: fastenc.ops.layer_norm(x, w, b, eps, r, backend="cuda", strict=True)
+        cuda_kernel_fn = lambda: _cuda.layer_norm_forward(x, w, b, eps, r)
     else:
 
         def eager(x, r):
@@ -80,10 +83,14 @@ def providers(op, x, r, w, b, eps):
 
         fastenc_fn = lambda: fastenc.ops.rms_norm(x, w, eps, r, backend="triton", strict=True)
         kernel_fn = lambda: kernels.rms_norm_forward(x, w, eps, r)
+        cuda_fn = lambda: fastenc.ops.rms_norm(x, w, eps, r, backend="cuda", strict=True)
+        cuda_kernel_fn = lambda: _cuda.rms_norm_forward(x, w, eps, r)
     compiled = torch.compile(eager, dynamic=False)
     return {
         "fastenc": fastenc_fn,
         "kernel": kernel_fn,
+        "cuda": cuda_fn,  # the op on the csrc/ CUDA kernel
+        "cuda_kernel": cuda_kernel_fn,  # its launcher (fastenc/_cuda.py)
         "torch": lambda: eager(x, r),
         "compile": lambda: compiled(x, r),
     }

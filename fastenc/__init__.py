@@ -6,10 +6,13 @@ with fastenc.trace() as t:                    # which backend ran which op
 print(t.counts)                               # {"triton.attention": 12, ...}
 """
 
-from . import distributed, ops
+from . import distributed, integrations, ops
 from ._dispatch import FallbackWarning, available_backends, trace
 from .errors import BackendUnavailableError, FastencError, InputError, UnsupportedModelError
+from .integrations import register_transformers_attention
 from .optimize import optimize  # noqa: E402  (the function shadows its module's name, as intended)
+
+register_transformers_attention()  # attn_implementation="fastenc"; warns, never raises, without AttentionInterface
 
 __version__ = "0.1.0"
 
@@ -22,7 +25,9 @@ __all__ = [
     "UnsupportedModelError",
     "available_backends",
     "distributed",
+    "integrations",
     "ops",
     "optimize",
+    "register_transformers_attention",
     "trace",
 ]

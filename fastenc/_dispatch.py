@@ -9,6 +9,7 @@ that actually ran. A fall-back (the requested backend cannot run the op) warns o
 from __future__ import annotations
 
 import contextlib
+import importlib
 import importlib.util
 import os
 import threading
@@ -18,6 +19,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import _cuda
+from ._compat import compile_disabled
 from .errors import BackendUnavailableError, InputError
 
 BACKENDS = ("torch", "triton", "cuda")
@@ -30,15 +33,22 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None  # a constant, so torch.compile traces it
+
+
 def triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_INSTALLED
 
 
 def cuda_extension_available() -> bool:
-    """The csrc/ extension (`fastenc._C`) is importable. It does not exist before the CUDA backend lands."""
+    """The csrc/ CUDA ops are loaded, or prebuilt (`fastenc._C`, from setup.py) and a CUDA device is visible. A JIT
+    build (minutes, on first use) is only started by an explicit backend="cuda", never by "auto"."""
     if not torch.cuda.is_available():
         return False
-    return importlib.util.find_spec("fastenc._C") is not None
+    return _cuda.is_loaded() or _PREBUILT_CUDA
+
+
+_PREBUILT_CUDA = importlib.util.find_spec("fastenc._C") is not None
 
 
 def available_backends() -> list[str]:
@@ -104,8 +114,12 @@ def resolve_backend(
             return None
         if name not in kernels:
             return f"fastenc has no {name} kernel for {op}"
-        if name == "cuda" and not cuda_extension_available():
-            return "the fastenc CUDA extension is not built (see csrc/README.md)"
+        if name == "cuda":
+            if want == "auto" and not cuda_extension_available():
+                return "the fastenc CUDA extension is not built (see csrc/README.md)"
+            why = _cuda.unavailable_reason()  # explicit backend="cuda": loads, or JIT-builds on first use
+            if why:
+                return why
         if name == "triton":
             why = _triton_can_run(device)
             if why:
@@ -124,20 +138,48 @@ def resolve_backend(
         raise BackendUnavailableError(f"{op}: backend {want!r} cannot run: {why} (strict=True forbids fall-back)")
     order = [b for b in ("cuda", "triton", "torch") if BACKENDS.index(b) < BACKENDS.index(want)]
     chosen = next(b for b in order if reason_for(b) is None)
-    _warn_fallback(op, want, chosen, why)
+    warn_fallback(op, want, chosen, why)
     return chosen
 
 
+_kernel_modules: dict = {}
+
+
 def kernel_module(name: str):
-    """fastenc.kernels.<name>, imported on first use (importing triton must follow TRITON_INTERPRET)."""
-    return importlib.import_module(f"fastenc.kernels.{name}")
+    """fastenc.kernels.<name>, imported on first use (importing triton must follow TRITON_INTERPRET). Later calls
+    are a dict lookup, which torch.compile traces without a graph break."""
+    mod = _kernel_modules.get(name)
+    if mod is None:
+        mod = _import_kernel_module(name)
+    return mod
 
 
-def choose_backend(op: str, device: torch.device, backend: str | None, strict: bool, triton_reason) -> str:
-    """One op call's backend: resolve_backend with the Triton shape check `triton_reason()` (str or None) run only
-    where Triton can run at all, and the choice recorded for fastenc.trace()."""
-    unsupported = {"triton": triton_reason()} if _triton_can_run(device) is None else {}
-    which = resolve_backend(op, backend, device, strict=strict, unsupported=unsupported)
+@compile_disabled
+def _import_kernel_module(name: str):
+    mod = _kernel_modules[name] = importlib.import_module(f"fastenc.kernels.{name}")
+    return mod
+
+
+def choose_backend(
+    op: str, device: torch.device, backend: str | None, strict: bool, triton_reason, cuda_reason=None
+) -> str:
+    """One op call's backend: resolve_backend with the kernels' shape checks `triton_reason()` / `cuda_reason()`
+    (str or None; cuda_reason only for ops with a CUDA kernel) run only where that backend is in play, and the
+    choice recorded for fastenc.trace()."""
+    want = requested_backend(backend)
+    on_gpu_auto = want == "auto" and device.type == "cuda"
+    unsupported: dict[str, str | None] = {}
+    if (want in ("triton", "cuda") or on_gpu_auto) and _triton_can_run(device) is None:
+        unsupported["triton"] = triton_reason()
+    kernels: tuple[str, ...] = ("triton",)
+    if cuda_reason is not None:
+        kernels = ("triton", "cuda")
+        if want == "cuda" or (on_gpu_auto and cuda_extension_available()):
+            if device.type != "cuda":
+                unsupported["cuda"] = f"the CUDA kernels need CUDA tensors, got device {device}"
+            else:
+                unsupported["cuda"] = cuda_reason()
+    which = resolve_backend(op, want, device, strict=strict, kernels=kernels, unsupported=unsupported)
     record(which, op)
     return which
 
@@ -145,7 +187,8 @@ def choose_backend(op: str, device: torch.device, backend: str | None, strict: b
 _warned: set[tuple[str, str, str]] = set()
 
 
-def _warn_fallback(op: str, want: str, chosen: str, why: str) -> None:
+def warn_fallback(op: str, want: str, chosen: str, why: str) -> None:
+    """Record a fall-back in every active trace and warn once per (op, requested backend, reason)."""
     for t in _active_traces():
         t.fallbacks.append(Fallback(op, want, chosen, why))
     key = (op, want, why)
@@ -201,6 +244,19 @@ def trace():
         _local.traces = stack
 
 
+@contextlib.contextmanager
+def suspend_traces():
+    """Nothing inside the block is counted by the active `fastenc.trace()` blocks (CUDA-graph warm-up passes)."""
+    saved = _active_traces()
+    _local.traces = []
+    try:
+        yield
+    finally:
+        _local.traces = saved
+
+
 def record(backend: str, op: str, n: int = 1) -> None:
+    if torch.compiler.is_compiling():  # a compiled graph runs no Python: trace() counts eager calls only
+        return
     for t in _active_traces():
         t.counts[f"{backend}.{op}"] += n

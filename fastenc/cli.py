@@ -4,6 +4,7 @@ fastenc demo   [--shape ViT-B/32] [--backend auto] [--dtype fp32] [--batch 4] [-
 fastenc parity --model PATH [...]   (a local transformers checkpoint directory; nothing is downloaded)
 fastenc tokens --tokenizer PATH "prompt" [--chunk] [--json]     token budget, what the 77-token limit cuts off
 fastenc probe  --model PATH --prompt "..." [--image IMG] [--text-only] [--pairs FILE] [--json]
+fastenc bench  [--quick] [--models ...] [--competitors ...] [--batch ...] [--dtype ...] [--out FILE.jsonl] [--list]
 """
 
 from __future__ import annotations
@@ -36,11 +37,13 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--batch", type=int, default=4)
         s.add_argument("--seq", type=int, default=None, help="text sequence length (default: the model's maximum)")
         s.add_argument("--json", action="store_true", help="print the report as JSON")
+    from .benchmark.cli import add_bench_parser
     from .diagnostics.probe import add_probe_parser
     from .diagnostics.tokens import add_tokens_parser
 
     add_tokens_parser(sub)
     add_probe_parser(sub)
+    add_bench_parser(sub)
     return p
 
 
@@ -69,8 +72,8 @@ def cmd_parity(args) -> int:
     import torch
 
     if args.backend == "triton" and not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ:
-        os.environ["TRITON_INTERPRET"] = "1"  # must be set before any kernel is compiled
         print("fastenc: no CUDA device; Triton kernels run on the CPU interpreter (slow; try --layers 1 --batch 2)")
+        _reexec_with_interpreter(args.argv)
     import fastenc
     from fastenc.parity import clip_inputs, compare
 
@@ -92,9 +95,20 @@ def cmd_parity(args) -> int:
     return 0 if report.ok else 1
 
 
+def _reexec_with_interpreter(argv: list[str]) -> None:
+    """Run this command again in a process that starts with TRITON_INTERPRET=1. Setting it here would be too late:
+    `import fastenc` imports transformers, which imports triton, and triton fixes the interpreter mode of its own
+    library functions when it is imported."""
+    sys.stdout.flush()
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    os.execve(sys.executable, [sys.executable, "-m", "fastenc.cli", *argv], env)
+
+
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
-    if args.cmd in ("tokens", "probe"):
+    args.argv = argv
+    if args.cmd not in ("demo", "parity"):
         return args.func(args)
     if args.cmd == "parity" and not args.model:
         raise SystemExit("fastenc parity: --model PATH is required (use `fastenc demo` for random weights)")

@@ -6,6 +6,7 @@ import torch
 
 from ._dispatch import check_backend_name
 from .errors import UnsupportedModelError
+from .graphs import GraphConfig, GraphRunner, graph_config, graphed_class
 from .models import FUSED_CLASSES, check_config
 from .models._base import Runtime, shallow_copy_as
 from .models._encoder import FastencModelMixin
@@ -17,17 +18,29 @@ def supported_models() -> list[str]:
     return sorted(cls.__name__ for cls in FUSED_CLASSES)
 
 
-def optimize(model: torch.nn.Module, backend: str = "auto", strict: bool = False) -> torch.nn.Module:
+def optimize(
+    model: torch.nn.Module,
+    backend: str = "auto",
+    strict: bool = False,
+    *,
+    cuda_graphs: bool | GraphConfig = False,
+) -> torch.nn.Module:
     """Return a model with the same forward signature and ModelOutput fields whose towers run fastenc's fused ops.
 
     The result is a new module object that shares parameters and buffers with `model` (no weight is copied;
     `model` itself is left as it was). backend: "auto" | "torch" | "triton" | "cuda"; the FASTENC_BACKEND env var
     overrides "auto". strict=True raises BackendUnavailableError where an op would fall back to a slower backend.
     Use `fastenc.trace()` to see which backend ran each op.
+
+    cuda_graphs: True (or a `fastenc.graphs.GraphConfig`) captures each input shape's forward (and CLIPModel's /
+    SiglipModel's get_text_features / get_image_features) into a CUDA graph and replays it: batches pad up to
+    buckets, outputs are fresh tensors unless GraphConfig(outputs="static"). Calls a graph cannot serve (CPU
+    tensors, autograd, training, output_attentions) run eagerly with a FallbackWarning. See fastenc/graphs.py.
     """
     backend = check_backend_name(backend)
     if not isinstance(strict, bool):
         raise TypeError(f"strict must be a bool, got {type(strict).__name__}")
+    graphs = graph_config(cuda_graphs)
     if isinstance(model, FastencModelMixin):  # re-optimize: new settings, same weights
         base = model._fastenc_base
     else:
@@ -42,7 +55,10 @@ def optimize(model: torch.nn.Module, backend: str = "auto", strict: bool = False
     if not dtypes <= set(_DTYPES):
         raise UnsupportedModelError(f"model parameters must be fp32/fp16/bf16, got {sorted(map(str, dtypes))}")
     check_config(model)
-    new = shallow_copy_as(model, fused)
+    new = shallow_copy_as(model, fused if graphs is None else graphed_class(fused, base))
+    new.__dict__.pop("_fastenc_graphs", None)  # re-optimizing a graphed model: never share its graphs
     new._fastenc = Runtime(backend=backend, strict=strict)
     new._fastenc_base = base
+    if graphs is not None:
+        new._fastenc_graphs = GraphRunner(graphs)
     return new

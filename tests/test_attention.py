@@ -119,6 +119,19 @@ def test_bias_masks_like_the_reference(device):
     assert_close(out, attention_reference(q, k, v, None, bias_t), name="out", **FP32_TOL)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_row_masked_by_an_all_inf_bias_is_zero(backend, device):
+    """A query row whose bias is -inf for every key (no key_padding_mask) gives 0 on every backend, never NaN."""
+    b, h, s, d = 1, 2, 9, 16
+    q, k, v = _qkv(b, h, s, s, d, device=device)
+    bias_t = torch.zeros(b, h, s, s, device=device)
+    bias_t[:, :, 2] = float("-inf")
+    out = fastenc.ops.attention(q, k, v, bias=bias_t, backend=backend)
+    assert torch.equal(out[:, :, 2], torch.zeros_like(out[:, :, 2]))
+    keep = torch.arange(s, device=device) != 2
+    assert_close(out[:, :, keep], attention_reference(q, k, v)[:, :, keep], name="other rows", **FP32_TOL)
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_large_logits_are_stable(causal, device):
     """Scores in the hundreds: the running max keeps exp2 in range across key tiles (no inf/NaN)."""

@@ -337,3 +337,13 @@ def test_demo_cli_runs(capsys):
     assert main(["demo", "--shape", "tiny", "--batch", "2", "--backend", "triton", "--strict"]) == 0
     out = capsys.readouterr().out
     assert "triton.attention" in out and "PASS" in out
+
+
+def test_model_built_under_inference_mode():
+    """Weights created under torch.inference_mode() have no version counter; the fused-QKV cache still works."""
+    with torch.inference_mode():
+        model = build(CLIPModel, make_config(layers=1))
+        fast = fastenc.optimize(model, backend="torch")
+        inputs = inputs_for(model, 2)
+        for _ in range(2):  # the second call hits the cache
+            compare_outputs(model(**inputs), fast(**inputs))

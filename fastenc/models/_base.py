@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .._dispatch import Fallback, _active_traces, check_backend_name, record
+from .._dispatch import Fallback, _active_traces, available_backends, check_backend_name, record
 from ..errors import BackendUnavailableError, InputError
 
 
@@ -22,6 +22,10 @@ class Runtime:
 
     def __post_init__(self):
         self.backend = check_backend_name(self.backend)
+        if self.backend != "torch" and "triton" in available_backends():
+            from ..ops._library import register_triton_ops
+
+            register_triton_ops()  # up front, so compiling the model before its first eager call traces no import
 
     @property
     def kw(self) -> dict:
@@ -46,25 +50,33 @@ def shallow_copy_as(model: torch.nn.Module, cls: type) -> torch.nn.Module:
 
 
 def _weight_key(*ts: torch.Tensor) -> tuple:
-    return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in ts)
+    """What identifies a weight's contents: storage, version, dtype, device. Inference tensors (a model built or
+    loaded under torch.inference_mode()) keep no version counter; for them an in-place update is not seen."""
+    return tuple((t.data_ptr(), -1 if t.is_inference() else t._version, t.dtype, t.device) for t in ts)
+
+
+def cached_cat(rt: Runtime, slot, ts: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """torch.cat(ts), cached in `rt` under `slot` while the tensors keep their storage and version (a `.to()`,
+    `.half()` or an in-place update rebuilds it). With autograd on, the cat runs every call so gradients reach the
+    originals. Under torch.compile the cat is part of the graph: a cache keyed on storage pointers cannot be
+    traced, and a compiled graph holding a cached copy would miss in-place weight updates."""
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in ts)):
+        return torch.cat(ts)
+    key = _weight_key(*ts)
+    hit = rt.qkv_cache.get(slot)
+    if hit is None or hit[0] != key:
+        hit = (key, torch.cat(ts).detach())
+        rt.qkv_cache[slot] = hit
+    return hit[1]
 
 
 def fused_qkv(rt: Runtime, attn) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(3D, D) weight and (3D,) bias of q_proj, k_proj, v_proj stacked, so one GEMM computes q, k and v.
-
-    Cached per attention module while the three weights keep their storage and version (a `.to()`, `.half()` or an
-    in-place update rebuilds it). With autograd on, the cat runs every call so gradients reach the originals."""
+    """(3D, D) weight and (3D,) bias of q_proj, k_proj, v_proj stacked, so one GEMM computes q, k and v (cached,
+    see `cached_cat`)."""
     ws = (attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight)
     bs = (attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias)
     has_bias = all(b is not None for b in bs)
-    if torch.is_grad_enabled() and any(w.requires_grad for w in ws):
-        return torch.cat(ws), torch.cat(bs) if has_bias else None
-    key = _weight_key(*ws, *(bs if has_bias else ()))
-    hit = rt.qkv_cache.get(id(attn))
-    if hit is None or hit[0] != key:
-        hit = (key, torch.cat(ws).detach(), torch.cat(bs).detach() if has_bias else None)
-        rt.qkv_cache[id(attn)] = hit
-    return hit[1], hit[2]
+    return cached_cat(rt, (id(attn), "w"), ws), cached_cat(rt, (id(attn), "b"), bs) if has_bias else None
 
 
 def attention_with_probs(q, k, v, *, causal, key_padding_mask, scale, dropout_p=0.0, training=False):
@@ -132,6 +144,7 @@ def norm_eps(module) -> float:
 __all__ = [
     "Runtime",
     "attention_with_probs",
+    "cached_cat",
     "check_device",
     "check_no_extra_kwargs",
     "fused_qkv",

@@ -48,7 +48,7 @@ from .. import ops
 from .._dispatch import record
 from ..errors import InputError, UnsupportedModelError
 from ..ops.attention import relative_bias_reference, relative_position_buckets
-from ._base import Runtime, _weight_key, check_device, hidden_state_selection, linear, norm_eps
+from ._base import Runtime, cached_cat, check_device, hidden_state_selection, linear, norm_eps
 from ._encoder import FastencModelMixin, activation_of, finish_hidden, model_output
 
 try:
@@ -62,15 +62,8 @@ FP16_MAX = torch.finfo(torch.float16).max
 
 
 def _stacked(rt: Runtime, owner: torch.nn.Module, tag: str, ws: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """torch.cat(ws) cached per (owner, tag) while the weights keep their storage and version (as fused_qkv)."""
-    if torch.is_grad_enabled() and any(w.requires_grad for w in ws):
-        return torch.cat(ws)
-    key = _weight_key(*ws)
-    hit = rt.qkv_cache.get((id(owner), tag))
-    if hit is None or hit[0] != key:
-        hit = (key, torch.cat(ws).detach())
-        rt.qkv_cache[(id(owner), tag)] = hit
-    return hit[1]
+    """torch.cat(ws), cached per (owner, tag) (see `cached_cat`)."""
+    return cached_cat(rt, (id(owner), tag), ws)
 
 
 _MM_OUT_DTYPE: dict[str, bool] = {}  # device type -> torch.mm(..., out_dtype=) works there

@@ -8,9 +8,11 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .. import _cuda
 from .._dispatch import choose_backend, kernel_module
 from ..errors import InputError
-from ._common import FLOAT_DTYPES, check_tensor, run_kernel
+from ._common import FLOAT_DTYPES, check_tensor
+from ._library import fastenc_op
 
 ACTIVATIONS = ("quick_gelu", "gelu", "gelu_tanh", "relu")
 
@@ -57,16 +59,14 @@ def bias_activation(x, bias, activation, *, backend=None, strict=False):
         if x.dim() == 0 or bias.shape[0] != x.shape[-1]:
             raise InputError(f"bias must have shape ({x.shape[-1] if x.dim() else '?'},), got {tuple(bias.shape)}")
     reason = lambda: kernel_module("activation").bias_activation_unsupported_reason(x)
-    which = choose_backend("bias_activation", x.device, backend, strict, reason)
+    cuda_reason = lambda: _cuda.bias_activation_unsupported_reason(x)
+    which = choose_backend("bias_activation", x.device, backend, strict, reason, cuda_reason)
     ref = functools.partial(bias_activation_reference, activation=activation)
     if which == "torch":
         return ref(x, bias)
-    from ..kernels import activation as kernels
-
-    def kernel(x, bias):
-        return kernels.bias_activation_forward(x, bias, activation)
-
-    return run_kernel(kernel, ref, x, bias)
+    if which == "cuda":
+        return _cuda.bias_activation_forward(x, bias, activation)
+    return fastenc_op("bias_activation")(x, bias, activation)
 
 
 def gated_activation_reference(gate, up, *, activation):
@@ -88,13 +88,11 @@ def gated_activation(gate, up, activation, *, backend=None, strict=False):
             f"{tuple(up.shape)} {up.dtype}"
         )
     reason = lambda: kernel_module("activation").bias_activation_unsupported_reason(gate)
-    which = choose_backend("gated_activation", gate.device, backend, strict, reason)
+    cuda_reason = lambda: _cuda.bias_activation_unsupported_reason(gate)
+    which = choose_backend("gated_activation", gate.device, backend, strict, reason, cuda_reason)
     ref = functools.partial(gated_activation_reference, activation=activation)
     if which == "torch":
         return ref(gate, up)
-    from ..kernels import activation as kernels
-
-    def kernel(gate, up):
-        return kernels.gated_activation_forward(gate, up, activation)
-
-    return run_kernel(kernel, ref, gate, up)
+    if which == "cuda":
+        return _cuda.gated_activation_forward(gate, up, activation)
+    return fastenc_op("gated_activation")(gate, up, activation)

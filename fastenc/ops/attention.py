@@ -14,9 +14,11 @@ import math
 
 import torch
 
+from .. import _cuda
 from .._dispatch import choose_backend, kernel_module
 from ..errors import InputError
-from ._common import FLOAT_DTYPES, check_same_dtype, check_tensor, run_kernel
+from ._common import FLOAT_DTYPES, check_same_dtype, check_tensor
+from ._library import fastenc_op
 
 
 def relative_position_buckets(
@@ -76,8 +78,8 @@ def attention_reference(
     if keep is not None:
         s = s.masked_fill(~keep, float("-inf"))
     p = torch.softmax(s, dim=-1)
-    if keep is not None:
-        p = p.nan_to_num(0.0)  # fully masked rows: softmax of all -inf is NaN; define them as 0
+    if keep is not None or bias is not None:
+        p = p.nan_to_num(0.0)  # fully masked rows (by mask or by a -inf bias): softmax gives NaN; define them as 0
     return torch.matmul(p, v.float()).to(q.dtype)
 
 
@@ -105,7 +107,7 @@ def attention(
     neither: adds rel_bias_table[rel_bias_lut[j - i + Sq - 1], h] to score (h, i, j) (T5 relative-position bias;
     build the lut with `relative_position_buckets`). The Triton kernel gathers it per tile, never forming the
     (Sq, Sk) bias. Lut values must lie in [0, num_buckets): checked for CPU tensors; on CUDA they are not checked
-    (that would synchronise) and the kernel clamps them into range instead.
+    (that would synchronise), nor under torch.compile, and the kernel clamps them into range instead.
     """
     check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES)
     check_tensor("k", k, ndim=4, device=q.device)
@@ -146,7 +148,8 @@ def attention(
                 f"rel_bias_lut must have shape (Sq + Sk - 1 = {sq + sk - 1},) for Sq={sq}, Sk={sk}, "
                 f"got {tuple(rel_bias_lut.shape)}"
             )
-        if rel_bias_lut.device.type == "cpu" and rel_bias_lut.numel() > 0:
+        # a data-dependent check: eager CPU calls only (torch.compile cannot branch on values; the kernel clamps)
+        if rel_bias_lut.device.type == "cpu" and rel_bias_lut.numel() > 0 and not torch.compiler.is_compiling():
             lo, hi = int(rel_bias_lut.min()), int(rel_bias_lut.max())
             if lo < 0 or hi >= rel_bias_table.shape[0]:
                 raise InputError(
@@ -159,23 +162,13 @@ def attention(
         raise InputError(f"causal attention needs Sq == Sk, got Sq={sq}, Sk={sk}")
 
     reason = lambda: kernel_module("attention").attention_unsupported_reason(q, k, v, bias, rel_bias_table)
-    which = choose_backend("attention", q.device, backend, strict, reason)
+    cuda_reason = lambda: _cuda.attention_unsupported_reason(q, k, v, bias, rel_bias_table)
+    which = choose_backend("attention", q.device, backend, strict, reason, cuda_reason)
     ref = functools.partial(attention_reference, causal=causal, scale=scale)
     if which == "torch":
         return ref(q, k, v, key_padding_mask, bias, rel_bias_table, rel_bias_lut)
-    from ..kernels import attention as kernels
-
-    def kernel(q, k, v, kpm, bias, rb_table, rb_lut):
-        return kernels.attention_forward(
-            q,
-            k,
-            v,
-            causal=causal,
-            key_padding_mask=kpm,
-            bias=bias,
-            scale=scale,
-            rel_bias_table=rb_table,
-            rel_bias_lut=rb_lut,
-        )
-
-    return run_kernel(kernel, ref, q, k, v, key_padding_mask, bias, rel_bias_table, rel_bias_lut)
+    if which == "cuda":  # short sequences, fp16/bf16, no bias: everything else took Triton above
+        kpm = key_padding_mask
+        return _cuda.attention_forward(q, k, v, causal=causal, key_padding_mask=kpm, bias=None, scale=scale)
+    op = fastenc_op("attention")
+    return op(q, k, v, key_padding_mask, bias, rel_bias_table, rel_bias_lut, bool(causal), scale)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from .._dispatch import choose_backend, kernel_module
 from ..errors import InputError
 from ._common import FLOAT_DTYPES, check_tensor
+from ._library import fastenc_op
 
 # Torch path: one row block of the logits holds at most this many fp32 elements (16 MiB); a handful of temporaries
 # of that size live at once, so peak extra memory is ~100 MiB whatever N.
@@ -172,9 +173,15 @@ def torch_fused_grads(kind: str, image, text, lse_r, lse_c, *, scale: float, bia
 def _primitives(backend: str):
     if backend == "torch":
         return torch_row_stats, torch_row_grads
-    from ..kernels import contrastive as kernels
+    stats_op, grads_op = fastenc_op("contrastive_row_stats"), fastenc_op("contrastive_row_grads")
 
-    return kernels.contrastive_row_stats, kernels.contrastive_row_grads
+    def row_stats(kind, a, b, *, scale, bias=0.0, offset=0):
+        return stats_op(kind, a, b, float(scale), float(bias), int(offset))
+
+    def row_grads(kind, a, b, stat_a, stat_b, *, scale, bias=0.0, offset=0, coef):
+        return tuple(grads_op(kind, a, b, stat_a, stat_b, float(scale), float(bias), int(offset), float(coef)))
+
+    return row_stats, row_grads
 
 
 # ---------------------------------------------------------------------------------------------------- autograd

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 
 from .._dispatch import choose_backend, kernel_module
 from ..errors import InputError
-from ._common import FLOAT_DTYPES, check_same_dtype, check_tensor, run_kernel
+from ._common import FLOAT_DTYPES, check_same_dtype, check_tensor
+from ._library import fastenc_op
 
 DEFAULT_CHUNK = 8192  # gallery rows per chunk in topk_cosine
 
@@ -60,14 +61,7 @@ def cosine_similarity_matrix(
     which = _backend("cosine_similarity_matrix", a, backend, strict)
     if which == "torch":
         return cosine_similarity_reference(a, b, scale)
-    from ..kernels import cosine as kernels
-
-    return run_kernel(
-        lambda a, b: kernels.cosine_similarity_forward(a, b, scale=scale),
-        lambda a, b: cosine_similarity_reference(a, b, scale),
-        a,
-        b,
-    )
+    return fastenc_op("cosine_similarity_matrix")(a, b, scale, False)
 
 
 def topk_cosine(
@@ -96,10 +90,10 @@ def topk_cosine(
         def sims(chunk):
             return qn @ F.normalize(chunk.float(), dim=-1).T
     else:
-        from ..kernels import cosine as kernels
+        op = fastenc_op("cosine_similarity_matrix")
 
         def sims(chunk):
-            return kernels.cosine_similarity_forward(queries, chunk, out_dtype=torch.float32)
+            return op(queries, chunk, 1.0, True)
 
     best_v = best_i = None
     for c0 in range(0, g, chunk_size):

@@ -11,9 +11,11 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from .. import _cuda
 from .._dispatch import choose_backend, kernel_module
 from ..errors import InputError
-from ._common import FLOAT_DTYPES, check_tensor, run_kernel
+from ._common import FLOAT_DTYPES, check_tensor
+from ._library import fastenc_op
 
 
 def _check_norm_inputs(x, weight, bias, residual, eps):
@@ -57,34 +59,39 @@ def rms_norm_reference(x, weight, residual=None, *, eps):
 
 
 def _backend(op, x, backend, strict):
-    return choose_backend(op, x.device, backend, strict, lambda: kernel_module("norm").norm_unsupported_reason(x))
+    return choose_backend(
+        op,
+        x.device,
+        backend,
+        strict,
+        lambda: kernel_module("norm").norm_unsupported_reason(x),
+        lambda: _cuda.norm_unsupported_reason(x),
+    )
 
 
 def layer_norm(x, weight, bias, eps, residual=None, *, backend=None, strict=False):
     """LayerNorm over the last dim. x: (..., N); weight, bias: (N,). residual: like x -> (normed, x + residual)."""
     _check_norm_inputs(x, weight, bias, residual, eps)
     ref = functools.partial(layer_norm_reference, eps=float(eps))
-    if _backend("layer_norm", x, backend, strict) == "torch":
+    which = _backend("layer_norm", x, backend, strict)
+    if which == "torch":
         return ref(x, weight, bias, residual)
-    from ..kernels import norm as kernels
-
-    def kernel(x, weight, bias, residual):
-        y, s = kernels.layer_norm_forward(x, weight, bias, float(eps), residual)
+    if which == "cuda":
+        y, s = _cuda.layer_norm_forward(x, weight, bias, float(eps), residual)
         return y if residual is None else (y, s)
-
-    return run_kernel(kernel, ref, x, weight, bias, residual)
+    out = fastenc_op("layer_norm")(x, weight, bias, residual, float(eps))
+    return out[0] if residual is None else (out[0], out[1])
 
 
 def rms_norm(x, weight, eps, residual=None, *, backend=None, strict=False):
     """T5-style RMSNorm over the last dim. x: (..., N); weight: (N,). residual: like x -> (normed, x + residual)."""
     _check_norm_inputs(x, weight, None, residual, eps)
     ref = functools.partial(rms_norm_reference, eps=float(eps))
-    if _backend("rms_norm", x, backend, strict) == "torch":
+    which = _backend("rms_norm", x, backend, strict)
+    if which == "torch":
         return ref(x, weight, residual)
-    from ..kernels import norm as kernels
-
-    def kernel(x, weight, residual):
-        y, s = kernels.rms_norm_forward(x, weight, float(eps), residual)
+    if which == "cuda":
+        y, s = _cuda.rms_norm_forward(x, weight, float(eps), residual)
         return y if residual is None else (y, s)
-
-    return run_kernel(kernel, ref, x, weight, residual)
+    out = fastenc_op("rms_norm")(x, weight, residual, float(eps))
+    return out[0] if residual is None else (out[0], out[1])
