@@ -9,7 +9,7 @@ STAMP := .install.stamp
 # a torch (the GPU machine's 2.11+cu130) keeps it.
 $(STAMP): pyproject.toml setup.py
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) "torch==2.13.0"
-	$(PIP) -e ".[test,export]"
+	$(PIP) -e ".[test,export-dynamo]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import math
 import os
 import threading
 from pathlib import Path
@@ -203,6 +204,8 @@ def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
     """t (..., n) as a (rows, n) view with unit column stride; copies only when no such view exists."""
     if t.dim() == 0 or t.stride(-1) != 1:
         t = t.contiguous()
+    if n == 0:  # reshape(-1, 0) is ambiguous: name the row count (the binding returns the empty output)
+        return t.reshape(math.prod(t.shape[:-1]), 0)
     return t.reshape(-1, n)
 
 

@@ -4,6 +4,7 @@ fastenc demo   [--shape ViT-B/32] [--backend auto] [--dtype fp32] [--batch 4] [-
 fastenc parity --model PATH [...]   (a local transformers checkpoint directory; nothing is downloaded)
 fastenc tokens --tokenizer PATH "prompt" [--chunk] [--json]     token budget, what the 77-token limit cuts off
 fastenc probe  --model PATH --prompt "..." [--image IMG] [--text-only] [--pairs FILE] [--json]
+fastenc export --model PATH | --shape NAME  --out DIR [--tower text|vision|joint] [--fp16] [--optimize] [...]
 fastenc bench  [--quick] [--models ...] [--competitors ...] [--batch ...] [--dtype ...] [--out FILE.jsonl] [--list]
 """
 
@@ -40,10 +41,12 @@ def _parser() -> argparse.ArgumentParser:
     from .benchmark.cli import add_bench_parser
     from .diagnostics.probe import add_probe_parser
     from .diagnostics.tokens import add_tokens_parser
+    from .export.cli import add_export_parser
 
     add_tokens_parser(sub)
     add_probe_parser(sub)
     add_bench_parser(sub)
+    add_export_parser(sub)
     return p
 
 

@@ -471,7 +471,8 @@ class GraphRunner:
     def _check_weights(self, model) -> None:
         if not self.config.check_weights:
             return
-        fp = tuple((t.data_ptr(), t._version) for t in self._tensors(model))
+        # weights made under torch.inference_mode() have no version counter (reading it raises): storage only
+        fp = tuple((t.data_ptr(), -1 if t.is_inference() else t._version) for t in self._tensors(model))
         if self._fingerprint is None:
             self._fingerprint = fp
         elif fp != self._fingerprint:

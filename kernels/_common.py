@@ -17,6 +17,19 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
+def traceable(kernel):
+    """`kernel` as the launchers must call it: through `torch.library.wrap_triton` on CUDA, where the ops are
+    `triton_op`s and Inductor / AOT autograd trace the launcher with fake tensors (a bare `kernel[grid](...)` would
+    launch on them and fail); wrap_triton hands back the kernel itself when not tracing. Under the interpreter the
+    ops are plain custom_ops and the kernel is returned as is (torch < 2.13's wrap_triton rejects interpreted ones).
+    """
+    if interpreting():
+        return kernel
+    from torch.library import wrap_triton
+
+    return wrap_triton(kernel)
+
+
 def _fp32_dot_precision() -> str:
     """IEEE fp32 dots unless the user allowed TF32 in torch (DESIGN.md, Numerics)."""
     return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"

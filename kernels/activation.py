@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import _round_to
+from ._common import _round_to, traceable
 
 ACTIVATIONS = ("quick_gelu", "gelu", "gelu_tanh", "relu")
 
@@ -131,7 +131,7 @@ def bias_activation_forward(x: torch.Tensor, bias: torch.Tensor | None, activati
         return y
     bias = None if bias is None else bias.contiguous()
     grid, block_m, block_n, num_warps = _grid(m, n)
-    _bias_activation_fwd_kernel[grid](
+    traceable(_bias_activation_fwd_kernel)[grid](
         x2, x2 if bias is None else bias, y,
         x2.stride(0),
         m, n,
@@ -154,7 +154,7 @@ def gated_activation_forward(gate: torch.Tensor, up: torch.Tensor, activation: s
     if y.numel() == 0:
         return y
     grid, block_m, block_n, num_warps = _grid(m, n)
-    _gated_activation_fwd_kernel[grid](
+    traceable(_gated_activation_fwd_kernel)[grid](
         g2, u2, y,
         g2.stride(0), u2.stride(0),
         m, n,

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot_flags, interpreting
+from ._common import dot_flags, interpreting, traceable
 
 # ---------------------------------------------------------------------------------------------------- constants
 
@@ -412,5 +412,5 @@ def attention_forward(
             return (triton.cdiv(sq, m["BLOCK_M"]), h, b)
 
         with torch.cuda.device(q.device):
-            _autotuned_kernel()[grid](*args, **meta)
+            traceable(_autotuned_kernel())[grid](*args, **meta)
     return out

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot_flags, interpreting
+from ._common import dot_flags, interpreting, traceable
 
 # ---------------------------------------------------------------------------------------------------- constants
 
@@ -240,7 +240,7 @@ def contrastive_row_stats(
         _contrastive_stats_kernel[grid](*args, **meta)
     else:
         with torch.cuda.device(a.device):
-            _contrastive_stats_kernel[grid](*args, **meta)
+            traceable(_contrastive_stats_kernel)[grid](*args, **meta)
     return stat
 
 
@@ -278,5 +278,5 @@ def contrastive_row_grads(
         _contrastive_grad_kernel[grid](*args, **meta)
     else:
         with torch.cuda.device(a.device):
-            _contrastive_grad_kernel[grid](*args, **meta)
+            traceable(_contrastive_grad_kernel)[grid](*args, **meta)
     return da, ds, db

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import _round_to, dot_flags, interpreting
+from ._common import _round_to, dot_flags, interpreting, traceable
 
 # ---------------------------------------------------------------------------------------------------- constants
 
@@ -157,5 +157,5 @@ def cosine_similarity_forward(
 
     buckets = (min(8192, triton.next_power_of_2(m)), min(8192, triton.next_power_of_2(n)))
     with torch.cuda.device(a.device):
-        _autotuned_kernel()[grid](*args, *buckets, DOT_FP32=dot_fp32, DOT_PRECISION=precision)
+        traceable(_autotuned_kernel())[grid](*args, *buckets, DOT_FP32=dot_fp32, DOT_PRECISION=precision)
     return out

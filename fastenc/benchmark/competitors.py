@@ -290,6 +290,7 @@ def _tensorrt(name, spec, ctx):
         call,
         export_s + build_s,
         prepare=prepare,
+        mem_tracked=False,  # the engine's activations and workspace are TensorRT's own cudaMalloc, not torch's
         extra={"export_s": export_s, "engine_build_s": build_s},
     )
 
