@@ -5,6 +5,7 @@ Not ops: no launchers here, only what several op families need to agree on.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -28,6 +29,11 @@ def traceable(kernel):
     from torch.library import wrap_triton
 
     return wrap_triton(kernel)
+
+
+def on_device(t: torch.Tensor):
+    """Launch context: the tensor's CUDA device current (a tensor on cuda:1 must not launch on cuda:0)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
 def _fp32_dot_precision() -> str:

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import _round_to, traceable
+from ._common import _round_to, on_device, traceable
 
 ACTIVATIONS = ("quick_gelu", "gelu", "gelu_tanh", "relu")
 
@@ -124,19 +124,20 @@ def bias_activation_unsupported_reason(x: torch.Tensor) -> str | None:
 def bias_activation_forward(x: torch.Tensor, bias: torch.Tensor | None, activation: str) -> torch.Tensor:
     """act(x + bias) with fp32 math, output in x.dtype and x's shape. x: (..., N); bias: (N,) or None."""
     _check_activation(activation)
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if y.numel() == 0:  # before _rows: (..., 0) has no (-1, 0) view
+        return y
     x2 = _rows(x)
     m, n = x2.shape
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    if y.numel() == 0:
-        return y
     bias = None if bias is None else bias.contiguous()
     grid, block_m, block_n, num_warps = _grid(m, n)
-    traceable(_bias_activation_fwd_kernel)[grid](
-        x2, x2 if bias is None else bias, y,
-        x2.stride(0),
-        m, n,
-        ACTIVATION=activation, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
-    )  # fmt: skip
+    with on_device(x):
+        traceable(_bias_activation_fwd_kernel)[grid](
+            x2, x2 if bias is None else bias, y,
+            x2.stride(0),
+            m, n,
+            ACTIVATION=activation, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+        )  # fmt: skip
     return y
 
 
@@ -148,16 +149,17 @@ def gated_activation_forward(gate: torch.Tensor, up: torch.Tensor, activation: s
             f"gate and up must match in shape, dtype and device, got {tuple(gate.shape)} {gate.dtype} {gate.device} "
             f"and {tuple(up.shape)} {up.dtype} {up.device}"
         )
+    y = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    if y.numel() == 0:  # before _rows: (..., 0) has no (-1, 0) view
+        return y
     g2, u2 = _rows(gate), _rows(up)
     m, n = g2.shape
-    y = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
-    if y.numel() == 0:
-        return y
     grid, block_m, block_n, num_warps = _grid(m, n)
-    traceable(_gated_activation_fwd_kernel)[grid](
-        g2, u2, y,
-        g2.stride(0), u2.stride(0),
-        m, n,
-        ACTIVATION=activation, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
-    )  # fmt: skip
+    with on_device(gate):
+        traceable(_gated_activation_fwd_kernel)[grid](
+            g2, u2, y,
+            g2.stride(0), u2.stride(0),
+            m, n,
+            ACTIVATION=activation, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+        )  # fmt: skip
     return y

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import _round_to, traceable
+from ._common import _round_to, on_device, traceable
 
 # Widest row one program holds in registers (fp32 row + weight): 64 K columns at 32 warps is 64 values per thread.
 MAX_FUSED_N = 65536
@@ -124,12 +124,13 @@ def _launch(kernel, x, residual, params, y_dtype, eps, **flags):
     y2 = y.view(-1, n)
     ro2 = y2 if res_out is None else res_out.view(-1, n)  # a dummy when there is no residual (never written)
     block_n, num_warps = _norm_config(n)
-    traceable(kernel)[(m,)](
-        x2, r2, *params, y2, ro2,
-        x2.stride(0), r2.stride(0), y2.stride(0), ro2.stride(0),
-        n, eps,
-        HAS_RESIDUAL=residual is not None, BLOCK_N=block_n, num_warps=num_warps, **flags,
-    )  # fmt: skip
+    with on_device(x):
+        traceable(kernel)[(m,)](
+            x2, r2, *params, y2, ro2,
+            x2.stride(0), r2.stride(0), y2.stride(0), ro2.stride(0),
+            n, eps,
+            HAS_RESIDUAL=residual is not None, BLOCK_N=block_n, num_warps=num_warps, **flags,
+        )  # fmt: skip
     return y, res_out
 
 

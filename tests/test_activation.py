@@ -89,6 +89,10 @@ def test_strided_and_non_contiguous_x(device):
 
 def test_empty_and_scalar(device):
     assert _bias_activation(torch.randn(0, 5, device=device), None, "relu").shape == (0, 5)
+    for shape in ((4, 0), (2, 3, 0)):  # an empty last dim has no (rows, 0) view: the launcher returns first
+        x = torch.randn(*shape, device=device)
+        assert _bias_activation(x, None, "gelu").shape == shape
+        assert fastenc.ops.gated_activation(x, x, "gelu", backend="triton", strict=True).shape == shape
     x = torch.tensor(-2.0, device=device)
     assert_close(_bias_activation(x, None, "quick_gelu"), x * torch.sigmoid(1.702 * x), atol=1e-6, rtol=1e-6)
 

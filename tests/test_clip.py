@@ -339,6 +339,20 @@ def test_demo_cli_runs(capsys):
     assert "triton.attention" in out and "PASS" in out
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter re-exec only happens without CUDA")
+def test_demo_cli_triton_without_interpret_env():
+    """`fastenc demo --backend triton` on a CPU machine with TRITON_INTERPRET unset: the CLI must start the
+    interpreter before triton is imported (it re-executes itself with the variable set)."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FASTENC_BACKEND")}
+    cmd = [sys.executable, "-m", "fastenc.cli", "demo", "--shape", "tiny", "--layers", "1", "--batch", "2"]
+    proc = subprocess.run([*cmd, "--backend", "triton", "--strict"], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "triton.attention" in proc.stdout and "PASS" in proc.stdout
+
+
 def test_model_built_under_inference_mode():
     """Weights created under torch.inference_mode() have no version counter; the fused-QKV cache still works."""
     with torch.inference_mode():

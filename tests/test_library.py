@@ -22,8 +22,11 @@ def _op(name):
     return getattr(torch.ops.fastenc, name).default
 
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the Triton ops need CUDA tensors off the interpreter
+
+
 def _leaf(*shape, dtype=torch.float32, grad=True):
-    return torch.randn(*shape, dtype=dtype).requires_grad_(grad)
+    return torch.randn(*shape, dtype=dtype, device=DEVICE).requires_grad_(grad)
 
 
 def test_every_triton_kernel_is_registered():
@@ -44,12 +47,12 @@ def test_opcheck_attention(case):
     causal = False
     if case == "causal_kpm":
         causal = True
-        kpm = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+        kpm = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool, device=DEVICE)
     if case == "bias":
         bias = _leaf(1, h, s, s)
     if case == "rel_bias":
         table = _leaf(8, h)
-        lut = relative_position_buckets(s, s, num_buckets=8, max_distance=20)
+        lut = relative_position_buckets(s, s, num_buckets=8, max_distance=20, device=DEVICE)
     torch.library.opcheck(_op("attention"), (q, k, v, kpm, bias, table, lut, causal, d**-0.5), test_utils=OPCHECK_TESTS)
 
 
@@ -77,7 +80,7 @@ def test_opcheck_cosine_and_contrastive():
     a, b = _leaf(9, 16), _leaf(13, 16)
     torch.library.opcheck(_op("cosine_similarity_matrix"), (a, b, 2.0, False), test_utils=OPCHECK_TESTS)
     torch.library.opcheck(_op("cosine_similarity_matrix"), (a, b, 1.0, True), test_utils=OPCHECK_TESTS)
-    img, txt = torch.randn(6, 16), torch.randn(6, 16)
+    img, txt = torch.randn(6, 16, device=DEVICE), torch.randn(6, 16, device=DEVICE)
     stats, grads = _op("contrastive_row_stats"), _op("contrastive_row_grads")
     for kind in ("clip", "siglip"):
         torch.library.opcheck(stats, (kind, img, txt, 3.0, -1.0, 0), test_utils=OPCHECK_TESTS)
@@ -93,12 +96,12 @@ def test_registered_backward_matches_reference_gradients():
 
     x, r, w, b = _leaf(2, 5, 32), _leaf(2, 5, 32), _leaf(32), _leaf(32)
     y, s = fastenc.ops.layer_norm(x, w, b, 1e-5, residual=r, backend="triton", strict=True)
-    (y * torch.arange(32.0)).sum().backward(inputs=[x, r, w, b])
+    (y * torch.arange(32.0, device=DEVICE)).sum().backward(inputs=[x, r, w, b])
     got = [t.grad.clone() for t in (x, r, w, b)]
     for t in (x, r, w, b):
         t.grad = None
     y_ref, _ = layer_norm_reference(x, w, b, r, eps=1e-5)
-    (y_ref * torch.arange(32.0)).sum().backward(inputs=[x, r, w, b])
+    (y_ref * torch.arange(32.0, device=DEVICE)).sum().backward(inputs=[x, r, w, b])
     for name, g, t in zip("xrwb", got, (x, r, w, b), strict=True):
         assert_close(g, t.grad, atol=1e-6, rtol=1e-5, name=f"d{name}")
 
@@ -121,25 +124,25 @@ class _GraphRecorder:
 
 
 def _clip(layers=1):
-    return CLIPModel(clip_config("tiny", layers=layers)).eval()
+    return CLIPModel(clip_config("tiny", layers=layers)).to(DEVICE).eval()
 
 
 def _clip_inputs(model, batch=2):
     from fastenc.parity import clip_inputs
 
-    return clip_inputs(model.config, batch)
+    return clip_inputs(model.config, batch, device=DEVICE)
 
 
 def _t5():
     cfg = T5Config(
         vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4, feed_forward_proj="gated-gelu"
     )
-    return T5EncoderModel(cfg).eval()
+    return T5EncoderModel(cfg).to(DEVICE).eval()
 
 
 def _t5_inputs(batch=2, seq=9):
-    ids = torch.randint(0, 64, (batch, seq))
-    mask = torch.ones(batch, seq, dtype=torch.long)
+    ids = torch.randint(0, 64, (batch, seq), device=DEVICE)
+    mask = torch.ones(batch, seq, dtype=torch.long, device=DEVICE)
     mask[-1, seq // 2 :] = 0
     return {"input_ids": ids, "attention_mask": mask}
 
@@ -155,11 +158,14 @@ def _siglip():
             patch_size=8,
         ),
     )  # fmt: skip
-    return SiglipModel(cfg).eval()
+    return SiglipModel(cfg).to(DEVICE).eval()
 
 
 def _siglip_inputs():
-    return {"input_ids": torch.randint(0, 64, (2, 16)), "pixel_values": torch.randn(2, 3, 16, 16)}
+    return {
+        "input_ids": torch.randint(0, 64, (2, 16), device=DEVICE),
+        "pixel_values": torch.randn(2, 3, 16, 16, device=DEVICE),
+    }
 
 
 TOWERS = {
@@ -255,9 +261,9 @@ def test_export_dynamic_batch_and_sequence():
     from transformers import CLIPTextModelWithProjection
 
     cfg = clip_config("tiny", layers=1).text_config
-    model = CLIPTextModelWithProjection(cfg).eval()
+    model = CLIPTextModelWithProjection(cfg).to(DEVICE).eval()
     fast = fastenc.optimize(model, backend="triton", strict=True)
-    ids = torch.randint(0, cfg.vocab_size, (2, 7))
+    ids = torch.randint(0, cfg.vocab_size, (2, 7), device=DEVICE)
     batch, seq = Dim("batch", min=1, max=256), Dim("seq", min=2, max=cfg.max_position_embeddings)
     dims = {0: batch, 1: seq}
     ep = torch.export.export(
@@ -267,7 +273,7 @@ def test_export_dynamic_batch_and_sequence():
         dynamic_shapes={"input_ids": dims, "attention_mask": dims},
     )
     for b, s in ((3, 11), (1, cfg.max_position_embeddings)):
-        ids = torch.randint(0, cfg.vocab_size, (b, s))
+        ids = torch.randint(0, cfg.vocab_size, (b, s), device=DEVICE)
         mask = torch.ones_like(ids)
         mask[0, s // 2 :] = 0
         with torch.no_grad():
