@@ -211,7 +211,7 @@ def test_low_precision_error_rule(dtype, atol, b, h, sq, sk, d, causal, kpm, bia
 
 @pytest.mark.parametrize("causal, kpm, bias", [(False, "random", "1h"), (True, "sparse", None)])
 def test_gradients_match_reference(causal, kpm, bias, device):
-    """Forward through the kernel, backward through the reference (run_kernel): grads equal the reference's."""
+    """Forward through the kernel, backward through the registered op's reference vjp: grads equal the reference's."""
     b, h, s, d = 2, 2, 23, 40
     q, k, v = _qkv(b, h, s, s, d, device=device)
     mask = _kpm(b, s, device, kpm)
