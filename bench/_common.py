@@ -109,6 +109,20 @@ def bench_quantiles(fn, warmup: int, rep: int) -> tuple[float, float, float]:
     return p20, p50, p80
 
 
+def bench_provider(fn, error_of, warmup: int, rep: int, label: str) -> tuple[float, float, float, float] | str:
+    """(error_of(fn()), p20, p50, p80) for one provider; the first call also warms up, compiles or autotunes.
+
+    A provider that cannot run these inputs (the CUDA extension is not built, the CUDA kernel refuses the shape)
+    returns its error text instead, printed after `label`, so the run goes on and the caller records a row
+    saying why."""
+    try:
+        err = error_of(fn())
+        return (err, *bench_quantiles(fn, warmup, rep))
+    except Exception as e:  # noqa: BLE001 - any provider failure becomes a row with the reason
+        print(f"{label} skipped: {type(e).__name__}: {e}"[:200])
+        return str(e)
+
+
 def time_cuda(fn, warmup: int, iters: int) -> list[float]:
     """Per-call ms of fn over `iters` calls (CUDA events), after `warmup` untimed calls."""
     import torch

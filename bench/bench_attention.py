@@ -17,7 +17,7 @@ import sys
 import torch
 from _common import (
     EXIT_NO_CUDA,
-    bench_quantiles,
+    bench_provider,
     kernel_env,
     no_cuda,
     parse_providers,
@@ -134,21 +134,18 @@ def main(argv=None) -> int:
         fl = flops(b, h, s, s, d, args.causal)
         for name in names:
             fn = fns[name]
-            try:
-                err = (fn().float() - ref).abs().nan_to_num(0.0).max().item()  # also warms up / autotunes
-                p20, p50, p80 = bench_quantiles(fn, args.warmup, args.rep)
-            except Exception as e:  # noqa: BLE001 (the cuda providers refuse Sk > 128, bias, fp32): a row saying why
-                print(f"{f'{b},{h},{s},{d}':>16} {name:>10} skipped: {type(e).__name__}: {e}"[:200])
-                rows.append(
-                    {
-                        "op": "attention",
-                        "provider": name,
-                        "shape": {"B": b, "H": h, "S": s, "D": d},
-                        "error": str(e),
-                        **env,
-                    }
-                )
+            got = bench_provider(  # the cuda providers refuse Sk > 128, bias, fp32: a row saying why
+                fn,
+                lambda y, ref=ref: (y.float() - ref).abs().nan_to_num(0.0).max().item(),
+                args.warmup,
+                args.rep,
+                f"{f'{b},{h},{s},{d}':>16} {name:>10}",
+            )
+            if isinstance(got, str):
+                shape = {"B": b, "H": h, "S": s, "D": d}
+                rows.append({"op": "attention", "provider": name, "shape": shape, "error": got, **env})
                 continue
+            err, p20, p50, p80 = got
             tflops = fl / (p50 * 1e-3) / 1e12
             print(f"{f'{b},{h},{s},{d}':>16} {name:>10} {p50:9.4f} {p20:9.4f} {p80:9.4f} {tflops:8.2f} {err:9.2e}")
             rows.append(

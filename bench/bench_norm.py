@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from _common import (
     EXIT_NO_CUDA,
-    bench_quantiles,
+    bench_provider,
     kernel_env,
     no_cuda,
     parse_providers,
@@ -152,15 +152,17 @@ def main(argv=None) -> int:
             for name in names:
                 fn = fns[name]
                 shape = f"{rows},{n}"
-                try:
-                    err = (first(fn()).float() - ref).abs().max().item()  # also warms up / compiles
-                    p20, p50, p80 = bench_quantiles(fn, args.warmup, args.rep)
-                except Exception as e:  # noqa: BLE001 (e.g. the CUDA extension is not built here): a row saying why
-                    print(f"{op:>10} {shape:>12} {name:>9} skipped: {type(e).__name__}: {e}"[:200])
-                    rows_out.append(
-                        {"op": op, "provider": name, "shape": {"rows": rows, "N": n}, "error": str(e), **env}
-                    )
+                got = bench_provider(
+                    fn,
+                    lambda y, ref=ref: (first(y).float() - ref).abs().max().item(),
+                    args.warmup,
+                    args.rep,
+                    f"{op:>10} {shape:>12} {name:>9}",
+                )
+                if isinstance(got, str):
+                    rows_out.append({"op": op, "provider": name, "shape": {"rows": rows, "N": n}, "error": got, **env})
                     continue
+                err, p20, p50, p80 = got
                 gbps = nbytes / (p50 * 1e-3) / 1e9
                 print(f"{op:>10} {shape:>12} {name:>9} {p50:9.4f} {p20:9.4f} {p80:9.4f} {gbps:8.1f} {err:9.2e}")
                 rows_out.append(
