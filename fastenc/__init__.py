@@ -6,6 +6,8 @@ with fastenc.trace() as t:                    # which backend ran which op
 print(t.counts)                               # {"triton.attention": 12, ...}
 """
 
+import importlib as _importlib
+
 from . import distributed, integrations, ops
 from ._dispatch import FallbackWarning, available_backends, trace
 from .errors import BackendUnavailableError, FastencError, InputError, UnsupportedModelError
@@ -16,6 +18,22 @@ register_transformers_attention()  # attn_implementation="fastenc"; warns, never
 
 __version__ = "0.1.0"
 
+# public subpackages, imported on first attribute access: `import fastenc` stays light (no onnx / onnxruntime, no
+# tokenizers or PIL for diagnostics) and `fastenc.export.to_onnx(...)` works without a separate import
+_SUBPACKAGES = ("diagnostics", "distributed", "export", "models", "ops")
+
+
+def __getattr__(name: str):
+    if name in _SUBPACKAGES:
+        module = _importlib.import_module(f".{name}", __name__)
+        globals()[name] = module
+        return module
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_SUBPACKAGES))
+
 
 __all__ = [
     "BackendUnavailableError",
@@ -24,8 +42,11 @@ __all__ = [
     "InputError",
     "UnsupportedModelError",
     "available_backends",
+    "diagnostics",
     "distributed",
+    "export",
     "integrations",
+    "models",
     "ops",
     "optimize",
     "register_transformers_attention",
