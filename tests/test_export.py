@@ -296,6 +296,59 @@ def test_failure_mid_export_leaves_nothing(tmp_path, monkeypatch):
     assert_no_leftovers(tmp_path, {"keep.onnx"})
 
 
+_HOLD_STAGING = """
+import os, signal, sys, time
+from pathlib import Path
+from fastenc.export.onnx_export import staging
+with staging(Path(sys.argv[1])) as tmp:
+    (tmp / "model.onnx.data").write_bytes(b"x" * 4096)  # what a killed export leaves: hundreds of MB in real life
+    print(tmp, flush=True)
+    if sys.argv[2] == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)  # kill -9: no finally, no atexit
+    time.sleep(600)
+"""
+
+
+def _staging_in_subprocess(folder: Path, how: str):
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", _HOLD_STAGING, str(folder), how], stdout=subprocess.PIPE, text=True)
+    path = Path(proc.stdout.readline().strip())
+    return proc, path
+
+
+def test_export_removes_stale_staging_of_killed_exports_but_not_live_ones(tmp_path):
+    import os
+    import time
+
+    dead, dead_dir = _staging_in_subprocess(tmp_path, "kill")
+    assert dead.wait(timeout=120) == -9
+    assert dead_dir.name.startswith(".fastenc-export-") and (dead_dir / "model.onnx.data").is_file()  # left behind
+    live, live_dir = _staging_in_subprocess(tmp_path, "hold")
+    try:
+        legacy_old = tmp_path / ".fastenc-export-legacyold"  # an older fastenc's folder, no lock file, a day old
+        legacy_new = tmp_path / ".fastenc-export-legacynew"  # the same, but recent: maybe still being written
+        for d in (legacy_old, legacy_new):
+            d.mkdir()
+            (d / "m.onnx").write_bytes(b"x")
+        day_ago = time.time() - 86400
+        os.utime(legacy_old, (day_ago, day_ago))
+        report = export_onnx(build(tf.CLIPVisionModel), tmp_path / "v.onnx")
+        assert Path(report.path).is_file()
+        assert not dead_dir.exists() and not legacy_old.exists()
+        assert (live_dir / "model.onnx.data").is_file(), "a running export's folder must never be removed"
+        assert legacy_new.is_dir()
+        assert_no_leftovers(tmp_path, {"v.onnx", live_dir.name, legacy_new.name})
+    finally:
+        live.kill()
+        live.wait()
+    # the live one is now a killed export's folder too: a Triton repository export into the folder removes it
+    to_triton_repository(build(tf.CLIPVisionModel), tmp_path, "vision", optimize=False)
+    assert not live_dir.exists()
+    assert_no_leftovers(tmp_path, {"v.onnx", "vision", legacy_new.name})
+
+
 # ------------------------------------------------------------------------------------------------- TensorRT
 
 

@@ -18,10 +18,13 @@ batch and sequence size: they are checked at sizes other than the traced example
 relative-position buckets included) by `onnx_parity` and tests/test_export.py.
 
 Writing. Nothing appears at `path` until the graph has been exported, post-processed and passed `onnx.checker`: work
-happens in a hidden temporary folder beside `path` and the files are renamed into place at the end (the folder is
-removed on any failure). Models whose weights exceed ~1.8 GB (e.g. a T5-XXL encoder) are saved with ONNX external
-data: all weights in one `<name>.data` file next to `<name>`, which must travel with it (checked at full scale: a
-2.84 GB fp32 T5 encoder of T5-XXL width, 3 layers, exported in ~1 min with ~6.6 GB peak RSS, ORT parity 1.3e-6).
+happens in a hidden temporary folder beside `path` (`.fastenc-export-*`, same filesystem) and the files are renamed into
+place at the end (the folder is removed on any failure). An export killed outright (kill -9) cannot remove its folder;
+the next export into the same folder does (`remove_stale_staging`: a lock file held while an export runs tells a
+killed export's folder from a running one's). Models whose weights exceed ~1.8 GB (e.g. a T5-XXL encoder) are saved
+with ONNX external data: all weights in one `<name>.data` file next to `<name>`, which must travel with it (checked at
+full scale: a 2.84 GB fp32 T5 encoder of T5-XXL width, 3 layers, exported in ~1 min with ~6.6 GB peak RSS, ORT parity
+1.3e-6).
 
 optimize=True runs `onnxruntime.transformers.optimizer.optimize_model` (opt_level 0: only its pattern fusions, no
 ORT-runtime-specific graph rewrites) with the model_type that suits the tower (towers.ORT_MODEL_TYPE) and records
@@ -37,6 +40,7 @@ import copy
 import math
 import os
 import shutil
+import socket
 import tempfile
 import time
 import warnings
@@ -163,17 +167,101 @@ def check_output_path(path) -> Path:
     return p.resolve()
 
 
+STAGING_PREFIX = ".fastenc-export-"
+_LOCK = ".lock"  # inside a staging folder: flock()ed by the exporting process for as long as it runs
+UNLOCKED_STALE_S = 3600.0  # a staging folder without a lock file (an older fastenc's) is stale after an hour
+
+
+def _lock_held(lock: Path) -> bool | None:
+    """True if a live process holds `lock` (flock), False if nobody does, None if this cannot be told here."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: the pid written in the lock file decides
+        try:
+            pid = int(lock.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+        return _pid_alive(pid)
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # also releases the probe's own lock
+    return False
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: alive, another user's
+        return True
+    return True
+
+
+def remove_stale_staging(parent: Path) -> list[Path]:
+    """Remove the temporary folders that exports into `parent` left when they were killed (kill -9, OOM killer, power
+    loss: no `finally` ran). A folder is stale when no process holds its lock file; a folder without one (written by
+    an older fastenc) when it is older than UNLOCKED_STALE_S. Folders of exports still running are never touched.
+    Returns the folders removed."""
+    removed = []
+    try:
+        candidates = [d for d in Path(parent).glob(STAGING_PREFIX + "*") if d.is_dir() and not d.is_symlink()]
+    except OSError:
+        return removed
+    for d in candidates:
+        lock = d / _LOCK
+        if lock.exists():
+            stale = _lock_held(lock) is False
+        else:
+            try:
+                stale = time.time() - d.stat().st_mtime > UNLOCKED_STALE_S
+            except OSError:
+                stale = False
+        if stale:
+            shutil.rmtree(d, ignore_errors=True)
+            if not d.exists():
+                removed.append(d)
+    return removed
+
+
 @contextlib.contextmanager
 def staging(parent: Path):
-    """A hidden temporary folder in `parent` (same filesystem, so renames are atomic), removed on exit."""
+    """A hidden temporary folder in `parent` (same filesystem, so renames are atomic), removed on exit.
+
+    Stale folders of killed exports into `parent` are removed first (`remove_stale_staging`). This one holds a lock
+    file, flock()ed for as long as the export runs (released by the kernel when the process dies, however it dies),
+    so a later export can tell it from a live one. The lock file is locked under a temporary name and renamed into
+    place, so no other process ever sees it unlocked while this one lives."""
+    parent = Path(parent)
+    remove_stale_staging(parent)
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=".fastenc-export-", dir=parent))
+        tmp = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=parent))
     except OSError as e:
         raise InputError(f"cannot write in {str(parent)!r}: {e}") from e
+    fd = None
     try:
+        pending = tmp / (_LOCK + ".new")
+        fd = os.open(pending, os.O_RDWR | os.O_CREAT, 0o644)
+        os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+        try:
+            import fcntl
+
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:
+            pass
+        os.replace(pending, tmp / _LOCK)
         yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if fd is not None:
+            os.close(fd)
 
 
 def commit_files(staged: list[Path], dest_dir: Path) -> list[Path]:

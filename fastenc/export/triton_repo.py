@@ -3,8 +3,8 @@
     to_triton_repository(model, repo_dir, name, *, backend="onnxruntime", ...) -> Path of repo_dir/name
     triton_config(name, backend, inputs, outputs, *, max_batch_size, ...) -> config.pbtxt text
 
-Layout written (the folder appears complete or not at all: it is built in a hidden folder inside repo_dir and
-renamed into place):
+Layout written (the folder appears complete or not at all: it is built in a hidden `.fastenc-export-*` folder inside
+repo_dir and renamed into place; one left by a killed export is removed by the next export into repo_dir):
 
     repo_dir/name/config.pbtxt
     repo_dir/name/<version>/model.onnx   (+ model.onnx.data for weights over ~1.8 GB)   backend="onnxruntime"
@@ -25,12 +25,10 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 from ..errors import InputError
-from .onnx_export import TensorSpec, export_onnx, read_io
+from .onnx_export import TensorSpec, export_onnx, read_io, staging
 from .tensorrt_engine import DEFAULT_AXES, _check_tensorrt, resolve_profiles, to_tensorrt
 
 BACKENDS = ("onnxruntime", "tensorrt")
@@ -145,8 +143,7 @@ def to_triton_repository(
     if target.exists() and not overwrite:
         raise InputError(f"{str(target)!r} exists; pass overwrite=True to replace it")
 
-    stage = Path(tempfile.mkdtemp(prefix=f".{name}.fastenc-", dir=repo))
-    try:
+    with staging(repo) as stage:  # also removes what killed exports into repo_dir left behind
         entry = stage / name
         vdir = entry / str(version)
         vdir.mkdir(parents=True)
@@ -175,8 +172,6 @@ def to_triton_repository(
             old = stage / (name + ".old")
             os.replace(target, old)
         os.replace(entry, target)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
     return target
 
 
