@@ -6,7 +6,7 @@
 //     quick_gelu: x * sigmoid(1.702 x)
 //     gelu:       0.5 x (1 + erf(x / sqrt(2)))
 //     gelu_tanh:  x * sigmoid(2 sqrt(2/pi) (x + 0.044715 x^3))   ( == 0.5 x (1 + tanh(...)), no 1 + tanh cancellation)
-//     relu:       max(x, 0)
+//     relu:       max(x, 0), NaN stays NaN
 //
 // A grid-stride loop over VEC-wide column groups (16-byte loads when n, the row strides and the pointers allow it),
 // the output written contiguous.
@@ -26,7 +26,7 @@ __device__ __forceinline__ float activate(float x) {
     const float u = 1.5957691216057308f * (x + 0.044715f * x * x * x);  // 2 sqrt(2/pi) (x + 0.044715 x^3)
     return x / (1.0f + expf(-u));
   }
-  return fmaxf(x, 0.0f);
+  return x < 0.0f ? 0.0f : x;  // relu; NaN stays NaN as torch.relu (fmaxf(NaN, 0) would give 0)
 }
 
 template <typename T, typename B, int ACT, int VEC>

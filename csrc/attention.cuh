@@ -4,6 +4,8 @@
 // Math, per batch b, head h, query row i (fp32):
 //     t_ij = scale * log2(e) * q_i . k_j, and -inf where key j >= Sk, key_padding_mask[b, j] == 0 or (causal) j > i
 //     p_ij = exp2(t_ij - max_j t_ij),  o_i = (sum_j p_ij v_j) / (sum_j p_ij),  o_i = 0 when every key is masked
+// NaN / inf in q, k or v at a key row i attends makes o_i NaN / inf (as SDPA); masks are selects, so a NaN score at
+// a masked key does not leak.
 // Softmax is exact (not online): the whole key range of a row fits in shared memory (Sk <= 128).
 //
 // Launch: one CTA per (query tile, head, batch), grid (ceil(Sq / (16 WARPS)), H, B); WARPS warps (1..8) each own
@@ -157,21 +159,24 @@ __global__ void __launch_bounds__(WARPS * 32) attention_short_kernel(FastencAttn
 #pragma unroll
     for (int c = 0; c < 4; ++c) {
       const int j = lane + 32 * c;
-      t[c] = -INFINITY;
-      if (j < ncols && !(a.causal && j > i)) t[c] = sw[r * L.lds + j] * qk_scale + kbias[j];
-      m = fmaxf(m, t[c]);
+      t[c] = -INFINITY;  // masked by select, not by adding -inf: a NaN / +inf score at a masked key must not leak
+      if (j < ncols && !(a.causal && j > i) && kbias[j] == 0.0f) t[c] = sw[r * L.lds + j] * qk_scale;
+      m = fmaxf(m, t[c]);  // fmaxf drops NaN: m is the max of the non-NaN scores, NaN scores still give p = NaN below
     }
     m = warp_max(m);
     float l = 0.0f;
 #pragma unroll
     for (int c = 0; c < 4; ++c) {
       const int j = lane + 32 * c;
-      const float p = m == -INFINITY ? 0.0f : exp2f(t[c] - m);  // exp2(-inf) = 0 for masked keys
+      // masked keys (t = -inf) give 0, also when m = -inf; NaN and +inf scores give NaN (exp2(inf - inf)), as SDPA
+      const float p = t[c] == -INFINITY ? 0.0f : exp2f(t[c] - m);
       l += p;
       if (j < ncols) pw[r * L.ldp + j] = from_float<T>(p);
     }
     l = warp_sum(l);
-    if (lane == 0) inv[r0 + r] = l > 0.0f ? 1.0f / l : 0.0f;  // fully masked row -> 0
+    // l == 0 exactly when every key is masked: inv = 0 marks the row, which is written as 0 below. A NaN l (NaN or
+    // +inf score) stays NaN; `l > 0 ? 1 / l : 0` would turn it into a finite 0 row and hide an fp16 overflow.
+    if (lane == 0) inv[r0 + r] = l == 0.0f ? 0.0f : 1.0f / l;
   }
   __syncwarp();
 
@@ -198,7 +203,8 @@ __global__ void __launch_bounds__(WARPS * 32) attention_short_kernel(FastencAttn
   for (int idx = lane; idx < rows * d; idx += 32) {
     const int r = idx / d;
     const int c = idx - r * d;
-    og[static_cast<int64_t>(i0 + r) * a.o_stride_s + c] = from_float<T>(sw[r * L.lds + c] * inv[r0 + r]);
+    const float w = inv[r0 + r];  // 0 only for a fully masked row (l <= Sk is finite): 0 even where P V is NaN
+    og[static_cast<int64_t>(i0 + r) * a.o_stride_s + c] = from_float<T>(w == 0.0f ? 0.0f : sw[r * L.lds + c] * w);
   }
 }
 

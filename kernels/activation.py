@@ -6,7 +6,7 @@
     quick_gelu: x * sigmoid(1.702 x)
     gelu:       0.5 x (1 + erf(x / sqrt(2)))
     gelu_tanh:  0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))  ==  x * sigmoid(2 sqrt(2/pi) (x + 0.044715 x^3))
-    relu:       max(x, 0)
+    relu:       max(x, 0), NaN stays NaN
 
 Each program handles a BLOCK_M x BLOCK_N tile (2-D grid: row blocks on axis 0, column blocks on axis 1), so any N
 works (3072, 5120, 2730, 37) and the bias tile is loaded once per program and reused across BLOCK_M rows.
@@ -52,8 +52,8 @@ def _apply_activation(x, ACTIVATION: tl.constexpr):
         return 0.5 * x * (1.0 + tl.math.erf(x * INV_SQRT_2))
     elif ACTIVATION == "gelu_tanh":
         return x * tl.sigmoid((x + 0.044715 * x * x * x) * SQRT_8_OVER_PI)
-    else:  # relu
-        return tl.maximum(x, 0.0)
+    else:  # relu; NaN stays NaN as in torch.relu (plain tl.maximum drops NaN: fmaxf on CUDA, np.fmax interpreted)
+        return tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit

@@ -4,15 +4,20 @@ Math, per batch b, head h, query row i (all arithmetic in fp32, whatever the inp
     s_ij = scale * q_i . k_j + bias_bhij                                  (bias optional, broadcast by stride 0)
          + table[lut[j - i + Sq - 1], h]                                (relative-position bias optional, T5)
     s_ij = -inf  where j > i (causal, top-left aligned) or key_padding_mask[b, j] is False
-    o_i  = sum_j softmax_j(s_i) v_j,  and o_i = 0 when every key of row i is masked (never NaN)
+    o_i  = sum_j softmax_j(s_i) v_j,  and o_i = 0 when every s_ij is -inf (all keys of row i masked)
+NaN and inf are not hidden: a NaN or +inf score (NaN / inf in q, k, bias at a key the row attends) makes the row NaN,
+and NaN / inf in v reaches every row that attends that key, as in torch SDPA. Masks are applied to the scores by
+select, so NaN / inf in q . k or the bias at a masked key does not leak; 0 * NaN from v at a masked key inside a
+loaded key tile does (SDPA's math path does the same for every row).
 
 The kernel works in base 2, t = s * log2(e), so exp(s - max) == exp2(t - max'); log2(e) is folded into the q.k
 scale. One program owns one BLOCK_M tile of query rows of one (b, h) and streams BLOCK_N tiles of keys (online
 softmax): with m the running row max of t, l the running row sum and acc the unnormalised output,
     m_new = max(m, rowmax(t));  alpha = exp2(m - m_new);  p = exp2(t - m_new)
     l = alpha * l + rowsum(p);  acc = alpha * acc + p @ v;  m = m_new
-and at the end o = acc / l (o = 0 where l == 0). m starts at -FP32_MAX, a finite sentinel, so a tile whose keys
-are all masked for a row (t = -inf) gives p = exp2(-inf) = 0 and alpha = 1 rather than exp2(-inf - -inf) = NaN.
+and at the end o = acc / l (o = 0 where l == 0, i.e. every score of the row was -inf; a NaN l stays NaN). m starts
+at -FP32_MAX, a finite sentinel, so a tile whose keys are all masked for a row (t = -inf) gives p = exp2(-inf) = 0
+and alpha = 1 rather than exp2(-inf - -inf) = NaN.
 
 Relative-position bias (T5, UMT5): `lut` is an O(Sq + Sk) int32 vector of bucket ids, one per relative distance
 d = j - i in [-(Sq - 1), Sk - 1], at index d + Sq - 1. It is built on the host with transformers' exact fp32 log
@@ -129,8 +134,10 @@ def _attn_fwd_inner(
             else:
                 bias = tl.load(b_ptrs, mask=m_ok[:, None], other=0.0).to(tl.float32)
             # finfo.min-style additive masks overflow to -inf when scaled by LOG2E; clamp those to -FP32_MAX so a
-            # row that is all finfo.min stays uniform as in the reference, while a real -inf stays masked.
-            bias2 = tl.where(bias == float("-inf"), float("-inf"), tl.maximum(bias * _LOG2E, -_FP32_MAX))
+            # row that is all finfo.min stays uniform as in the reference, while a real -inf stays masked. A select,
+            # not tl.maximum: maximum drops NaN (fmaxf on CUDA, np.fmax in the interpreter), and NaN must reach t.
+            bias2 = bias * _LOG2E
+            bias2 = tl.where((bias2 < -_FP32_MAX) & (bias != float("-inf")), -_FP32_MAX, bias2)
             t = t + bias2
         if HAS_RELBIAS:
             rel = offs_n[None, :] - offs_m[:, None] + (seqlen_q - 1)  # (BLOCK_M, BLOCK_N), j - i + Sq - 1
@@ -251,9 +258,12 @@ def _attention_fwd_kernel(
         DOT_PRECISION,
     )  # fmt: skip
 
-    # every key masked -> l_i == 0 -> output 0 (acc is 0 too, but guard against 0 * inf in v)
-    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
-    out = tl.where(l_i[:, None] > 0.0, acc / l_safe[:, None], 0.0)  # (BLOCK_M, BLOCK_D)
+    # l_i == 0 exactly when every score of the row is -inf (all keys masked): output 0, whatever 0 * v gave in acc
+    # (NaN from a NaN / inf v at a masked key). l_i is NaN when a score is NaN or +inf (NaN / inf in q, k, bias): the
+    # row stays NaN, as in SDPA. `l_i > 0` would send NaN to 0 and hide e.g. an fp16 overflow upstream.
+    l_zero = l_i == 0.0
+    l_safe = tl.where(l_zero, 1.0, l_i)
+    out = tl.where(l_zero[:, None], 0.0, acc / l_safe[:, None])  # (BLOCK_M, BLOCK_D)
     o_ptrs = Out + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM))
 

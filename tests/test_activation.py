@@ -75,6 +75,39 @@ def test_extreme_values(activation, device):
     assert_close(y, activation_reference(x, activation), atol=1e-6, rtol=1e-6, name=activation)
 
 
+SPECIAL = [float("nan"), float("inf"), -float("inf"), -1.0, 0.5, 2.0, -3.0, 1.0]  # bias: NaN at column 6
+
+
+def _check_special(y, ref, nan_in, name):
+    """y keeps every non-finite value of the reference (NaN where the input was NaN); finite values match."""
+    y, ref = y.float(), ref.float()
+    assert torch.equal(torch.isfinite(y), torch.isfinite(ref)), f"{name}: finite pattern {y} vs torch {ref}"
+    assert y[nan_in].isnan().all(), f"{name}: NaN input gave {y[nan_in]}"
+    fin = torch.isfinite(ref)
+    assert_close(y[fin], ref[fin], atol=1e-5, rtol=1e-2, name=name)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy: inf * 0
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_nan_and_inf_are_not_hidden(activation, dtype, device):
+    """NaN in x, the bias, gate or up comes out NaN, as in torch (relu through tl.maximum gave 0 for NaN: a NaN pixel
+    became finite embeddings); inf comes out non-finite wherever torch's is (gelu(inf): inf here, NaN in torch)."""
+    x = torch.tensor([SPECIAL, SPECIAL[::-1]], device=device).to(dtype)
+    bias = torch.zeros(len(SPECIAL), device=device).to(dtype)
+    bias[6] = float("nan")
+    y = _bias_activation(x, bias, activation)
+    nan_in = x.isnan() | bias.isnan()
+    _check_special(y, activation_reference(x.float() + bias.float(), activation), nan_in, f"{activation} x + bias")
+    y = _bias_activation(x, None, activation)
+    _check_special(y, activation_reference(x.float(), activation), x.isnan(), f"{activation} x")
+    up = torch.ones_like(x)
+    up[:, 5] = float("nan")
+    y = kernels.gated_activation_forward(x, up, activation)
+    ref = activation_reference(x.float(), activation) * up.float()
+    _check_special(y, ref, x.isnan() | up.isnan(), f"gated {activation}")
+
+
 def test_strided_and_non_contiguous_x(device):
     wide = _x((2, 9, 3 * 80), torch.float32, device)
     b = torch.randn(80, device=device)

@@ -262,6 +262,126 @@ def test_cuda_configs_are_valid():
                 assert bm % bn == 0 and bn >= 16 and bm <= max(32, bucket), c
 
 
+# ------------------------------------------------------------------------------------ NaN / inf inputs stay visible
+
+NAN, INF = float("nan"), float("inf")
+SPECIAL_ROW, SPECIAL_KEY = 5, 3  # query row / key the special value is put at; key 3 <= row 5: seen under causal
+
+
+def _special_case(where, value, masks, device, dtype=torch.float32):
+    """(q, k, v, kw for the op, keep (B, 1|H, Sq, Sk) bool or None, bias incl. the T5 bias (fp32) or None) with one
+    NaN / inf in `where` (q, k, v, additive bias, relative-bias table) at SPECIAL_ROW / SPECIAL_KEY of head 1, in
+    both batches. masks: "none", "causal", "kpm", "causal+kpm". The key-padding mask keeps SPECIAL_KEY in batch 0
+    and masks it in batch 1, which keeps key 15 only: with causal, batch 1 rows 0-14 have every key masked."""
+    b, h, s, d = 2, 2, 20, 16
+    q, k, v = _qkv(b, h, s, s, d, device=device)
+    kw = {}
+    if where == "q":
+        q[:, 1, SPECIAL_ROW, 3] = value
+    elif where == "k":
+        k[:, 1, SPECIAL_KEY, 2] = value
+    elif where == "v":
+        v[:, 1, SPECIAL_KEY, 2] = value
+    elif where == "bias":
+        kw["bias"] = torch.randn(b, h, s, s, device=device)
+        kw["bias"][:, 1, SPECIAL_ROW, SPECIAL_KEY] = value
+    elif where == "rel":  # the bucket of distance j - i = SPECIAL_KEY - SPECIAL_ROW, head 1
+        table, lut = _rel_inputs(h, s, s, 8, 20, device)
+        table[lut[SPECIAL_KEY - SPECIAL_ROW + s - 1], 1] = value
+        kw.update(rel_bias_table=table, rel_bias_lut=lut, scale=1.0)
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    kw["causal"] = "causal" in masks
+    keep = torch.ones(1, 1, s, s, dtype=torch.bool, device=device).tril() if kw["causal"] else None
+    if "kpm" in masks:
+        kpm = torch.ones(b, s, dtype=torch.bool, device=device)
+        kpm[0, [7, 11]] = False
+        kpm[1] = False
+        kpm[1, 15] = True
+        kw["key_padding_mask"] = kpm
+        keep = kpm[:, None, None, :] if keep is None else keep & kpm[:, None, None, :]
+    bias = kw.get("bias")
+    if where == "rel":
+        from fastenc.ops.attention import relative_bias_reference
+
+        bias = relative_bias_reference(kw["rel_bias_table"], kw["rel_bias_lut"], s, s)
+    return q, k, v, kw, keep, bias
+
+
+def _fp64_references(q, k, v, keep, bias, scale):
+    """(strict, loose, dead) in fp64. Scores s = scale q.k + bias, masked keys -inf (by select); rows whose scores are
+    all -inf are dead and give 0 (torch's _safe_softmax, SDPA's math path). strict: masked keys contribute nothing;
+    loose: o = p @ v, where 0 * (NaN / inf in v at a masked key) is NaN, as in SDPA's math path. A kernel's
+    non-finite outputs must include strict's and lie within loose's (they differ only for NaN / inf in v)."""
+    s = (q.double() @ k.double().transpose(-1, -2)) * scale
+    if bias is not None:
+        s = s + bias.double()
+    if keep is not None:
+        s = s.masked_fill(~keep, float("-inf"))
+    dead = (s == float("-inf")).all(-1, keepdim=True)  # (B, H, Sq, 1)
+    p = torch.softmax(s, -1).masked_fill(dead, 0.0)
+    attended = (s != float("-inf"))[..., None]  # (B, H, Sq, Sk, 1); NaN scores count as attended
+    strict = torch.where(attended, p[..., None] * v.double()[:, :, None], 0.0).sum(-2)
+    loose = (p @ v.double()).masked_fill(dead, 0.0)
+    return strict, loose, dead
+
+
+def _check_nonfinite(out, q, k, v, keep, bias, scale, value, atol=1e-5, rtol=1e-4):
+    strict, loose, dead = _fp64_references(q, k, v, keep, bias, scale)
+    got = out.double()
+    bad, must, may = ~torch.isfinite(got), ~torch.isfinite(strict), ~torch.isfinite(loose)
+    assert must.any(), "the special value reaches no output: the case tests nothing"
+    missing = must & ~bad
+    assert not missing.any(), f"finite output where the fp64 reference is not, first at {missing.nonzero()[0].tolist()}"
+    extra = bad & ~may
+    assert not extra.any(), f"non-finite output where the fp64 reference is finite, at {extra.nonzero()[0].tolist()}"
+    if value != value:  # NaN in: every non-finite output is NaN
+        assert torch.equal(got.isnan(), bad)
+    dead_out = got.masked_select(dead.expand_as(got))
+    assert (dead_out == 0).all(), "rows with every key masked must give exactly 0"
+    assert_close(got[~may], strict[~may], name="finite outputs", atol=atol, rtol=rtol)
+
+
+SPECIAL_VALUES = [("q", NAN), ("q", INF), ("q", -INF), ("k", NAN), ("k", INF), ("k", -INF), ("v", NAN), ("v", INF),
+                  ("v", -INF), ("bias", NAN), ("bias", INF), ("rel", NAN), ("rel", INF)]  # fmt: skip
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy: inf - inf, 0 * inf
+@pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning")  # numpy: tl.max of a NaN row
+@pytest.mark.parametrize("masks", ["none", "causal", "kpm", "causal+kpm"])
+@pytest.mark.parametrize("where, value", SPECIAL_VALUES, ids=lambda x: str(x))
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_nan_and_inf_inputs_are_not_hidden(backend, where, value, masks, device):
+    """NaN / inf in q, k, v, the bias or the T5 table reach the rows that see them, as in SDPA (a finite row here
+    would hide e.g. an fp16 overflow upstream); a NaN / inf at a masked key or row does not leak, and rows with every
+    key masked still give exactly 0. Checked against fp64 references, and against SDPA itself when no mask is set."""
+    q, k, v, kw, keep, bias = _special_case(where, value, masks, device)
+    scale = kw.get("scale", q.shape[-1] ** -0.5)
+    if backend == "triton":
+        out = _run(q, k, v, **kw)
+    else:
+        out = fastenc.ops.attention(q, k, v, backend="torch", **kw)
+    _check_nonfinite(out, q, k, v, keep, bias, scale, value)
+    if masks == "none":  # the fp64 reference's non-finite pattern is SDPA's
+        sdpa = torch.nn.functional.scaled_dot_product_attention(
+            q.double(), k.double(), v.double(), attn_mask=None if bias is None else bias.double(), scale=scale
+        )
+        strict, _, _ = _fp64_references(q, k, v, keep, bias, scale)
+        assert torch.equal(torch.isfinite(sdpa), torch.isfinite(strict))
+        assert torch.equal(sdpa.isnan(), strict.isnan())
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("where, value", [("q", INF), ("k", NAN), ("rel", INF)], ids=lambda x: str(x))
+def test_low_precision_overflow_is_not_hidden(dtype, where, value, device):
+    """An fp16 / bf16 projection that overflowed to inf (or NaN) must not come out of attention as finite numbers."""
+    q, k, v, kw, keep, bias = _special_case(where, value, "causal+kpm", device, dtype=dtype)
+    out = _run(q, k, v, **kw)
+    assert out.dtype == dtype
+    _check_nonfinite(out, q, k, v, keep, bias, kw.get("scale", q.shape[-1] ** -0.5), value, atol=2e-2, rtol=2e-2)
+
+
 # ------------------------------------------------------------------------------------ relative-position bias (T5)
 
 

@@ -151,6 +151,26 @@ def test_gated_activation_on_halves_of_one_tensor(dtype, activation, rows, n):
     assert_close(y, ty, atol=1e-6 if dtype == torch.float32 else 1e-2, rtol=1e-2, name="vs triton")
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+@pytest.mark.parametrize("activation", _cuda.ACTIVATIONS)
+def test_activation_nan_is_not_hidden(dtype, activation):
+    """NaN in x, bias or up comes out NaN as in torch (fmaxf-based relu gave 0); inf non-finite where torch's is."""
+    special = [float("nan"), float("inf"), -float("inf"), -1.0, 0.5, 2.0, -3.0, 1.0] * 2
+    x = torch.tensor([special, special[::-1]], device="cuda").to(dtype)
+    b = torch.zeros(x.shape[1], device="cuda").to(dtype)
+    b[6] = float("nan")
+    y = _cuda.bias_activation_forward(x, b, activation).float()
+    ref = bias_activation_reference(x.float(), b.float(), activation=activation)
+    assert torch.equal(torch.isfinite(y), torch.isfinite(ref)), (y, ref)
+    assert y[x.isnan() | b.isnan()].isnan().all()
+    up = torch.ones_like(x)
+    up[:, 5] = float("nan")
+    y = _cuda.gated_activation_forward(x, up, activation).float()
+    ref = gated_activation_reference(x.float(), up.float(), activation=activation)
+    assert torch.equal(torch.isfinite(y), torch.isfinite(ref)), (y, ref)
+    assert y[x.isnan() | up.isnan()].isnan().all()
+
+
 # ---------------------------------------------------------------------------------------------------- attention
 
 ATTN_CASES = [
@@ -202,6 +222,38 @@ def test_attention_fully_masked_rows_are_zero(dtype):
     assert (out[2, :, 0] == 0).all()
     ref = attention_reference(q.float(), k.float(), v.float(), kpm, causal=True, scale=d**-0.5)
     assert_close(out, ref, atol=2e-2, rtol=2e-2, name="masked")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("where, value", [("q", "nan"), ("q", "inf"), ("k", "nan"), ("k", "inf"), ("v", "nan")])
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_attention_nan_and_inf_are_not_hidden(dtype, where, value, backend):
+    """NaN / inf in q, k, v reach the rows that attend them (an fp16 overflow upstream must not become finite
+    embeddings); a NaN score at a masked key does not leak; fully masked rows stay exactly 0. Same non-finite pattern
+    as the torch reference. Batch 1 masks key 0 (causal row 0 sees nothing) and keys >= 40."""
+    b, h, s, d = 2, 4, 77, 64
+    q, k, v = (torch.randn(b, h, s, d, device="cuda", dtype=dtype) for _ in range(3))
+    kpm = torch.ones(b, s, dtype=torch.bool, device="cuda")
+    kpm[1, 0] = False
+    kpm[1, 40:] = False
+    val = float(value)
+    if where == "q":
+        q[:, 1, 5, 3] = val
+    elif where == "k":
+        k[:, 1, 3, 2] = val
+        k[1, 2, 60, 2] = val  # a masked key: must not leak
+    else:
+        v[:, 1, 3, 2] = val
+    fwd = _cuda.attention_forward if backend == "cuda" else _triton("attention.attention_forward")
+    out = fwd(q, k, v, causal=True, key_padding_mask=kpm, bias=None, scale=d**-0.5).float()
+    ref = attention_reference(q.float(), k.float(), v.float(), kpm, causal=True, scale=d**-0.5)
+    assert not torch.isfinite(ref).all()
+    assert torch.equal(torch.isfinite(out), torch.isfinite(ref))
+    if value == "nan":
+        assert torch.equal(out.isnan(), ref.isnan())
+    assert (out[1, :, 0] == 0).all()  # every key masked
+    fin = torch.isfinite(ref)
+    assert_close(out[fin], ref[fin], atol=2e-2, rtol=2e-2, name="finite outputs")
 
 
 def test_attention_refusals_reach_the_caller():

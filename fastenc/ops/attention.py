@@ -56,7 +56,8 @@ def relative_bias_reference(table: torch.Tensor, lut: torch.Tensor, sq: int, sk:
 def attention_reference(
     q, k, v, key_padding_mask=None, bias=None, rel_bias_table=None, rel_bias_lut=None, *, causal=False, scale=None
 ):
-    """Plain-torch attention, fp32 math. Rows whose keys are all masked give 0 (never NaN).
+    """Plain-torch attention, fp32 math. Rows whose scores are all -inf (every key masked by the masks or a -inf
+    bias) give 0; NaN / inf in q, k, v or the bias stay NaN / inf in the rows they reach, as in SDPA.
 
     q: (B, H, Sq, D), k/v: (B, H, Sk, D), key_padding_mask: (B, Sk) bool, True = attend,
     bias: broadcastable to (B, H, Sq, Sk). causal masks key j > query i (top-left aligned, as torch SDPA).
@@ -77,10 +78,13 @@ def attention_reference(
         keep = pad if keep is None else keep & pad
     if keep is not None:
         s = s.masked_fill(~keep, float("-inf"))
-    p = torch.softmax(s, dim=-1)
-    if keep is not None or bias is not None:
-        p = p.nan_to_num(0.0)  # fully masked rows (by mask or by a -inf bias): softmax gives NaN; define them as 0
-    return torch.matmul(p, v.float()).to(q.dtype)
+    # Fully masked rows are told apart from NaN by the scores, not the probabilities: softmax gives NaN for both, and
+    # p.nan_to_num(0) would also zero a row made NaN by a NaN / inf input. A row is dead when every score is -inf
+    # (the mask, a -inf bias, or -inf scores; torch's _safe_softmax rule, which the Triton kernel's l == 0 matches).
+    dead = (s == float("-inf")).all(dim=-1, keepdim=True)  # (B, H, Sq, 1)
+    p = torch.softmax(s, dim=-1).masked_fill(dead, 0.0)
+    o = torch.matmul(p, v.float()).masked_fill(dead, 0.0)  # 0, even where 0 * (NaN / inf in v) gave NaN
+    return o.to(q.dtype)
 
 
 def attention(
