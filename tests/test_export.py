@@ -87,18 +87,30 @@ def tensor_fields(model, inputs) -> list[str]:
     return [k for k, v in out.items() if isinstance(v, torch.Tensor)]
 
 
+# the inputs and outputs of Optimum's ONNX configs for the same towers (optimum/exporters/onnx/model_configs.py:
+# CLIPOnnxConfig, CLIPTextOnnxConfig, CLIPTextWithProjectionOnnxConfig, CLIPVisionModelOnnxConfig, SiglipOnnxConfig,
+# SiglipTextOnnxConfig, T5EncoderOnnxConfig); the input order is transformers' own
 EXPECTED_INPUTS = {
     "CLIPModel": ["input_ids", "attention_mask", "pixel_values"],
-    "CLIPTextModel": ["input_ids", "attention_mask"],
-    "CLIPTextModelWithProjection": ["input_ids", "attention_mask"],
+    "CLIPTextModel": ["input_ids"],
+    "CLIPTextModelWithProjection": ["input_ids"],
     "CLIPVisionModel": ["pixel_values"],
     "CLIPVisionModelWithProjection": ["pixel_values"],
     "SiglipModel": ["input_ids", "pixel_values"],
     "SiglipTextModel": ["input_ids"],
     "SiglipVisionModel": ["pixel_values"],
     "Siglip2TextModel": ["input_ids"],
-    "T5EncoderModel": ["input_ids", "attention_mask"],
-    "UMT5EncoderModel": ["input_ids", "attention_mask"],
+    "T5EncoderModel": ["input_ids"],
+    "UMT5EncoderModel": ["input_ids"],
+}
+OPTIMUM_OUTPUTS = {
+    "CLIPModel": ["logits_per_image", "logits_per_text", "text_embeds", "image_embeds"],
+    "CLIPTextModel": ["last_hidden_state", "pooler_output"],
+    "CLIPTextModelWithProjection": ["text_embeds", "last_hidden_state"],
+    "CLIPVisionModel": ["last_hidden_state", "pooler_output"],
+    "SiglipTextModel": ["last_hidden_state", "pooler_output"],
+    "SiglipVisionModel": ["last_hidden_state", "pooler_output"],
+    "T5EncoderModel": ["last_hidden_state"],
 }
 ALL = [getattr(tf, n) for n in EXPECTED_INPUTS]
 
@@ -122,6 +134,8 @@ def test_every_tower_exports_with_parity(cls, tmp_path):
     tower = tower_of(model)
     fields = tensor_fields(model, tower.inputs_for_sizes(tower.example_sizes()))
     assert [o.name for o in report.outputs] == fields  # ModelOutput tensor fields, transformers' order
+    if cls.__name__ in OPTIMUM_OUTPUTS:
+        assert fields == OPTIMUM_OUTPUTS[cls.__name__]
     for spec in report.inputs + report.outputs:
         assert isinstance(spec.dims[0], str) and spec.dims[0].endswith("batch"), (spec.name, spec.dims)
         assert "?" not in spec.dims and not any(isinstance(d, str) and "_dim_" in d for d in spec.dims), spec
@@ -138,7 +152,7 @@ def test_every_tower_exports_with_parity(cls, tmp_path):
 @pytest.mark.parametrize("eos", [2, VOCAB - 1], ids=["legacy-argmax", "first-eos"])
 def test_clip_eos_pooling_at_other_lengths(eos, tmp_path):
     model = build(tf.CLIPTextModel) if eos != 2 else tf.CLIPTextModel(clip_config(eos=2).text_config).eval()
-    path = to_onnx(model, tmp_path / "text.onnx")
+    path = to_onnx(model, tmp_path / "text.onnx", attention_mask=True)
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     g = torch.Generator().manual_seed(3)
     seq = 23
@@ -157,6 +171,71 @@ def test_clip_eos_pooling_at_other_lengths(eos, tmp_path):
     # pooling really picked the EOS rows (not a fixed position): row 1 pools position 3
     torch.testing.assert_close(torch.from_numpy(pooled[1]), ref.last_hidden_state[1, 3], atol=2e-5, rtol=1e-4)
     assert not torch.allclose(torch.from_numpy(pooled[1]), ref.last_hidden_state[1, -1])
+
+
+def _padded_ids(batch_lengths, seq, eos=VOCAB - 1, pad=VOCAB - 1, seed=7):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB - 3, (len(batch_lengths), seq), generator=g)
+    mask = torch.zeros(len(batch_lengths), seq, dtype=torch.long)
+    for row, n in enumerate(batch_lengths):
+        ids[row, n - 1] = eos
+        ids[row, n:] = pad
+        mask[row, :n] = 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("cls", [tf.CLIPTextModel, tf.CLIPTextModelWithProjection, tf.T5EncoderModel],
+                         ids=lambda c: c.__name__)  # fmt: skip
+def test_text_towers_run_on_input_ids_alone(cls, tmp_path):
+    """What diffusers (and Optimum's CLIP text / T5 encoder configs) feed: input_ids, no attention_mask."""
+    model = build(cls)
+    path = to_onnx(model, tmp_path / "text.onnx")
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in sess.get_inputs()] == ["input_ids"]
+    ids, mask = _padded_ids((19, 4, 11), 19)
+    names = [o.name for o in sess.get_outputs()]
+    got = dict(zip(names, sess.run(names, {"input_ids": ids.numpy()}), strict=True))
+    with torch.no_grad():
+        ref = model(input_ids=ids)  # transformers without a mask
+        masked = model(input_ids=ids, attention_mask=mask)
+    for name in names:
+        torch.testing.assert_close(torch.from_numpy(got[name]), ref[name], atol=2e-5, rtol=1e-4)
+    if cls is not tf.T5EncoderModel:  # causal attention: right padding changes neither the pooled nor the real tokens
+        pooled = "pooler_output" if "pooler_output" in names else "text_embeds"
+        torch.testing.assert_close(torch.from_numpy(got[pooled]), masked[pooled], atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(torch.from_numpy(got["last_hidden_state"][1, :4]), masked.last_hidden_state[1, :4],
+                                   atol=2e-5, rtol=1e-4)  # fmt: skip
+    parity = onnx_parity(model, path)
+    assert parity.ok and {r.feed for r in parity.rows} == {"input_ids"}, parity.table()
+
+
+@pytest.mark.parametrize("cls", [tf.CLIPTextModel, tf.T5EncoderModel], ids=lambda c: c.__name__)
+def test_attention_mask_on_request(cls, tmp_path):
+    model = build(cls)
+    report = export_onnx(model, tmp_path / "masked.onnx", attention_mask=True)
+    assert [i.name for i in report.inputs] == ["input_ids", "attention_mask"]
+    sess = ort.InferenceSession(report.path, providers=["CPUExecutionProvider"])
+    ids, mask = _padded_ids((13, 5, 9), 13, pad=0 if cls is tf.T5EncoderModel else VOCAB - 1)
+    (last,) = sess.run(["last_hidden_state"], {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    keep = mask.bool()  # positions transformers defines; T5 padding rows differ with and without the mask
+    torch.testing.assert_close(torch.from_numpy(last)[keep], ref[keep], atol=2e-5, rtol=1e-4)
+    parity = onnx_parity(model, report.path)
+    assert parity.ok and {r.feed for r in parity.rows} == {"input_ids+attention_mask"}, parity.table()
+    assert "input_ids+attention_mask" in parity.table()
+
+
+def test_attention_mask_choice_per_tower(tmp_path):
+    joint = build(tf.CLIPModel)
+    report = export_onnx(joint, tmp_path / "j.onnx", attention_mask=False)
+    assert [s.name for s in report.inputs] == ["input_ids", "pixel_values"]
+    assert onnx_parity(joint, tmp_path / "j.onnx").ok
+    with pytest.raises(InputError, match="no text input"):
+        to_onnx(build(tf.CLIPVisionModel), tmp_path / "v.onnx", attention_mask=True)
+    with pytest.raises(InputError, match="attention_mask must be"):
+        to_onnx(build(tf.CLIPTextModel), tmp_path / "t.onnx", attention_mask="yes")
+    assert_no_leftovers(tmp_path, {"j.onnx"})
 
 
 @pytest.mark.parametrize("cls", [tf.T5EncoderModel, tf.UMT5EncoderModel], ids=lambda c: c.__name__)
@@ -226,7 +305,7 @@ def test_dynamo_exporter(tmp_path):
     pytest.importorskip("onnxscript")
     model = build(tf.CLIPTextModelWithProjection)
     report = export_onnx(model, tmp_path / "dyn.onnx", exporter="dynamo")
-    assert report.exporter == "dynamo" and [s.dims for s in report.inputs] == [["batch", "sequence"]] * 2
+    assert report.exporter == "dynamo" and [s.dims for s in report.inputs] == [["batch", "sequence"]]
     parity = onnx_parity(model, report.path)
     assert parity.ok, parity.table()
 
@@ -355,7 +434,7 @@ def test_export_removes_stale_staging_of_killed_exports_but_not_live_ones(tmp_pa
 @pytest.fixture(scope="module")
 def clip_text_onnx(tmp_path_factory):
     path = tmp_path_factory.mktemp("trt") / "clip_text.onnx"
-    return to_onnx(build(tf.CLIPTextModelWithProjection), path)
+    return to_onnx(build(tf.CLIPTextModelWithProjection), path, attention_mask=True)
 
 
 def test_tensorrt_default_profiles_from_onnx(clip_text_onnx):
@@ -552,6 +631,16 @@ def test_triton_repository_single_tower(tmp_path):
     assert_no_leftovers(tmp_path / "repo", {"clip_text"})
 
 
+def test_triton_repository_follows_the_mask_choice(tmp_path):
+    model = build(tf.CLIPTextModel)
+    plain = to_triton_repository(model, tmp_path, "text", optimize=False)
+    masked = to_triton_repository(model, tmp_path, "text_masked", optimize=False, attention_mask=True)
+    for entry, inputs in ((plain, ["input_ids"]), (masked, ["input_ids", "attention_mask"])):
+        config = parse_pbtxt((entry / "config.pbtxt").read_text())
+        assert [t["name"][0] for t in config["input"]] == inputs
+        check_config_against_onnx(config, entry / "1" / "model.onnx", entry.name)
+
+
 def test_triton_repository_joint_model_has_no_batching(tmp_path):
     model = build(tf.SiglipModel)
     entry = to_triton_repository(model, tmp_path, "siglip", optimize=False)
@@ -599,6 +688,17 @@ def test_cli_local_checkpoint_tower_and_triton(tmp_path, capsys):
     assert "parity of" in text and "result: PASS" in text and text.count("text_embeds") >= 4
     assert read_io(out)[0][0].name == "input_ids"
     assert (tmp_path / "repo" / "txt" / "config.pbtxt").is_file()
+
+
+def test_cli_attention_mask_flag(tmp_path, capsys):
+    for flag, inputs in (([], ["input_ids"]), (["--attention-mask"], ["input_ids", "attention_mask"])):
+        out = tmp_path / f"text{len(flag)}.onnx"
+        code = run_cli(["--shape", "tiny", "--layers", "1", "--tower", "text", "--out", str(out), "--no-optimize",
+                        *flag])  # fmt: skip
+        text = capsys.readouterr().out
+        assert code == 0, text
+        assert [s.name for s in read_io(out)[0]] == inputs
+        assert "+".join(inputs) in text  # the parity table names the feed
 
 
 def test_cli_random_t5_json(tmp_path, capsys):

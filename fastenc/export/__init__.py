@@ -1,7 +1,7 @@
 """Exporters: ONNX (with ONNX Runtime's transformer fusions and a parity check), TensorRT engines, Triton Inference
 Server model repositories, and the `fastenc export` command (`cli.add_export_parser`).
 
-    to_onnx(model, path, *, opset=None, dtype=None, optimize=False, exporter="torchscript") -> Path
+    to_onnx(model, path, *, opset=None, dtype=None, optimize=False, exporter="torchscript", attention_mask=None)
     export_onnx(model, path, ...) -> ExportReport          same export, with the fusions fired and the I/O written
     onnx_parity(model, path, *, sizes=None) -> OnnxParityReport
     to_tensorrt(onnx_path, engine_path, *, fp16=True, bf16=False, profiles=None, timing_cache=None) -> Path

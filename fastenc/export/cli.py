@@ -2,6 +2,7 @@
 local checkpoint or a random-weight named shape, then a parity table of ONNX Runtime against transformers.
 
     fastenc export --model DIR [--tower text|vision|joint] --out model.onnx [--opset N] [--fp16] [--no-optimize]
+    fastenc export --model DIR --tower text --out text.onnx --attention-mask     (mask as an input; default input_ids)
     fastenc export --shape tiny --tower text --out clip_text.onnx                    (random weights, nothing loaded)
     fastenc export --shape t5-base --layers 2 --out t5.onnx
     fastenc export --model DIR --tensorrt model.plan                                  (needs tensorrt and a GPU)
@@ -57,6 +58,13 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="run ONNX Runtime's transformer fusions (default: on, off when --tensorrt or --backend tensorrt)",
+    )
+    s.add_argument(
+        "--attention-mask",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="export attention_mask as an input (default: as Optimum's config for the tower: CLIP text, SigLIP and T5 "
+        "take input_ids only, the joint CLIPModel also attention_mask)",
     )
     s.add_argument("--exporter", choices=["torchscript", "dynamo"], default="torchscript")
     s.add_argument("--tensorrt", metavar="ENGINE", help="also build a TensorRT engine from the (unfused) ONNX file")
@@ -139,8 +147,9 @@ def run_export(args) -> int:
     try:
         return _run(args)
     except FastencError as e:
-        print(f"fastenc export: error: {e}", file=sys.stderr)
-        return 2
+        from ..cli import fail
+
+        return fail("export", e)
 
 
 def _run(args) -> int:
@@ -182,7 +191,7 @@ def _run(args) -> int:
         if out is not None:
             bar.set_description("exporting ONNX")
             report = export_onnx(model, out, opset=args.opset, dtype=dtype, optimize=optimize,
-                                 exporter=args.exporter, progress=say)  # fmt: skip
+                                 exporter=args.exporter, attention_mask=args.attention_mask, progress=say)  # fmt: skip
             result["onnx"] = report.to_dict()
             bar.update()
             if not args.no_parity:
@@ -206,6 +215,7 @@ def _run(args) -> int:
                 dtype=dtype,
                 opset=args.opset,
                 optimize=optimize if args.backend == "onnxruntime" else False,
+                attention_mask=args.attention_mask,
                 overwrite=args.overwrite,
                 progress=say,
             )

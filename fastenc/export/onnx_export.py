@@ -1,6 +1,6 @@
 """ONNX export of the supported towers, ONNX Runtime's transformer fusions, and parity of the exported graph.
 
-    to_onnx(model, path, *, opset=None, dtype=None, optimize=False, exporter="torchscript") -> Path
+    to_onnx(model, path, *, opset=None, dtype=None, optimize=False, exporter="torchscript", attention_mask=None) -> Path
     export_onnx(model, path, ...)  -> ExportReport   (same export; the report lists I/O, fusions fired, files written)
     onnx_parity(model, path, sizes=None) -> OnnxParityReport   (ORT vs transformers at several batch/sequence sizes)
     read_io(path) -> (inputs, outputs)                          (names, ONNX element types, dims with axis names)
@@ -448,6 +448,7 @@ def export_onnx(
     dtype=None,
     optimize: bool = False,
     exporter: str = "torchscript",
+    attention_mask: bool | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> ExportReport:
     """Export `model` to ONNX at `path` and return what was written (see the module docstring)."""
@@ -458,7 +459,7 @@ def export_onnx(
     if not isinstance(optimize, bool):
         raise InputError(f"optimize must be a bool, got {type(optimize).__name__}")
     opset = check_opset(opset, exporter)
-    tower = tower_of(model)
+    tower = tower_of(model, attention_mask)
     out_path = check_output_path(path)
     onnx = _need("onnx")
     model_dtype = next(tower.module.parameters()).dtype
@@ -529,15 +530,30 @@ def export_onnx(
     )
 
 
-def to_onnx(model, path, *, opset: int | None = None, dtype=None, optimize: bool = False, exporter="torchscript"):
+def to_onnx(
+    model,
+    path,
+    *,
+    opset: int | None = None,
+    dtype=None,
+    optimize: bool = False,
+    exporter="torchscript",
+    attention_mask: bool | None = None,
+):
     """Export `model` (a supported transformers tower, or its fastenc-optimized twin) to ONNX; returns the Path.
 
     Dynamic "batch" / "sequence" axes (joint models: "text_batch", "image_batch", "sequence"), transformers' input
-    names, output names = the ModelOutput fields. opset: default 18, at least 17 (18 for exporter="dynamo").
+    names, output names = the ModelOutput fields; the inputs and outputs of Optimum's ONNX config for the same tower.
+    attention_mask: None -> as Optimum: CLIP text, SigLIP and T5 encoders take input_ids only (what diffusers feeds;
+    the graph computes transformers' forward without a mask), the joint CLIPModel also takes attention_mask; True /
+    False -> the mask is / is not an input. opset: default 18, at least 17 (18 for exporter="dynamo").
     dtype: None (the model's: fp16 stays fp16, anything else fp32), torch.float32 or torch.float16.
     optimize: run ONNX Runtime's transformer fusions (the graph then needs ONNX Runtime). `export_onnx` takes the
     same arguments and returns an ExportReport (fusions fired, inputs / outputs, files written)."""
-    return Path(export_onnx(model, path, opset=opset, dtype=dtype, optimize=optimize, exporter=exporter).path)
+    report = export_onnx(
+        model, path, opset=opset, dtype=dtype, optimize=optimize, exporter=exporter, attention_mask=attention_mask
+    )
+    return Path(report.path)
 
 
 def read_io(path) -> tuple[list[TensorSpec], list[TensorSpec]]:
@@ -565,6 +581,7 @@ class ParityRow:
     max_abs: float
     max_rel: float  # max |ort - ref| / max |ref|
     ok: bool
+    feed: str = ""  # the inputs fed, "+"-joined: "input_ids" (transformers called without a mask) or with the mask
 
 
 @dataclass
@@ -590,12 +607,14 @@ class OnnxParityReport:
 
     def table(self) -> str:
         lines = [f"parity of {self.path} ({self.provider}) vs transformers {self.model}:"]
-        lines.append(f"  {'sizes':<34} {'output':<20} {'shape':<14} {'max abs err':>12} {'max rel err':>12}  ok")
+        lines.append(f"  {'feed':<29} {'sizes':<34} {'output':<20} {'shape':<14} {'max abs err':>12} "
+                     f"{'max rel err':>12}  ok")  # fmt: skip
         for r in self.rows:
             sizes = " ".join(f"{k}={v}" for k, v in r.sizes.items())
             shape = "x".join(map(str, r.shape))
             ok = "yes" if r.ok else "NO"
-            lines.append(f"  {sizes:<34} {r.output:<20} {shape:<14} {r.max_abs:>12.3e} {r.max_rel:>12.3e}  {ok}")
+            lines.append(f"  {r.feed:<29} {sizes:<34} {r.output:<20} {shape:<14} {r.max_abs:>12.3e} "
+                         f"{r.max_rel:>12.3e}  {ok}")  # fmt: skip
         lines.append(f"  result: {'PASS' if self.ok else 'FAIL'} (max rel err {self.worst_rel:.3e}, tolerance "
                      f"{self.tolerance_rel:g})")  # fmt: skip
         return "\n".join(lines)
@@ -624,14 +643,18 @@ def onnx_parity(
     providers: list[str] | None = None,
 ) -> OnnxParityReport:
     """Run the ONNX file with ONNX Runtime and the transformers model (fp32 reference) on the same random inputs
-    at each entry of `sizes` (axis name -> size; default `default_sizes`), and report every output's error."""
+    at each entry of `sizes` (axis name -> size; default `default_sizes`), and report every output's error.
+
+    The feed is what the file takes: with an "attention_mask" input, padded rows and their mask against transformers
+    called with the same mask; without one, input_ids alone against transformers called without a mask (each row's
+    `feed` says which)."""
     import numpy as np
 
-    tower = tower_of(model)
-    if next(tower.module.parameters()).dtype != torch.float32:
-        tower.module = copy.deepcopy(tower.module).float()
     sess = _ort_session(path, providers)
     types = {i.name: i.type for i in sess.get_inputs()}
+    tower = tower_of(model, attention_mask="attention_mask" in types)
+    if next(tower.module.parameters()).dtype != torch.float32:
+        tower.module = copy.deepcopy(tower.module).float()
     missing = set(tower.inputs) - set(types)
     if missing:
         raise InputError(f"path {str(path)!r}: ONNX inputs {sorted(types)} lack {sorted(missing)} for this model")
@@ -651,11 +674,11 @@ def onnx_parity(
             r = ref[name].detach().float().cpu().numpy()
             g = got[name].astype(np.float32)
             if g.shape != r.shape:
-                report.rows.append(ParityRow(sz, name, tuple(r.shape), math.inf, math.inf, False))
+                report.rows.append(ParityRow(sz, name, tuple(r.shape), math.inf, math.inf, False, "+".join(feed)))
                 continue
             max_abs = float(np.abs(g - r).max()) if r.size else 0.0
             scale = float(np.abs(r).max()) if r.size else 0.0
             rel = max_abs / scale if scale > 0 else max_abs
             ok = bool(np.isfinite(g).all()) and rel <= tol
-            report.rows.append(ParityRow(sz, name, tuple(r.shape), max_abs, rel, ok))
+            report.rows.append(ParityRow(sz, name, tuple(r.shape), max_abs, rel, ok, "+".join(feed)))
     return report

@@ -6,11 +6,16 @@ CLIPVisionModel(WithProjection), SiglipModel, SiglipTextModel, SiglipVisionModel
 UMT5EncoderModel. Left out: Siglip2VisionModel / Siglip2Model (NaFlex resizes the position embeddings to the
 data-dependent `spatial_shapes`, which does not trace to a shape-generic graph).
 
-Inputs are named as transformers names them: CLIP text and T5 take ("input_ids", "attention_mask"); SigLIP text
-takes "input_ids" only (its checkpoints are used with max_length padding and no mask, and its tokenizer returns
-none); vision towers take "pixel_values" (image size fixed by the position embeddings). Outputs are the ModelOutput
-fields holding a tensor, in transformers' order; the nested `text_model_output` / `vision_model_output` of the joint
-models and None fields (`loss`, `hidden_states`, `attentions`) are left out.
+Inputs are named as transformers names them, and by default they are the inputs of Optimum's ONNX config for the same
+tower (optimum/exporters/onnx/model_configs.py; `OPTIMUM_MASK`): CLIP text (CLIPTextOnnxConfig /
+CLIPTextWithProjectionOnnxConfig), T5 encoders (T5EncoderOnnxConfig) and SigLIP text take "input_ids" only, which is
+how diffusers calls them; the joint CLIPModel takes "input_ids", "attention_mask", "pixel_values" (CLIPOnnxConfig), the
+joint SiglipModel "input_ids", "pixel_values". transformers' forward makes the mask optional for every one of these
+towers: `attention_mask=True` exports it as an input (needed for T5 on padded batches, or left padding),
+`attention_mask=False` leaves it out (a graph without a mask computes what transformers computes when called without
+one). Vision towers take "pixel_values" (image size fixed by the position embeddings). Outputs are the ModelOutput
+fields holding a tensor, in transformers' order (the same names as Optimum's configs); the nested `text_model_output` /
+`vision_model_output` of the joint models and None fields (`loss`, `hidden_states`, `attentions`) are left out.
 
 Dynamic axis names: "batch" and "sequence" for one tower; the joint models have independent "text_batch" and
 "image_batch" (their logits are image_batch x text_batch) and "sequence".
@@ -62,6 +67,13 @@ ORT_MODEL_TYPE = {
     "siglip_vision": "bert",
     "t5": "t5",
 }
+
+
+# attention_mask=None: whether the tower's graph takes an "attention_mask" input, as Optimum's ONNX config for it does
+# (CLIPTextOnnxConfig / CLIPTextWithProjectionOnnxConfig / SiglipTextOnnxConfig / T5EncoderOnnxConfig: input_ids only;
+# CLIPOnnxConfig: input_ids, pixel_values, attention_mask; SiglipOnnxConfig: input_ids, pixel_values). Vision towers
+# have no text input.
+OPTIMUM_MASK = {"clip": True, "clip_text": False, "t5": False, "siglip": False, "siglip_text": False}
 
 
 @dataclass
@@ -190,9 +202,14 @@ def eager_attention(module: torch.nn.Module):
             c._attn_implementation = b
 
 
-def tower_of(model) -> Tower:
+def tower_of(model, attention_mask: bool | None = None) -> Tower:
     """The Tower for a transformers model or a fastenc-optimized one (exported as its transformers class: plain
-    ONNX ops, the same weights). Raises UnsupportedModelError for any other class."""
+    ONNX ops, the same weights). Raises UnsupportedModelError for any other class.
+
+    attention_mask: None -> Optimum's choice for the tower (`OPTIMUM_MASK`); True -> "attention_mask" is an input;
+    False -> it is not (the graph computes transformers' forward without a mask)."""
+    if attention_mask is not None and not isinstance(attention_mask, bool):
+        raise InputError(f"attention_mask must be None, True or False, got {attention_mask!r}")
     if not isinstance(model, torch.nn.Module):
         raise UnsupportedModelError(f"model must be a transformers model (torch.nn.Module), got {type(model).__name__}")
     classes = _classes()
@@ -212,21 +229,18 @@ def tower_of(model) -> Tower:
     dtypes = {p.dtype for p in model.parameters()}
     if not dtypes <= {torch.float32, torch.float16, torch.bfloat16}:
         raise UnsupportedModelError(f"model parameters must be fp32/fp16/bf16, got {sorted(map(str, dtypes))}")
-    text = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"}}
-    if kind == "clip":
-        axes = {
-            "input_ids": {0: "text_batch", 1: "sequence"},
-            "attention_mask": {0: "text_batch", 1: "sequence"},
-            "pixel_values": {0: "image_batch"},
-        }
-    elif kind == "siglip":
-        axes = {"input_ids": {0: "text_batch", 1: "sequence"}, "pixel_values": {0: "image_batch"}}
-    elif kind in ("clip_text", "t5"):
-        axes = text
-    elif kind == "siglip_text":
-        axes = {"input_ids": text["input_ids"]}
-    else:
+    if kind not in OPTIMUM_MASK:  # vision towers
+        if attention_mask:
+            raise InputError(f"attention_mask=True: {type(model).__name__} has no text input to mask")
         axes = {"pixel_values": {0: "batch"}}
+    else:
+        mask = OPTIMUM_MASK[kind] if attention_mask is None else attention_mask
+        batch = "text_batch" if kind in ("clip", "siglip") else "batch"
+        axes = {"input_ids": {0: batch, 1: "sequence"}}
+        if mask:
+            axes["attention_mask"] = {0: batch, 1: "sequence"}
+        if kind in ("clip", "siglip"):
+            axes["pixel_values"] = {0: "image_batch"}
     max_seq = None
     if kind != "t5" and "input_ids" in axes:
         cfg = model.config

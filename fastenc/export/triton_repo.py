@@ -96,6 +96,7 @@ def to_triton_repository(
     opset: int | None = None,
     dtype=None,
     optimize: bool | None = None,
+    attention_mask: bool | None = None,
     fp16: bool = True,
     profiles=None,
     dynamic_batching: bool = True,
@@ -107,8 +108,9 @@ def to_triton_repository(
     """Write a Triton model repository entry for `model` (see the module docstring); returns repo_dir/name.
 
     max_batch_size: None -> 64 for onnxruntime, the profiles' largest batch for tensorrt; ignored (0) for the joint
-    models. optimize: None -> True for onnxruntime, must be False for tensorrt. fp16 / profiles: TensorRT builder
-    settings. overwrite=False refuses an existing repo_dir/name."""
+    models. optimize: None -> True for onnxruntime, must be False for tensorrt. attention_mask: as `to_onnx` (None:
+    Optimum's inputs, so CLIP text and T5 take input_ids only; config.pbtxt lists exactly the graph's inputs).
+    fp16 / profiles: TensorRT builder settings. overwrite=False refuses an existing repo_dir/name."""
     if backend not in BACKENDS:
         raise InputError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if not isinstance(name, str) or not _NAME.match(name):
@@ -148,7 +150,8 @@ def to_triton_repository(
         vdir = entry / str(version)
         vdir.mkdir(parents=True)
         onnx_file = (vdir if backend == "onnxruntime" else stage) / "model.onnx"
-        export_onnx(model, onnx_file, opset=opset, dtype=dtype, optimize=optimize, progress=progress)
+        export_onnx(model, onnx_file, opset=opset, dtype=dtype, optimize=optimize, attention_mask=attention_mask,
+                    progress=progress)  # fmt: skip
         inputs, outputs = read_io(onnx_file)
         batched = _batch_major(inputs + outputs)
         if backend == "tensorrt":
