@@ -6,6 +6,9 @@ fastenc tokens --tokenizer PATH "prompt" [--chunk] [--json]     token budget, wh
 fastenc probe  --model PATH --prompt "..." [--image IMG] [--text-only] [--pairs FILE] [--json]
 fastenc export --model PATH | --shape NAME  --out DIR [--tower text|vision|joint] [--fp16] [--optimize] [...]
 fastenc bench  [--quick] [--models ...] [--competitors ...] [--batch ...] [--dtype ...] [--out FILE.jsonl] [--list]
+
+Exit status: 0 on success, 1 when a parity check fails (tokens: the prompt is truncated), 2 on bad input (one line on
+stderr, `fastenc <command>: error: ...`, no traceback).
 """
 
 from __future__ import annotations
@@ -16,10 +19,59 @@ import os
 import sys
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+BAD_INPUT = 2  # exit status of every subcommand on bad input
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's one error format: `fastenc <command>: error: <message>` on one line, exit status 2
+    (subparsers inherit the class)."""
+
+    def error(self, message):
+        self.exit(BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def fail(command: str, err: BaseException) -> int:
+    """Print `err` as the command's one error line on stderr and return the bad-input exit status."""
+    message = " ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
+    print(f"fastenc {command}: error: {message}", file=sys.stderr)
+    return BAD_INPUT
+
+
+def parse_device(value: str | None, flag: str = "--device"):
+    """A torch.device from a --device argument (None: cuda if available, else cpu); InputError for a string torch
+    does not know, a device type other than cpu / cuda, or a CUDA device this machine does not have."""
+    import torch
+
+    from .errors import InputError
+
+    if value is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError, TypeError):
+        raise InputError(f"{flag} {value!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise InputError(f"{flag} {value!r}: fastenc runs on cpu or cuda, not {device.type}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+            raise InputError(f"{flag} {value!r}: {why} (torch {torch.__version__}); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise InputError(f"{flag} {value!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def check_backend_env() -> None:
+    """InputError when $FASTENC_BACKEND names no backend (checked before any model is loaded)."""
+    from ._dispatch import requested_backend
+
+    requested_backend("auto")
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fastenc", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    from .models.configs import CLIP_SHAPES
+
+    p = _Parser(prog="fastenc", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     for name, help_ in (
         ("demo", "build a CLIP model with random weights (or load --model), optimize it, print parity and backends"),
@@ -28,7 +80,10 @@ def _parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=help_)
         s.add_argument("--model", help="local checkpoint directory (save_pretrained layout); never downloaded")
         s.add_argument(
-            "--shape", default="ViT-B/32", help="named random-weight shape when no --model (default %(default)s)"
+            "--shape",
+            default="ViT-B/32",
+            choices=sorted(CLIP_SHAPES),
+            help="named random-weight shape when no --model (default %(default)s)",
         )
         s.add_argument("--layers", type=int, default=None, help="reduce both towers to N layers (labelled in output)")
         s.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "cuda"])
@@ -50,41 +105,72 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _load(args, torch):
-    from transformers import AutoConfig, AutoModel, CLIPModel
+def load_checkpoint(path: str, flag: str = "--model"):
+    """AutoModel.from_pretrained of a local directory; InputError (one line, naming the flag) when it is not one."""
+    from transformers import AutoConfig, AutoModel
 
+    from .errors import InputError
+
+    if not os.path.isdir(path):
+        raise InputError(f"{flag} {path!r} is not a directory (a local save_pretrained checkpoint)")
+    try:
+        cfg = AutoConfig.from_pretrained(path, local_files_only=True)
+        return AutoModel.from_pretrained(path, config=cfg, local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"{flag} {path!r} could not be loaded as a transformers checkpoint: {first}") from None
+
+
+def _load(args, torch):
+    from transformers import CLIPModel
+
+    from .errors import InputError
     from .models.configs import clip_config
 
     if args.model:
-        if not os.path.isdir(args.model):
-            raise SystemExit(f"fastenc: --model {args.model!r} is not a directory (a local save_pretrained checkpoint)")
-        cfg = AutoConfig.from_pretrained(args.model, local_files_only=True)
         if args.layers:
-            raise SystemExit("fastenc: --layers applies to random-weight shapes only, not to --model")
-        model = AutoModel.from_pretrained(args.model, config=cfg, local_files_only=True)
-        return model, args.model
-    if args.layers is not None and args.layers < 1:
-        raise SystemExit(f"fastenc: --layers must be >= 1, got {args.layers}")
+            raise InputError("--layers applies to random-weight shapes only, not to --model")
+        return load_checkpoint(args.model), args.model
     torch.manual_seed(0)
     model = CLIPModel(clip_config(args.shape, layers=args.layers))
     label = f"random-weight CLIP {args.shape}" + (f" reduced to {args.layers} layers" if args.layers else "")
     return model, label
 
 
+def _check_parity_args(args):
+    """Every argument check of demo / parity, before anything is loaded or re-executed."""
+    from .errors import InputError
+
+    if args.cmd == "parity" and not args.model:
+        raise InputError("--model PATH is required (use `fastenc demo` for random weights)")
+    for flag in ("batch", "layers", "seq"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise InputError(f"--{flag} must be >= 1, got {value}")
+    check_backend_env()
+    return parse_device(args.device)
+
+
 def cmd_parity(args) -> int:
     import torch
 
+    from .errors import InputError
+
+    device = _check_parity_args(args)
     if args.backend == "triton" and not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ:
         print("fastenc: no CUDA device; Triton kernels run on the CPU interpreter (slow; try --layers 1 --batch 2)")
         _reexec_with_interpreter(args.argv)
     import fastenc
     from fastenc.parity import clip_inputs, compare
 
-    if args.batch < 1:
-        raise SystemExit(f"fastenc: --batch must be >= 1, got {args.batch}")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, DTYPES[args.dtype])
     model, label = _load(args, torch)
+    if not type(model).__name__.startswith("CLIP"):
+        raise InputError(f"--model {args.model!r} holds a {type(model).__name__}; demo / parity take CLIP checkpoints")
+    text = getattr(model.config, "text_config", None) or model.config
+    top = getattr(text, "max_position_embeddings", None)
+    if args.seq is not None and top is not None and args.seq > top:
+        raise InputError(f"--seq {args.seq} is longer than the model's {top} text positions")
     model = model.to(device=device, dtype=dtype).eval()
     fast = fastenc.optimize(model, backend=args.backend, strict=args.strict)
     inputs = clip_inputs(model.config, args.batch, device=device, dtype=dtype, seq=args.seq)
@@ -108,14 +194,23 @@ def _reexec_with_interpreter(argv: list[str]) -> None:
 
 
 def main(argv=None) -> int:
+    """Run one subcommand. Bad input of any subcommand (a FastencError: InputError, UnsupportedModelError,
+    BackendUnavailableError) ends in one `fastenc <command>: error: ...` line and exit status 2; argparse's own
+    errors look the same. Anything else is a bug and keeps its traceback."""
+    from .errors import FastencError
+
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
     args.argv = argv
-    if args.cmd not in ("demo", "parity"):
+    try:
+        if args.cmd in ("demo", "parity"):
+            return cmd_parity(args)
         return args.func(args)
-    if args.cmd == "parity" and not args.model:
-        raise SystemExit("fastenc parity: --model PATH is required (use `fastenc demo` for random weights)")
-    return cmd_parity(args)
+    except FastencError as e:
+        return fail(args.cmd, e)
+    except KeyboardInterrupt:
+        print(f"fastenc {args.cmd}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -50,3 +50,103 @@ def test_unknown_attribute_is_still_an_attribute_error():
     with pytest.raises(AttributeError, match="no attribute 'nosuch'"):
         fastenc.nosuch  # noqa: B018
     assert {"export", "diagnostics"} <= set(fastenc.__all__)
+
+
+# --------------------------------------------------------------------------------------------------- CLI errors
+
+
+def run(argv, capsys) -> tuple[int, str]:
+    """fastenc.cli.main(argv) -> (exit status, stderr); argparse's own errors exit through SystemExit."""
+    try:
+        code = cli.main(argv)
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err
+    return code, err
+
+
+def assert_one_error_line(code, err, command, message):
+    assert code == 2, (code, err)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith(f"fastenc {command}: error: "), err
+    assert message in lines[0], err
+
+
+@pytest.fixture
+def empty_dir(tmp_path):
+    d = tmp_path / "no_config"
+    d.mkdir()
+    (d / "notes.txt").write_text("a folder without config.json")
+    return d
+
+
+def test_every_subcommand_reports_bad_input_in_one_line(empty_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("FASTENC_BACKEND", raising=False)
+    tiny = ["--shape", "tiny", "--layers", "1", "--batch", "1", "--backend", "torch"]
+    cases = [
+        (["demo", "--shape", "nosuch"], "demo", "invalid choice: 'nosuch'"),
+        (["demo", *tiny, "--device", "nosuch"], "demo", "--device 'nosuch' is not a device"),
+        (["demo", *tiny, "--device", "meta"], "demo", "fastenc runs on cpu or cuda"),
+        (["demo", *tiny, "--seq", "0"], "demo", "--seq must be >= 1, got 0"),
+        (["demo", *tiny, "--seq", "78"], "demo", "--seq 78 is longer than the model's 77 text positions"),
+        (["demo", "--shape", "tiny", "--batch", "0"], "demo", "--batch must be >= 1"),
+        (["demo", "--shape", "tiny", "--layers", "0"], "demo", "--layers must be >= 1"),
+        (["parity"], "parity", "--model PATH is required"),
+        (["parity", "--model", str(empty_dir), "--backend", "torch"], "parity", "could not be loaded"),
+        (["parity", "--model", str(tmp_path / "missing"), "--backend", "torch"], "parity", "is not a directory"),
+        (["probe", "--model", str(empty_dir), "--text-only", "--prompt", "a cat"], "probe", "could not be loaded"),
+        (["probe", "--model", str(empty_dir), "--text-only", "--prompt", "a cat", "--device", "nosuch"], "probe",
+         "is not a device"),
+        (["bench", "--report", str(tmp_path / "missing.jsonl")], "bench", "--report"),
+        (["bench", "--list", "--models", "nosuch"], "bench", "unknown ['nosuch']"),
+        (["bench", "--list", "--device", "nosuch"], "bench", "is not a device"),
+        (["tokens", "--tokenizer", str(tmp_path / "missing"), "a cat"], "tokens", "does not exist"),
+        (["export", "--shape", "tiny"], "export", "--out"),
+        (["export", "--shape", "nosuch", "--out", str(tmp_path / "m.onnx")], "export", "invalid choice"),
+    ]  # fmt: skip
+    for argv, command, message in cases:
+        code, err = run(argv, capsys)
+        assert_one_error_line(code, err, command, message)
+    (tmp_path / "empty.jsonl").write_text("\n")
+    assert_one_error_line(*run(["bench", "--report", str(tmp_path / "empty.jsonl")], capsys), "bench", "no rows")
+    (tmp_path / "bad.jsonl").write_text("{not json\n")
+    assert_one_error_line(*run(["bench", "--report", str(tmp_path / "bad.jsonl")], capsys), "bench", "not readable")
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a CUDA device")
+def test_cuda_device_on_a_machine_without_one(capsys):
+    for argv in (["demo", "--shape", "tiny", "--device", "cuda"], ["bench", "--list", "--device", "cuda:0"]):
+        code, err = run(argv, capsys)
+        assert_one_error_line(code, err, argv[0], "use --device cpu")
+
+
+def test_bogus_backend_variable_is_one_error_line(monkeypatch, capsys):
+    monkeypatch.setenv("FASTENC_BACKEND", "bogus")
+    code, err = run(["demo", "--shape", "tiny", "--layers", "1", "--batch", "1"], capsys)
+    assert_one_error_line(code, err, "demo", "$FASTENC_BACKEND must be one of")
+    assert "'bogus'" in err
+
+
+def test_demo_seq_is_honoured(capsys, monkeypatch):
+    monkeypatch.delenv("FASTENC_BACKEND", raising=False)
+    code = cli.main(["demo", "--shape", "tiny", "--layers", "1", "--batch", "2", "--seq", "5", "--backend", "torch",
+                     "--device", "cpu", "--json"])  # fmt: skip
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0 and report["ok"]
+    shapes = {f["name"]: f["shape"] for f in report["fields"]}
+    assert shapes["text_model_output.last_hidden_state"] == [2, 5, 64]
+
+
+def test_errors_through_the_console_entry_point(tmp_path):
+    """The real process: no traceback, exit status 2, for argparse errors and for the backend variable alike."""
+    for argv, env, message in (
+        (["demo", "--shape", "nosuch"], {}, "invalid choice"),
+        (["demo", "--shape", "tiny", "--layers", "1", "--batch", "1"], {"FASTENC_BACKEND": "bogus"}, "bogus"),
+        (["bench", "--report", str(tmp_path / "missing.jsonl")], {}, "is not a file"),
+    ):
+        proc = subprocess.run([sys.executable, "-m", "fastenc.cli", *argv], capture_output=True, text=True,
+                              timeout=600, env={**os.environ, **env})  # fmt: skip
+        assert proc.returncode == 2, (argv, proc.stderr)
+        assert "Traceback" not in proc.stderr and message in proc.stderr, proc.stderr
+        assert proc.stderr.strip().splitlines()[-1].startswith(f"fastenc {argv[0]}: error: "), proc.stderr

@@ -14,6 +14,7 @@ import re
 import sys
 from pathlib import Path
 
+from ..errors import FastencError, InputError
 from . import competitors as comp
 from . import matrix
 
@@ -31,7 +32,7 @@ def _ints(values: list[str] | None) -> list[int] | None:
     try:
         return [int(n) for n in names]
     except ValueError:
-        raise SystemExit(f"fastenc bench: expected integers, got {values}") from None
+        raise InputError(f"expected integers, got {values}") from None
 
 
 def add_bench_parser(subparsers) -> argparse.ArgumentParser:
@@ -89,14 +90,16 @@ def resolve(args):
     competitors = _names(args.competitors) or list(comp.QUICK_DEFAULT if quick else comp.GPU_DEFAULT)
     bad = [m for m in models if m not in matrix.MODELS] + [c for c in competitors if c not in comp.COMPETITORS]
     if bad:
-        raise SystemExit(
-            f"fastenc bench: unknown {bad}; models: {', '.join(matrix.MODELS)}; "
-            f"competitors: {', '.join(comp.COMPETITORS)}"
+        raise InputError(
+            f"unknown {bad}; models: {', '.join(matrix.MODELS)}; competitors: {', '.join(comp.COMPETITORS)}"
         )
     dtypes = _names(args.dtype) or list(matrix.QUICK_DTYPES if quick else matrix.DEFAULT_DTYPES)
     if set(dtypes) - set(matrix.DTYPES):
-        raise SystemExit(f"fastenc bench: --dtype takes {', '.join(matrix.DTYPES)}, got {dtypes}")
+        raise InputError(f"--dtype takes {', '.join(matrix.DTYPES)}, got {dtypes}")
     if args.device:
+        from ..cli import parse_device
+
+        parse_device(args.device)  # InputError for a string torch does not know, or CUDA where there is none
         device = args.device
     elif quick:
         device = "cpu"
@@ -106,16 +109,19 @@ def resolve(args):
         device = "cuda" if torch.cuda.is_available() else "cpu"
     for flag in ("warmup", "iters", "throughput_iters"):
         if getattr(args, flag) is not None and getattr(args, flag) < (1 if flag == "iters" else 0):
-            raise SystemExit(f"fastenc bench: --{flag.replace('_', '-')} is too small")
+            raise InputError(f"--{flag.replace('_', '-')} is too small")
     batches = _ints(args.batch) or list(matrix.QUICK_BATCHES if quick else matrix.DEFAULT_BATCHES)
     if min(batches) < 1:
-        raise SystemExit("fastenc bench: --batch values must be >= 1")
+        raise InputError("--batch values must be >= 1")
+    seqs = _ints(args.seq)
+    if seqs is not None and min(seqs) < 1:
+        raise InputError("--seq values must be >= 1")
     return BenchConfig(
         models=models,
         competitors=competitors,
         batches=batches,
         dtypes=dtypes,
-        seqs=_ints(args.seq),
+        seqs=seqs,
         device=device,
         warmup=args.warmup if args.warmup is not None else (1 if quick else 10),
         iters=args.iters if args.iters is not None else (5 if quick else 50),
@@ -147,12 +153,34 @@ def print_list(cfg) -> None:
 
 
 def cmd_bench(args) -> int:
+    """Handler of `fastenc bench`: 0, or 2 with one `fastenc bench: error: ...` line on bad input."""
+    try:
+        return _cmd_bench(args)
+    except FastencError as e:
+        from ..cli import fail
+
+        return fail("bench", e)
+
+
+def _read_report(path: Path) -> list:
+    from .runner import read_jsonl
+
+    if not path.is_file():
+        raise InputError(f"--report {str(path)!r} is not a file (a JSONL file of `fastenc bench --out` rows)")
+    try:
+        rows = read_jsonl(path)
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise InputError(f"--report {str(path)!r} is not readable as JSONL rows: {e}") from None
+    if not rows:
+        raise InputError(f"--report {str(path)!r} holds no rows")
+    return rows
+
+
+def _cmd_bench(args) -> int:
     from . import report
 
     if args.report is not None:
-        from .runner import read_jsonl
-
-        rows = report.latest(read_jsonl(args.report))
+        rows = report.latest(_read_report(args.report))
         written = report.write_report(rows, args.report, with_plots=not args.no_plots)
         print(written["text"])
         print(f"# wrote {written['markdown']} and {len(written['plots'])} plots")

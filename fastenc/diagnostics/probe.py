@@ -668,11 +668,11 @@ def add_probe_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _load_local(path: str):
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    if not os.path.isdir(path):
-        raise InputError(f"--model {path!r} is not a directory (a local save_pretrained checkpoint)")
-    model = AutoModel.from_pretrained(path, local_files_only=True)
+    from ..cli import load_checkpoint
+
+    model = load_checkpoint(path, "--model")  # InputError for a missing folder or one without a loadable model
     try:
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception as e:
@@ -697,8 +697,9 @@ def run_probe(args) -> int:
     try:
         return _run_probe(args)
     except FastencError as e:
-        print(f"fastenc probe: {e}", file=sys.stderr)
-        return 2
+        from ..cli import fail
+
+        return fail("probe", e)
 
 
 def _run_probe(args) -> int:
@@ -710,8 +711,12 @@ def _run_probe(args) -> int:
         raise InputError("--image is required unless --text-only")
     if args.image is not None and not os.path.isfile(args.image):
         raise InputError(f"--image {args.image!r} does not exist")
+    from ..cli import check_backend_env, parse_device
+
+    device = parse_device(args.device)
+    if not args.no_optimize:
+        check_backend_env()
     model, tok, image_processor = _load_local(args.model)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = model.to(device).eval()
     if not args.no_optimize:
         import fastenc

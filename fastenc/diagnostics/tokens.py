@@ -333,15 +333,14 @@ def add_tokens_parser(subparsers):
 
 def run_tokens(args) -> int:
     """`fastenc tokens`: 0 if the prompt fits (or --chunk is given), 1 if it would be truncated, 2 on bad input."""
-    import sys
-
     try:
         tokenizer = load_tokenizer(args.tokenizer)
         report = token_report(args.prompt, tokenizer, max_length=args.max_length, chunk_size=args.chunk_size)
         ids = chunk_prompt_ids(args.prompt, tokenizer, args.chunk_size) if args.chunk else None
     except InputError as exc:
-        print(f"fastenc tokens: {exc}", file=sys.stderr)
-        return 2
+        from ..cli import fail
+
+        return fail("tokens", exc)
     if args.json:
         d = report.to_dict()
         if not args.tokens:
