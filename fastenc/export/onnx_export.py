@@ -173,36 +173,23 @@ UNLOCKED_STALE_S = 3600.0  # a staging folder without a lock file (an older fast
 
 
 def _lock_held(lock: Path) -> bool | None:
-    """True if a live process holds `lock` (flock), False if nobody does, None if this cannot be told here."""
+    """True if a live process holds `lock` (flock), False if nobody does, None if this cannot be told here (no
+    fcntl, as on Windows: such folders are left alone)."""
     try:
         import fcntl
-    except ImportError:  # not POSIX: the pid written in the lock file decides
-        try:
-            pid = int(lock.read_text().split()[0])
-        except (OSError, ValueError, IndexError):
-            return None
-        return _pid_alive(pid)
+    except ImportError:
+        return None
     try:
         fd = os.open(lock, os.O_RDONLY)
     except OSError:
         return None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except OSError:  # EWOULDBLOCK: held; ENOLCK and the like (some network filesystems): treated as held
         return True
     finally:
         os.close(fd)  # also releases the probe's own lock
     return False
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # PermissionError: alive, another user's
-        return True
-    return True
 
 
 def remove_stale_staging(parent: Path) -> list[Path]:
@@ -254,7 +241,7 @@ def staging(parent: Path):
             import fcntl
 
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except ImportError:
+        except (ImportError, OSError):  # no flock here: the folder is then never judged stale (see _lock_held)
             pass
         os.replace(pending, tmp / _LOCK)
         yield tmp
