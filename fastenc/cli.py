@@ -105,14 +105,23 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_checkpoint_dir(path: str, flag: str = "--model") -> None:
+    """InputError unless `path` is a folder holding a config.json (cheap: before any progress bar or loading)."""
+    from .errors import InputError
+
+    if not os.path.isdir(path):
+        raise InputError(f"{flag} {path!r} is not a directory (a local save_pretrained checkpoint)")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise InputError(f"{flag} {path!r} has no config.json (a local save_pretrained checkpoint is expected)")
+
+
 def load_checkpoint(path: str, flag: str = "--model"):
     """AutoModel.from_pretrained of a local directory; InputError (one line, naming the flag) when it is not one."""
     from transformers import AutoConfig, AutoModel
 
     from .errors import InputError
 
-    if not os.path.isdir(path):
-        raise InputError(f"{flag} {path!r} is not a directory (a local save_pretrained checkpoint)")
+    check_checkpoint_dir(path, flag)
     try:
         cfg = AutoConfig.from_pretrained(path, local_files_only=True)
         return AutoModel.from_pretrained(path, config=cfg, local_files_only=True)

@@ -67,7 +67,9 @@ def run(argv, capsys) -> tuple[int, str]:
 
 def assert_one_error_line(code, err, command, message):
     assert code == 2, (code, err)
-    lines = [line for line in err.splitlines() if line.strip()]
+    # what a terminal shows: a progress bar redraws its line with \r and erases it when the command fails
+    lines = [line.split("\r")[-1] for line in err.split("\n")]
+    lines = [line for line in lines if line.strip()]
     assert len(lines) == 1 and "Traceback" not in err, err
     assert lines[0].startswith(f"fastenc {command}: error: "), err
     assert message in lines[0], err
@@ -83,6 +85,9 @@ def empty_dir(tmp_path):
 
 def test_every_subcommand_reports_bad_input_in_one_line(empty_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("FASTENC_BACKEND", raising=False)
+    bad_config = tmp_path / "bad_config"  # a config.json transformers cannot use
+    bad_config.mkdir()
+    (bad_config / "config.json").write_text('{"model_type": "nosuch-architecture"}')
     tiny = ["--shape", "tiny", "--layers", "1", "--batch", "1", "--backend", "torch"]
     cases = [
         (["demo", "--shape", "nosuch"], "demo", "invalid choice: 'nosuch'"),
@@ -93,9 +98,12 @@ def test_every_subcommand_reports_bad_input_in_one_line(empty_dir, tmp_path, cap
         (["demo", "--shape", "tiny", "--batch", "0"], "demo", "--batch must be >= 1"),
         (["demo", "--shape", "tiny", "--layers", "0"], "demo", "--layers must be >= 1"),
         (["parity"], "parity", "--model PATH is required"),
-        (["parity", "--model", str(empty_dir), "--backend", "torch"], "parity", "could not be loaded"),
+        (["parity", "--model", str(empty_dir), "--backend", "torch"], "parity", "has no config.json"),
+        (["parity", "--model", str(bad_config), "--backend", "torch"], "parity", "could not be loaded"),
         (["parity", "--model", str(tmp_path / "missing"), "--backend", "torch"], "parity", "is not a directory"),
-        (["probe", "--model", str(empty_dir), "--text-only", "--prompt", "a cat"], "probe", "could not be loaded"),
+        (["probe", "--model", str(empty_dir), "--text-only", "--prompt", "a cat"], "probe", "has no config.json"),
+        (["probe", "--model", str(bad_config), "--text-only", "--prompt", "a cat"], "probe", "could not be loaded"),
+        (["export", "--model", str(empty_dir), "--out", str(tmp_path / "m.onnx")], "export", "has no config.json"),
         (["probe", "--model", str(empty_dir), "--text-only", "--prompt", "a cat", "--device", "nosuch"], "probe",
          "is not a device"),
         (["bench", "--report", str(tmp_path / "missing.jsonl")], "bench", "--report"),
@@ -104,6 +112,7 @@ def test_every_subcommand_reports_bad_input_in_one_line(empty_dir, tmp_path, cap
         (["tokens", "--tokenizer", str(tmp_path / "missing"), "a cat"], "tokens", "does not exist"),
         (["export", "--shape", "tiny"], "export", "--out"),
         (["export", "--shape", "nosuch", "--out", str(tmp_path / "m.onnx")], "export", "invalid choice"),
+        (["export", "--model", str(bad_config), "--out", str(tmp_path / "m.onnx")], "export", "could not be loaded"),
     ]  # fmt: skip
     for argv, command, message in cases:
         code, err = run(argv, capsys)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -87,17 +86,11 @@ def _load_model(args):
     if args.layers is not None and args.layers < 1:
         raise InputError(f"--layers must be >= 1, got {args.layers}")
     if args.model:
-        from transformers import AutoConfig, AutoModel
+        from ..cli import load_checkpoint
 
-        if not os.path.isdir(args.model):
-            raise InputError(f"--model {args.model!r} is not a directory (a local save_pretrained checkpoint)")
         if args.layers:
             raise InputError("--layers applies to --shape models only")
-        try:
-            cfg = AutoConfig.from_pretrained(args.model, local_files_only=True)
-            model = AutoModel.from_pretrained(args.model, config=cfg, local_files_only=True)
-        except (OSError, ValueError, KeyError) as e:
-            raise InputError(f"--model {args.model!r} could not be loaded: {e}") from e
+        model = load_checkpoint(args.model, "--model")  # InputError: not a folder, no config.json, not loadable
         label = args.model
     else:
         shape = args.shape or "tiny"
@@ -176,6 +169,15 @@ def _run(args) -> int:
 
         _check_tensorrt()
 
+    if args.layers is not None and args.layers < 1:
+        raise InputError(f"--layers must be >= 1, got {args.layers}")
+    if args.model:
+        from ..cli import check_checkpoint_dir
+
+        if args.layers:
+            raise InputError("--layers applies to --shape models only")
+        check_checkpoint_dir(args.model, "--model")
+
     steps = 1 + (out is not None) + bool(args.tensorrt) + bool(args.triton_repo)
     bar = tqdm(total=steps, desc="fastenc export", disable=args.no_progress, file=sys.stderr)
 
@@ -225,6 +227,9 @@ def _run(args) -> int:
                 bar.set_description("parity (ONNX Runtime vs transformers)")
                 parity = onnx_parity(model, entry / "1" / "model.onnx")
                 result["parity"] = parity.to_dict()
+    except BaseException:
+        bar.leave = False  # an error line follows: no half-finished bar left on the screen above it
+        raise
     finally:
         bar.close()
 
