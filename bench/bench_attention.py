@@ -39,15 +39,32 @@ def flops(b: int, h: int, sq: int, sk: int, d: int, causal: bool) -> float:
     return 4.0 * b * h * pairs * d
 
 
-def make_inputs(b, h, s, d, dtype, *, mask: bool, bias: bool):
-    qkv = torch.randn(b, s, 3, h, d, dtype=dtype, device="cuda")
+def make_inputs(b, h, s, d, dtype, *, mask: bool, bias: bool, device="cuda"):
+    qkv = torch.randn(b, s, 3, h, d, dtype=dtype, device=device)
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, S, D), views
     kpm = None
     if mask:  # right padding: batch row i keeps its first len_i keys, len_i in [1, S]
-        lens = torch.randint(1, s + 1, (b,), device="cuda")
-        kpm = torch.arange(s, device="cuda")[None, :] < lens[:, None]  # (B, S) bool
-    bias_t = torch.randn(1, h, s, s, dtype=dtype, device="cuda") if bias else None  # T5-style position bias
+        lens = torch.randint(1, s + 1, (b,), device=device)
+        kpm = torch.arange(s, device=device)[None, :] < lens[:, None]  # (B, S) bool
+    bias_t = torch.randn(1, h, s, s, dtype=dtype, device=device) if bias else None  # T5-style position bias
     return q, k, v, kpm, bias_t
+
+
+def sdpa_mask(q, kpm, bias, causal):
+    """(SDPA's additive float attn_mask or None, is_causal): padding, bias and causal folded into one mask, since
+    SDPA takes one; with no mask, causal stays SDPA's is_causal flag."""
+    if kpm is None and bias is None:
+        return None, causal
+    mask = torch.zeros(1, 1, 1, 1, dtype=q.dtype, device=q.device)
+    if kpm is not None:
+        mask = mask.masked_fill(~kpm[:, None, None, :], float("-inf"))
+    if bias is not None:
+        mask = mask + bias
+    if causal:
+        s = q.shape[2]
+        tri = torch.ones(s, s, dtype=torch.bool, device=q.device).tril()
+        mask = mask.masked_fill(~tri, float("-inf"))
+    return mask, False
 
 
 def providers(q, k, v, kpm, bias, causal):
@@ -57,18 +74,7 @@ def providers(q, k, v, kpm, bias, causal):
     from fastenc.ops.attention import attention_reference
 
     scale = q.shape[-1] ** -0.5
-    sdpa_mask = None
-    if kpm is not None or bias is not None:  # SDPA takes one additive float mask (or a bool mask)
-        sdpa_mask = torch.zeros(1, 1, 1, 1, dtype=q.dtype, device=q.device)
-        if kpm is not None:
-            sdpa_mask = sdpa_mask.masked_fill(~kpm[:, None, None, :], float("-inf"))
-        if bias is not None:
-            sdpa_mask = sdpa_mask + bias
-        if causal:
-            s = q.shape[2]
-            tri = torch.ones(s, s, dtype=torch.bool, device=q.device).tril()
-            sdpa_mask = sdpa_mask.masked_fill(~tri, float("-inf"))
-    sdpa_causal = causal and sdpa_mask is None
+    attn_mask, sdpa_causal = sdpa_mask(q, kpm, bias, causal)
     return {
         "fastenc": lambda: fastenc.ops.attention(
             q, k, v, causal=causal, key_padding_mask=kpm, bias=bias, backend="triton", strict=True
@@ -82,7 +88,7 @@ def providers(q, k, v, kpm, bias, causal):
             q, k, v, causal=causal, key_padding_mask=kpm, bias=bias, scale=scale
         ),
         "sdpa": lambda: torch.nn.functional.scaled_dot_product_attention(
-            q, k, v, attn_mask=sdpa_mask, is_causal=sdpa_causal, scale=scale
+            q, k, v, attn_mask=attn_mask, is_causal=sdpa_causal, scale=scale
         ),
         "reference": lambda: attention_reference(q, k, v, kpm, bias, causal=causal, scale=scale),
     }

@@ -31,27 +31,27 @@ def flops(n: int, d: int) -> float:
     return 6.0 * n * n * d
 
 
-def make_step(provider: str, loss: str, n: int, d: int, dtype: torch.dtype):
+def make_step(provider: str, loss: str, n: int, d: int, dtype: torch.dtype, device="cuda"):
     """A closure running one forward + backward; inputs allocated here (unit features, scale 100, bias -10)."""
     import fastenc
     from fastenc.ops.contrastive import clip_loss_reference, siglip_loss_reference
 
-    i = torch.nn.functional.normalize(torch.randn(n, d, device="cuda"), dim=-1).to(dtype).requires_grad_()
-    t = torch.nn.functional.normalize(torch.randn(n, d, device="cuda"), dim=-1).to(dtype).requires_grad_()
-    s = torch.tensor(100.0, device="cuda", requires_grad=True)
-    b = torch.tensor(-10.0, device="cuda", requires_grad=True)
+    i = torch.nn.functional.normalize(torch.randn(n, d, device=device), dim=-1).to(dtype).requires_grad_()
+    t = torch.nn.functional.normalize(torch.randn(n, d, device=device), dim=-1).to(dtype).requires_grad_()
+    s = torch.tensor(100.0, device=device, requires_grad=True)
+    b = torch.tensor(-10.0, device=device, requires_grad=True)
     wrt = (i, t, s) if loss == "clip" else (i, t, s, b)
 
     def forward():
         if provider == "reference":  # logits in the feature dtype, as open_clip under autocast
             logits = s.to(dtype) * i @ t.T
             if loss == "clip":
-                labels = torch.arange(n, device="cuda")
+                labels = torch.arange(n, device=device)
                 return (
                     torch.nn.functional.cross_entropy(logits, labels)
                     + torch.nn.functional.cross_entropy(logits.T, labels)
                 ) / 2
-            labels = 2 * torch.eye(n, device="cuda", dtype=dtype) - 1
+            labels = 2 * torch.eye(n, device=device, dtype=dtype) - 1
             return -torch.nn.functional.logsigmoid(labels * (logits + b.to(dtype))).sum() / n
         backend = "triton" if provider == "fastenc" else "torch"
         if loss == "clip":
