@@ -130,6 +130,7 @@ TEST_STEPS = (
         {
             "args": ["-m", "gpu", "tests"],
             "dry_args": ["-m", "gpu", "-k", "norm_strided or fully_masked", "tests/test_cuda_ops.py"],
+            "max_s": 60,  # at most half the phase: the Triton-on-CUDA files get the rest
         },
     ),
     Step(
@@ -665,7 +666,7 @@ def phase_tests(s: Session) -> None:
 
     def run(s, step):
         args = step.spec["dry_args" if s.dry else "args"]
-        left = s.remaining() - 2
+        left = min(s.remaining() - 2, step.spec.get("max_s", float("inf")))
         cmd = [
             sys.executable,
             "-m",
@@ -697,6 +698,7 @@ def phase_tests(s: Session) -> None:
             f.flush()
             proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
             _CHILD_PROCS.append(proc)
+            s.row("pytest", status="running", pgid=proc.pid)  # the parent ends this group if the child dies first
             try:
                 rc, status = proc.wait(timeout=max(1.0, left)), "ok"
             except subprocess.TimeoutExpired:
@@ -1233,6 +1235,7 @@ def run_phase(
                 rc = proc.returncode
             with contextlib.suppress(OSError):  # anything of the child's group still running (compile workers)
                 os.killpg(proc.pid, signal.SIGKILL)
+            _end_orphans(rows_path, session_id, phase.name)
         mine = [
             r
             for r in read_rows(rows_path)
@@ -1277,6 +1280,21 @@ def run_phase(
         skip |= started | finished
         attempts += 1
     return {"status": status, "rc": rc, "wall_s": time.time() - t0, "attempts": attempts + 1, "notes": notes}
+
+
+def _end_orphans(rows_path: Path, session_id: str, phase: str) -> None:
+    """Kill the pytest process groups a phase's child started, should the child have died without ending them
+    (they run in their own session): by the ids the child recorded, and only if they still run pytest."""
+    for r in read_rows(rows_path):
+        if r.get("session") == session_id and r.get("phase") == phase and r.get("kind") == "pytest" and r.get("pgid"):
+            pid = int(r["pgid"])
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"pytest" in cmdline:
+                with contextlib.suppress(OSError):
+                    os.killpg(pid, signal.SIGKILL)
 
 
 def parent_main(args) -> int:

@@ -118,7 +118,7 @@ def test_dry_run_every_phase_and_step_has_rows_or_an_explicit_skip(dry):
         data = [r for r in rows if gs.row_phase(r) == p.name and r.get("kind") not in ("step", "phase", "phase_start")]
         assert data, f"phase {p.name} wrote no rows"
         for r in data:
-            assert r.get("status") in ("ok", "skipped", "start") or r.get("kind") == "test", r
+            assert r.get("status") in ("ok", "skipped", "start", "running") or r.get("kind") == "test", r
             if r.get("status") == "skipped":
                 assert isinstance(r.get("reason"), str) and len(r["reason"]) > 10, r
     assert not [r for r in rows if r.get("status") == "error"]
