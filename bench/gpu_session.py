@@ -1123,7 +1123,7 @@ def phase_losses(s: Session) -> None:
         loss, dname = step.spec["loss"], step.spec["dtype"]
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[dname]
         if s.dry:
-            dtype = torch.float32  # fp16 matmuls on the CPU are slow or missing; the dry run proves the wiring
+            dtype, dname = torch.float32, "fp32"  # fp16 matmuls on the CPU are slow or missing; this proves the wiring
         s.row("loss", **measure(loss, "fastenc", n_full, dtype, dname))
         n, status = n_full, None
         while n >= smallest:  # the materialised loss at the largest N that fits
@@ -1279,6 +1279,26 @@ def run_phase(
             break  # no progress (e.g. an import error), nothing left, or no time: give up on this phase
         skip |= started | finished
         attempts += 1
+    seen = {
+        r["step"]
+        for r in read_rows(rows_path)
+        if r.get("session") == session_id and r.get("phase") == phase.name and r.get("kind") == "step"
+    }
+    for st in phase.steps:  # every step ends with a row, the ones the phase never reached included
+        if st.name not in seen:
+            log_rows(
+                {
+                    "session": session_id,
+                    "phase": phase.name,
+                    "step": st.name,
+                    "kind": "step",
+                    "status": "skipped",
+                    "reason": f"skipped: not reached (the phase ended: {status})",
+                    "time": utc_now(),
+                    "commit": commit,
+                    "dry_run": args.dry_run,
+                }
+            )
     return {"status": status, "rc": rc, "wall_s": time.time() - t0, "attempts": attempts + 1, "notes": notes}
 
 

@@ -236,6 +236,18 @@ def test_a_crashed_child_is_restarted_and_a_hung_one_killed(tmp_path):
     assert ends[("losses", "clip-fp16")]["result"] == "ok"
     assert ends[("losses", "siglip-fp16")]["result"] == "timeout"
     assert [r for r in rows if r.get("kind") == "loss" and r["loss"] == "clip"]  # measured before the hang
+    for p in ("env", "losses"):  # every step ends with exactly one row, the one the hang kept it from included
+        for s in gs.PHASES_BY_NAME[p].steps:
+            final = [
+                r
+                for r in rows
+                if r.get("kind") == "step"
+                and (r["phase"], r["step"]) == (p, s.name)
+                and r["status"] in ("done", "skipped")
+            ]
+            assert len(final) == 1, (p, s.name, final)
+    last = [r for r in rows if r.get("kind") == "step" and r["step"] == "siglip-bf16"]
+    assert last[-1]["status"] == "skipped" and "not" in last[-1]["reason"]
     md = (tmp_path / gs.SUMMARY_FILE).read_text()
     assert "losses/siglip-fp16" in md and "env/versions" in md
 
