@@ -137,6 +137,99 @@ def test_torch_path_tiles_rows(monkeypatch):
             assert_close(g, w, atol=1e-6, rtol=1e-5, name=f"{kind} grad")
 
 
+def _near_zero_features(kind, n, d, noise=0.05, seed=1):
+    """Unit features with each text a slight perturbation of its image (positives ~0.999 cosine), so the loss is near
+    zero at a large scale, where lse - z_ii and log(1 + tiny) cancel in fp32. SigLIP: orthonormal images, so the
+    negatives sit at the bias (cosine ~0.006) and their softplus terms are ~1e-8 each."""
+    g = torch.Generator().manual_seed(seed)
+    if kind == "clip":
+        i = F.normalize(torch.randn(n, d, generator=g), dim=-1)
+    else:
+        i = torch.linalg.qr(torch.randn(d, d, generator=g))[0][:n].contiguous()
+    t = F.normalize(i + noise * torch.randn(n, d, generator=g), dim=-1)
+    return i, t
+
+
+def _float64_reference(kind, i, t, s, b):
+    """The dense formula in float64 (open_clip's / big_vision's math, exact to ~1e-16 relative here)."""
+    z = s * i.double() @ t.double().T
+    n = z.shape[0]
+    if kind == "clip":
+        lab = torch.arange(n)
+        return (F.cross_entropy(z, lab) + F.cross_entropy(z.T, lab)) / 2
+    y = 2 * torch.eye(n, dtype=z.dtype) - 1
+    return -F.logsigmoid(y * (z + b)).sum() / n
+
+
+# (kind, N, d, scale, bias, float64 loss). Relative error of the fp32 loss before the log1p forms (torch / triton):
+# 1.0e-1 / 2.0e-2, 62 / 12, 3.0e-1 / 9.8e-2, (not measured) / (not measured); open_clip's dense fp32: 2.2e-3,
+# 6.5e-1 (its own cancellation), 1.1e-7, ~1e-7. After: <= 5.3e-7 everywhere.
+NEAR_ZERO = [
+    ("clip", 37, 64, 20.0, 0.0, 5.21e-6),
+    ("clip", 37, 64, 30.0, 0.0, 9.28e-9),
+    ("siglip", 37, 64, 40.0, -18.0, 3.02e-6),
+    ("siglip", 37, 64, 40.0, -22.0, 3.91e-7),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind, n, d, scale, bias, expected", NEAR_ZERO, ids=lambda x: str(x))
+def test_fp32_precision_near_zero_loss(backend, kind, n, d, scale, bias, expected):
+    """Loss near zero: the fp32 loss within 1e-3 relative of the float64 dense reference (the cancelling forms were
+    10 % to 60x off), and the gradients within 1e-3 in norm (they were 6 % to 80 % off: CLIP's positive entry
+    softmax_ii - 1 came from the same rounded LSE)."""
+    i, t = _near_zero_features(kind, n, d)
+    i64, t64 = i.double().requires_grad_(), t.double().requires_grad_()
+    s64 = torch.tensor(scale, dtype=torch.float64, requires_grad=True)
+    b64 = torch.tensor(bias, dtype=torch.float64, requires_grad=True)
+    ref = _float64_reference(kind, i64, t64, s64, b64)
+    assert abs(ref.item() - expected) <= 0.01 * expected  # the regime the test is about
+    i, t = i.requires_grad_(), t.requires_grad_()
+    s, b = torch.tensor(scale, requires_grad=True), torch.tensor(bias, requires_grad=True)
+    out = _loss(kind, backend, i, t, s, b)
+    rel = abs(out.item() - ref.item()) / ref.item()
+    assert rel <= 1e-3, f"{kind} loss {out.item():.6e} vs float64 {ref.item():.6e}: relative error {rel:.2e}"
+    got = torch.autograd.grad(out, _wrt(kind, i, t, s, b))
+    want = torch.autograd.grad(ref, _wrt(kind, i64, t64, s64, b64))
+    for name, g, w in zip(["d_image", "d_text", "d_scale", "d_bias"], got, want, strict=False):
+        err = ((g.double() - w).norm() / w.norm()).item()
+        assert err <= 1e-3, f"{kind} {name}: relative error (norm) {err:.2e} vs float64"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_clip_single_pair_loss_is_exactly_zero(backend):
+    """N = 1: CLIP's loss is identically 0 (one candidate per row); it came out as 9.8e-4 (torch) / 2.9e-3
+    (triton) at |z| ~ 1e3, where lse and z_ii were rounded differently."""
+    g = torch.Generator().manual_seed(3)
+    i = (3 * torch.randn(1, 256, generator=g)).requires_grad_()
+    t = (3 * torch.randn(1, 256, generator=g)).requires_grad_()
+    s = torch.tensor(100.0, requires_grad=True)
+    out = _loss("clip", backend, i, t, s, None)
+    assert abs(out.item()) <= 1e-7, out.item()
+    for name, gr in zip(["d_image", "d_text", "d_scale"], torch.autograd.grad(out, (i, t, s)), strict=True):
+        assert gr.abs().max().item() <= 1e-7, (name, gr.abs().max().item())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_double_backward_raises_clear_error(backend, kind):
+    """create_graph=True gives the usual first-order gradients; differentiating them raises DoubleBackwardError
+    (it failed with "modified by an inplace operation" on torch and "does not require grad" on triton)."""
+    from fastenc.ops.contrastive import DoubleBackwardError
+
+    i, t, s, b = _inputs(9, 16, scale=10.0)
+    wrt = _wrt(kind, i, t, s, b)
+    plain = torch.autograd.grad(_loss(kind, backend, i, t, s, b), wrt)
+    first = torch.autograd.grad(_loss(kind, backend, i, t, s, b), wrt, create_graph=True)
+    for g, w in zip(first, plain, strict=True):
+        assert_close(g, w, atol=0.0, rtol=0.0, name="create_graph=True gradient")
+    with pytest.raises(DoubleBackwardError, match="double backward"):
+        torch.autograd.grad(first[0].square().sum(), i)
+    with pytest.raises(DoubleBackwardError, match="double backward"):
+        (first[0].sum() + first[2].sum()).backward()
+    assert issubclass(DoubleBackwardError, fastenc.errors.FastencError)
+
+
 def _bad(fn, match):
     with pytest.raises(fastenc.InputError, match=match):
         fn()

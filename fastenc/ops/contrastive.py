@@ -14,6 +14,12 @@ as G^T @ I per block: 1 matmul forward, 3 backward). The Triton kernels and `fas
 primitives instead (A's rows vs all of B; for distributed, A is this rank's shard and B the gathered batch): 2
 matmuls forward for CLIP, 4 backward, no atomics.
 logit_scale / logit_bias tensors are read with float() (a device sync on CUDA) and passed to the kernels as scalars.
+Precision near a zero loss, every backend: CLIP's per-row terms are logsumexp_j(z_ij - z_ii) in log1p form, SigLIP's
+softplus(-y z) per entry in log1p form (no lse - z_ii or softplus(z) + correction cancellation), and CLIP's positive
+entries of the gradient are expm1 of those terms; fp32 loss and gradients stay within ~1e-6 relative of float64 at
+losses of 1e-8 (tests/test_contrastive.py::test_fp32_precision_near_zero_loss). An N = 1 CLIP loss is exactly 0.
+No double backward: gradients taken with create_graph=True are right, differentiating them raises
+DoubleBackwardError.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .._dispatch import choose_backend, kernel_module
-from ..errors import InputError
+from ..errors import FastencError, InputError
 from ._common import FLOAT_DTYPES, check_tensor
 from ._library import fastenc_op
 
@@ -65,30 +71,56 @@ def _diag_index(r0: int, r1: int, offset: int, n_cols: int, device):
     return rows[keep] - r0, cols[keep]
 
 
+def _block_terms(z: torch.Tensor, z_pos: torch.Tensor, dim: int, buf: torch.Tensor):
+    """For the logits block z (positives already set to -inf) and the positives' logits z_pos along the other dim:
+    (m, acc) with m = max(0, max(z - z_pos)) and acc = sum exp(z - z_pos - m) over dim, i.e. the loss terms
+    log(1 + sum exp(z - z_pos)) = finish(m, acc) without the lse - z_pos cancellation (see kernels/contrastive.py).
+    Two passes over the block besides the max: exp(z - (z_pos + m)) written into buf, then its sum (z_pos + m
+    rounds like z itself, ~|z| * 6e-8, so this is as precise as subtracting z_pos first)."""
+    m = (z.amax(dim) - z_pos).clamp_min_(0.0)
+    acc = torch.sub(z, (z_pos + m).unsqueeze(dim), out=buf).exp_().sum(dim)
+    return m, acc
+
+
+def _finish_lse_terms(m: torch.Tensor, acc: torch.Tensor) -> torch.Tensor:
+    """log(exp(-m) + acc) + m, as log1p(acc) where m == 0 (the positive dominates: the result is near 0)."""
+    return torch.where(m > 0, m + torch.log(torch.exp(-m) + acc), torch.log1p(acc))
+
+
+def _check_positives(kind: str, n_a: int, n_b: int, offset: int) -> None:
+    if kind == "clip" and offset + n_a > n_b:
+        raise ValueError(f"clip row stats need every row's positive in b: offset {offset} + {n_a} rows > {n_b}")
+
+
 def torch_row_stats(kind: str, a, b, *, scale: float, bias: float = 0.0, offset: int = 0) -> torch.Tensor:
-    """Torch twin of kernels.contrastive.contrastive_row_stats, tiled over row blocks of a."""
+    """Torch twin of kernels.contrastive.contrastive_row_stats, tiled over row blocks of a: CLIP row loss terms
+    r_i = lse_i - z_ip (computed without cancellation), SigLIP row sums of softplus(-y z)."""
     a32, b32 = a.float(), b.float()
     n_a, n_b = a.shape[0], b.shape[0]
+    _check_positives(kind, n_a, n_b, offset)
     out = torch.empty(n_a, dtype=torch.float32, device=a.device)
     step = tile_rows(n_b)
     for r0 in range(0, n_a, step):
         r1 = min(n_a, r0 + step)
         z = a32[r0:r1] @ b32.T  # (t, N_b)
         z.mul_(scale).add_(bias)
+        ri, ci = _diag_index(r0, r1, offset, n_b, a.device)
         if kind == "clip":
-            out[r0:r1] = torch.logsumexp(z, dim=1)
+            z_pos = z[ri, ci]  # every row has its positive (checked above)
+            z[ri, ci] = float("-inf")
+            out[r0:r1] = _finish_lse_terms(*_block_terms(z, z_pos, 1, torch.empty_like(z)))
         else:
-            ri, ci = _diag_index(r0, r1, offset, n_b, a.device)
-            zd = z[ri, ci]
-            row = F.softplus(z).sum(1)  # negatives: -logsigmoid(-z) = softplus(z)
-            row.index_add_(0, ri, F.softplus(-zd) - F.softplus(zd))  # positives: softplus(-z) instead
-            out[r0:r1] = row
+            # -logsigmoid(y z) = softplus(-y z): softplus(z) for the negatives, softplus(-z) for the positives, each
+            # term computed directly (summing softplus(z) over all and correcting the positives cancels)
+            z[ri, ci] = -z[ri, ci]
+            out[r0:r1] = F.softplus(z).sum(1)
         del z
     return out
 
 
 def torch_row_grads(kind: str, a, b, stat_a, stat_b, *, scale: float, bias: float = 0.0, offset: int = 0, coef: float):
-    """Torch twin of kernels.contrastive.contrastive_row_grads: (dA fp32, ds rows, db rows)."""
+    """Torch twin of kernels.contrastive.contrastive_row_grads: (dA fp32, ds rows, db rows). CLIP's positive entries
+    are left out (g = 0 there); the caller adds them (see ContrastiveLossFunction.backward)."""
     a32, b32 = a.float(), b.float()
     n_a, n_b = a.shape[0], b.shape[0]
     da = torch.empty(n_a, a.shape[1], dtype=torch.float32, device=a.device)
@@ -103,7 +135,7 @@ def torch_row_grads(kind: str, a, b, stat_a, stat_b, *, scale: float, bias: floa
         if kind == "clip":
             g = torch.exp(z - stat_a[r0:r1, None])
             g += z.sub_(stat_b[None, :]).exp_()
-            g[ri, ci] -= 2.0
+            g[ri, ci] = 0.0
         else:
             zd = z[ri, ci]
             g = torch.sigmoid(z)  # negatives (y = -1): -y * sigmoid(-y z) = sigmoid(z)
@@ -121,25 +153,35 @@ def torch_row_grads(kind: str, a, b, stat_a, stat_b, *, scale: float, bias: floa
 
 
 def torch_fused_clip_stats(image, text, *, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Single-process torch path: (row LSE, column LSE) of scale * I @ T^T in one sweep over row blocks (one matmul
-    instead of the two the row primitive needs); column LSEs are combined across blocks with logaddexp."""
+    """Single-process torch path: (row loss terms, column loss terms) of z = scale * I @ T^T, r = lse - z_ii without
+    cancellation, in one sweep over row blocks (one matmul instead of the two the row primitive needs); the column
+    terms are folded across blocks online (running max >= 0 and sum of exp over the negatives)."""
     i32, t32 = image.float(), text.float()
     n = i32.shape[0]
-    lse_r = torch.empty(n, dtype=torch.float32, device=image.device)
-    lse_c = torch.full((n,), float("-inf"), dtype=torch.float32, device=image.device)
+    z_pos = (i32 * t32).sum(1).mul_(scale)  # (N,) positives, only subtracted: the positives themselves are masked
+    r_row = torch.empty(n, dtype=torch.float32, device=image.device)
+    m_c = torch.zeros(n, dtype=torch.float32, device=image.device)
+    acc_c = torch.zeros(n, dtype=torch.float32, device=image.device)
     step = tile_rows(n)
+    buf = torch.empty(min(step, n), n, dtype=torch.float32, device=image.device)
     for r0 in range(0, n, step):
         r1 = min(n, r0 + step)
         z = (i32[r0:r1] @ t32.T).mul_(scale)  # (t, N)
-        lse_r[r0:r1] = torch.logsumexp(z, dim=1)
-        torch.logaddexp(lse_c, torch.logsumexp(z, dim=0), out=lse_c)
+        ri, ci = _diag_index(r0, r1, 0, n, image.device)
+        z[ri, ci] = float("-inf")
+        r_row[r0:r1] = _finish_lse_terms(*_block_terms(z, z_pos[r0:r1], 1, buf[: r1 - r0]))
+        m_b, acc_b = _block_terms(z, z_pos, 0, buf[: r1 - r0])
+        m_new = torch.maximum(m_c, m_b)
+        acc_c = acc_c * torch.exp(m_c - m_new) + acc_b * torch.exp(m_b - m_new)
+        m_c = m_new
         del z
-    return lse_r, lse_c
+    return r_row, _finish_lse_terms(m_c, acc_c)
 
 
 def torch_fused_grads(kind: str, image, text, lse_r, lse_c, *, scale: float, bias: float, coef: float):
     """Single-process torch path: (dI, dT, ds, db) in one sweep over row blocks: per block one recompute of the
-    logits, dI_blk = G_blk @ T and dT += G_blk^T @ I_blk (3 matmuls in all instead of 4)."""
+    logits, dI_blk = G_blk @ T and dT += G_blk^T @ I_blk (3 matmuls in all instead of 4). CLIP's positive entries are
+    left out, as in torch_row_grads."""
     i32, t32 = image.float(), text.float()
     n = i32.shape[0]
     di = torch.empty_like(i32)
@@ -155,7 +197,7 @@ def torch_fused_grads(kind: str, image, text, lse_r, lse_c, *, scale: float, bia
         if kind == "clip":
             g = torch.exp(z - lse_r[r0:r1, None])
             g += z.sub_(lse_c[None, :]).exp_()
-            g[ri, ci] -= 2.0
+            g[ri, ci] = 0.0
         else:
             zd = z[ri, ci]
             g = torch.sigmoid(z)
@@ -188,9 +230,14 @@ def _primitives(backend: str):
 
 
 class LocalComm:
-    """Single process: this 'rank' holds the whole batch. fastenc.distributed supplies the multi-rank twin."""
+    """Single process: this 'rank' holds the whole batch. fastenc.distributed supplies the multi-rank twin.
+
+    feature_grad_scale / scalar_grad_scale multiply the gradients handed to the features and to logit_scale /
+    logit_bias (the data-parallel convention, see fastenc.distributed); 1 in a single process."""
 
     offset = 0
+    feature_grad_scale = 1.0
+    scalar_grad_scale = 1.0
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         return x
@@ -202,12 +249,40 @@ class LocalComm:
         return n_local
 
 
+class DoubleBackwardError(FastencError, NotImplementedError):
+    """A second derivative through fastenc's clip_loss / siglip_loss was requested (create_graph=True, then a
+    backward through the gradients): the tiled backward is not itself differentiable."""
+
+
+class _NoDoubleBackward(torch.autograd.Function):
+    """Identity on a gradient the loss returned under create_graph=True; differentiating it raises
+    DoubleBackwardError. Its inputs after the first are the loss's differentiable inputs, so the node lies on every
+    path a second derivative would take (autograd never prunes it away silently)."""
+
+    @staticmethod
+    def forward(ctx, grad, *inputs):
+        return grad.clone()
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise DoubleBackwardError(
+            "fastenc clip_loss / siglip_loss do not support double backward: their gradients were computed with "
+            "create_graph=True (that works) but are not differentiable themselves; compute second-order terms with "
+            "fastenc.ops.contrastive.clip_loss_reference / siglip_loss_reference"
+        )
+
+
 class ContrastiveLossFunction(torch.autograd.Function):
     """Tiled CLIP / SigLIP loss. Inputs: this rank's (image, text) rows; returns the loss of the global batch.
 
-    Forward: CLIP row LSEs of (I_local vs T_all) and column LSEs (T_local vs I_all), gathered to O(N) vectors;
-    SigLIP row sums. Backward: dI_local from (I_local, T_all), dT_local from (T_local, I_all), recomputing the tiles;
-    the scalar grads are all-reduced so every rank gets the full dL/ds, dL/db.
+    Forward: CLIP row loss terms r = lse - z_ii of (I_local vs T_all) and column terms (T_local vs I_all), computed
+    without the lse - z_ii cancellation, and the LSEs r + z_ii gathered to O(N) vectors for the backward; SigLIP
+    row sums. Backward: dI_local from (I_local, T_all), dT_local from (T_local, I_all), recomputing the tiles; CLIP's
+    positive entries g_ii = expm1(-r_row_i) + expm1(-r_col_i) are added here from the precise r (an O(N d) term);
+    the scalar grads are all-reduced so every rank gets the full dL/ds, dL/db. The results are multiplied by
+    comm.feature_grad_scale / comm.scalar_grad_scale (fastenc.distributed's data-parallel convention).
+    Double backward is not supported: under create_graph=True the gradients come back wrapped so that
+    differentiating them raises DoubleBackwardError.
     """
 
     @staticmethod
@@ -221,14 +296,14 @@ class ContrastiveLossFunction(torch.autograd.Function):
         fused = backend == "torch" and isinstance(comm, LocalComm)  # one sweep instead of two
         if kind == "clip":
             if fused:
-                lse_r, lse_c = torch_fused_clip_stats(image, text, scale=s)
+                r_row, r_col = torch_fused_clip_stats(image, text, scale=s)
             else:
-                lse_r = row_stats("clip", image, txt_all, scale=s, offset=off)  # (n_local,)
-                lse_c = row_stats("clip", text, img_all, scale=s, offset=off)
-            diag = (image.float() * text.float()).sum(1) * s
-            part = (lse_r - diag).sum() + (lse_c - diag).sum()
-            loss = comm.all_reduce(part.reshape(1))[0] / (2 * n)
-            ctx.stats = (lse_r, lse_c, comm.gather(lse_r), comm.gather(lse_c))
+                r_row = row_stats("clip", image, txt_all, scale=s, offset=off)  # (n_local,)
+                r_col = row_stats("clip", text, img_all, scale=s, offset=off)
+            dots = (image.float() * text.float()).sum(1)  # (n_local,) positive pairs' dot products
+            loss = comm.all_reduce((r_row.sum() + r_col.sum()).reshape(1))[0] / (2 * n)
+            lse_r, lse_c = r_row + s * dots, r_col + s * dots  # the LSEs the backward's off-diagonal terms need
+            ctx.stats = (r_row, r_col, dots, lse_r, lse_c, comm.gather(lse_r), comm.gather(lse_c))
         else:
             sp = row_stats("siglip", image, txt_all, scale=s, bias=b, offset=off)
             loss = comm.all_reduce(sp.sum().reshape(1))[0] / n
@@ -236,41 +311,58 @@ class ContrastiveLossFunction(torch.autograd.Function):
         ctx.kind, ctx.backend, ctx.comm, ctx.s, ctx.b, ctx.n, ctx.fused = kind, backend, comm, s, b, n, fused
         ctx.scale_meta = (logit_scale.dtype, logit_scale.shape) if isinstance(logit_scale, torch.Tensor) else None
         ctx.bias_meta = (logit_bias.dtype, logit_bias.shape) if isinstance(logit_bias, torch.Tensor) else None
-        ctx.save_for_backward(image, text, img_all, txt_all)
+        scalars = [x for x in (logit_scale, logit_bias) if isinstance(x, torch.Tensor)]
+        ctx.save_for_backward(image, text, img_all, txt_all, *scalars)
         return loss
 
     @staticmethod
     def backward(ctx, grad):
-        image, text, img_all, txt_all = ctx.saved_tensors
+        image, text, img_all, txt_all, *scalars = ctx.saved_tensors
+        with torch.no_grad():
+            gi, gt, gs, gb = ContrastiveLossFunction._grads(ctx, image, text, img_all, txt_all, grad)
+        if torch.is_grad_enabled():  # create_graph=True: first-order grads as usual, a second derivative raises
+            deps = [x for x in (grad, image, text, *scalars) if x.requires_grad]
+            if deps:
+                gi, gt, gs, gb = (None if g is None else _NoDoubleBackward.apply(g, *deps) for g in (gi, gt, gs, gb))
+        return None, None, None, gi, gt, gs, gb
+
+    @staticmethod
+    def _grads(ctx, image, text, img_all, txt_all, grad):
         _, row_grads = _primitives(ctx.backend)
         kw = dict(scale=ctx.s, bias=ctx.b, offset=ctx.comm.offset)
+        coef = 1.0 / (2 * ctx.n) if ctx.kind == "clip" else 1.0 / ctx.n
         if ctx.fused:
-            lse_r, lse_c = ctx.stats[:2] if ctx.kind == "clip" else (None, None)
-            coef = 1.0 / (2 * ctx.n) if ctx.kind == "clip" else 1.0 / ctx.n
+            lse_r, lse_c = ctx.stats[3:5] if ctx.kind == "clip" else (None, None)
             di, dt, ds_rows, db_rows = torch_fused_grads(
                 ctx.kind, image, text, lse_r, lse_c, scale=ctx.s, bias=ctx.b, coef=coef
             )
         elif ctx.kind == "clip":
-            lse_r, lse_c, lse_r_all, lse_c_all = ctx.stats
-            coef = 1.0 / (2 * ctx.n)
+            lse_r, lse_c, lse_r_all, lse_c_all = ctx.stats[3:]
             di, ds_rows, _ = row_grads("clip", image, txt_all, lse_r, lse_c_all, coef=coef, **kw)
             dt, _, _ = row_grads("clip", text, img_all, lse_c, lse_r_all, coef=coef, **kw)
             db_rows = ds_rows.new_zeros(1)
         else:
-            coef = 1.0 / ctx.n
             di, ds_rows, db_rows = row_grads("siglip", image, txt_all, None, None, coef=coef, **kw)
             dt, _, _ = row_grads("siglip", text, img_all, None, None, coef=coef, **kw)
+        if ctx.kind == "clip":  # the positives: (softmax_row_ii - 1) + (softmax_col_ii - 1), from the precise r
+            r_row, r_col, dots = ctx.stats[:3]
+            g_pos = (torch.expm1(-r_row) + torch.expm1(-r_col)) * coef  # (n_local,) dL/dz_ii
+            di = di + (g_pos * ctx.s)[:, None] * text.float()
+            dt = dt + (g_pos * ctx.s)[:, None] * image.float()
+            ds_rows = ds_rows.sum() + (g_pos * dots).sum()
         grad = grad.float()
-        gi = (di * grad).to(image.dtype) if ctx.needs_input_grad[3] else None
-        gt = (dt * grad).to(text.dtype) if ctx.needs_input_grad[4] else None
+        g_feat = grad * ctx.comm.feature_grad_scale
+        gi = (di * g_feat).to(image.dtype) if ctx.needs_input_grad[3] else None
+        gt = (dt * g_feat).to(text.dtype) if ctx.needs_input_grad[4] else None
         gs = gb = None
         if ctx.scale_meta is not None or ctx.bias_meta is not None:
             sums = ctx.comm.all_reduce(torch.stack([ds_rows.sum(), db_rows.sum()]))
+            g_scalar = grad * ctx.comm.scalar_grad_scale
             if ctx.needs_input_grad[5]:
-                gs = (sums[0] * grad).to(ctx.scale_meta[0]).expand(ctx.scale_meta[1]).clone()
+                gs = (sums[0] * g_scalar).to(ctx.scale_meta[0]).expand(ctx.scale_meta[1]).clone()
             if ctx.needs_input_grad[6]:
-                gb = (sums[1] * grad).to(ctx.bias_meta[0]).expand(ctx.bias_meta[1]).clone()
-        return None, None, None, gi, gt, gs, gb
+                gb = (sums[1] * g_scalar).to(ctx.bias_meta[0]).expand(ctx.bias_meta[1]).clone()
+        return gi, gt, gs, gb
 
 
 # ---------------------------------------------------------------------------------------------------- checks
@@ -286,8 +378,11 @@ def _check_scalar(name: str, x, device) -> None:
             raise InputError(f"{name} is on {x.device} but the features are on {device}")
 
 
-def check_loss_inputs(image_features, text_features, logit_scale, logit_bias=None, *, has_bias=False) -> None:
-    """Shared by fastenc.ops and fastenc.distributed: (N, d) features of one dtype, N equal, scalar scale/bias."""
+def check_loss_inputs(
+    image_features, text_features, logit_scale, logit_bias=None, *, has_bias=False, allow_empty=False
+) -> None:
+    """Shared by fastenc.ops and fastenc.distributed: (N, d) features of one dtype, N equal, scalar scale/bias.
+    allow_empty: N = 0 passes (fastenc.distributed checks the shard sizes of all ranks together)."""
     check_tensor("image_features", image_features, ndim=2, dtypes=FLOAT_DTYPES)
     check_tensor("text_features", text_features, ndim=2, dtypes=FLOAT_DTYPES, device=image_features.device)
     if text_features.dtype != image_features.dtype:
@@ -297,7 +392,7 @@ def check_loss_inputs(image_features, text_features, logit_scale, logit_bias=Non
             f"text_features must have image_features' shape (N, d)={tuple(image_features.shape)} (one positive "
             f"pair per row), got {tuple(text_features.shape)}"
         )
-    if image_features.shape[0] == 0:
+    if image_features.shape[0] == 0 and not allow_empty:
         raise InputError("image_features must have at least one row, got shape (0, d)")
     _check_scalar("logit_scale", logit_scale, image_features.device)
     if has_bias:
