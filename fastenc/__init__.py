@@ -9,7 +9,8 @@ print(t.counts)                               # {"triton.attention": 12, ...}
 import importlib as _importlib
 
 from . import distributed, integrations, ops
-from ._dispatch import FallbackWarning, available_backends, trace
+from ._dispatch import available_backends
+from ._trace import FallbackWarning, trace
 from .errors import BackendUnavailableError, FastencError, InputError, UnsupportedModelError
 from .integrations import register_transformers_attention
 from .optimize import optimize  # noqa: E402  (the function shadows its module's name, as intended)
@@ -20,7 +21,8 @@ __version__ = "0.1.0"
 
 # public subpackages, imported on first attribute access: `import fastenc` stays light (no onnx / onnxruntime, no
 # tokenizers or PIL for diagnostics) and `fastenc.export.to_onnx(...)` works without a separate import
-_SUBPACKAGES = ("diagnostics", "distributed", "export", "models", "ops")
+_SUBPACKAGES = ("diagnostics", "distributed", "export", "models", "ops", "pipelines")
+_LAZY = {"PromptCache": "pipelines"}  # name -> submodule holding it
 
 
 def __getattr__(name: str):
@@ -28,11 +30,15 @@ def __getattr__(name: str):
         module = _importlib.import_module(f".{name}", __name__)
         globals()[name] = module
         return module
+    if name in _LAZY:
+        value = getattr(_importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_SUBPACKAGES))
+    return sorted(set(globals()) | set(_SUBPACKAGES) | set(_LAZY))
 
 
 __all__ = [
@@ -40,6 +46,7 @@ __all__ = [
     "FallbackWarning",
     "FastencError",
     "InputError",
+    "PromptCache",
     "UnsupportedModelError",
     "available_backends",
     "diagnostics",
@@ -49,6 +56,7 @@ __all__ = [
     "models",
     "ops",
     "optimize",
+    "pipelines",
     "register_transformers_attention",
     "trace",
 ]

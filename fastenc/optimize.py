@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ._dispatch import check_backend_name
-from .errors import UnsupportedModelError
+from .errors import InputError, UnsupportedModelError
 from .graphs import GraphConfig, GraphRunner, graph_config, graphed_class
 from .models import FUSED_CLASSES, check_config
 from .models._base import Runtime, shallow_copy_as
@@ -24,6 +24,7 @@ def optimize(
     strict: bool = False,
     *,
     cuda_graphs: bool | GraphConfig = False,
+    prompt_cache=None,
 ) -> torch.nn.Module:
     """Return a model with the same forward signature and ModelOutput fields whose towers run fastenc's fused ops.
 
@@ -36,7 +37,19 @@ def optimize(
     SiglipModel's get_text_features / get_image_features) into a CUDA graph and replays it: batches pad up to
     buckets, outputs are fresh tensors unless GraphConfig(outputs="static"). Calls a graph cannot serve (CPU
     tensors, autograd, training, output_attentions) run eagerly with a FallbackWarning. See fastenc/graphs.py.
+
+    A diffusers `DiffusionPipeline` is optimized in place and returned (every supported encoder component swapped,
+    denoiser untouched; `prompt_cache=True` or a `fastenc.PromptCache` caches encoder outputs per prompt): see
+    fastenc/pipelines.py.
     """
+    from .pipelines import is_pipeline  # diffusers itself is never imported here
+
+    if is_pipeline(model):
+        from .pipelines import optimize_pipeline
+
+        return optimize_pipeline(model, backend, strict, cuda_graphs=cuda_graphs, prompt_cache=prompt_cache)
+    if prompt_cache is not None:
+        raise InputError("prompt_cache applies to diffusers pipelines; for one encoder use fastenc.PromptCache.attach")
     backend = check_backend_name(backend)
     if not isinstance(strict, bool):
         raise TypeError(f"strict must be a bool, got {type(strict).__name__}")
