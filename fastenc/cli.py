@@ -6,6 +6,8 @@ fastenc tokens --tokenizer PATH "prompt" [--chunk] [--json]     token budget, wh
 fastenc probe  --model PATH --prompt "..." [--image IMG] [--text-only] [--pairs FILE] [--json]
 fastenc export --model PATH | --shape NAME  --out DIR [--tower text|vision|joint] [--fp16] [--optimize] [...]
 fastenc bench  [--quick] [--models ...] [--competitors ...] [--batch ...] [--dtype ...] [--out FILE.jsonl] [--list]
+fastenc bench  --pipeline DIR [--prompt ...]      encode_prompt of a diffusers pipeline: eager vs fastenc (+ graphs)
+fastenc encode --pipeline DIR --prompt "..." [--negative-prompt "..."] [--out embeds.safetensors] [--json]
 
 Exit status: 0 on success, 1 when a parity check fails (tokens: the prompt is truncated), 2 on bad input (one line on
 stderr, `fastenc <command>: error: ...`, no traceback).
@@ -102,6 +104,9 @@ def _parser() -> argparse.ArgumentParser:
     add_probe_parser(sub)
     add_bench_parser(sub)
     add_export_parser(sub)
+    from .pipelines_cli import add_encode_parser
+
+    add_encode_parser(sub)
     return p
 
 

@@ -70,9 +70,11 @@ def optimize_pipeline(pipe, backend: str = "auto", strict: bool = False, *, cuda
     prompt_cache: None (none; an existing one is removed), True (a new `PromptCache()`), or a `PromptCache`
     (shareable between pipelines: its keys carry the weights' fingerprint). The pipeline's cache is
     `pipe._fastenc_prompt_cache`."""
+    from ._dispatch import check_backend_name
     from .models import FUSED_CLASSES
     from .optimize import optimize
 
+    backend = check_backend_name(backend)
     if prompt_cache is True:
         prompt_cache = PromptCache()
     elif prompt_cache is False:
@@ -490,10 +492,156 @@ def _assemble(rows: list, return_dict: bool):
     return out if return_dict else out.to_tuple()
 
 
+# ---------------------------------------------------------------------------------------------------- CLI helpers
+
+# what each pipeline's encode_prompt returns, in order (others are named output_0, output_1, ...)
+_OUTPUT_NAMES = {
+    "StableDiffusionPipeline": ("prompt_embeds", "negative_prompt_embeds"),
+    "StableDiffusionXLPipeline": (
+        "prompt_embeds",
+        "negative_prompt_embeds",
+        "pooled_prompt_embeds",
+        "negative_pooled_prompt_embeds",
+    ),
+    "StableDiffusion3Pipeline": (
+        "prompt_embeds",
+        "negative_prompt_embeds",
+        "pooled_prompt_embeds",
+        "negative_pooled_prompt_embeds",
+    ),
+    "FluxPipeline": ("prompt_embeds", "pooled_prompt_embeds", "text_ids"),
+}
+
+
+def load_pipeline(path, *, dtype: torch.dtype = torch.float32, device=None, flag: str = "--pipeline"):
+    """DiffusionPipeline.from_pretrained of a local folder (never downloads); InputError naming `flag` when diffusers
+    is missing or the folder is not a saved pipeline."""
+    path = Path(path)
+    if not path.is_dir():
+        raise InputError(f"{flag} {str(path)!r} is not a directory (a local DiffusionPipeline.save_pretrained folder)")
+    if not (path / "model_index.json").is_file():
+        raise InputError(f"{flag} {str(path)!r} has no model_index.json (a diffusers pipeline folder is expected)")
+    try:
+        import diffusers
+    except ImportError:
+        raise InputError(f"{flag} needs diffusers: pip install 'fastenc[diffusers]'") from None
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    bars = (dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled())
+    dlog.disable_progress_bar()  # a CLI prints its own lines
+    tlog.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():  # newer diffusers deprecate torch_dtype= in favour of dtype=; older lack it
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*")
+            pipe = diffusers.DiffusionPipeline.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"{flag} {str(path)!r} could not be loaded as a diffusers pipeline: {first}") from None
+    finally:
+        if bars[0]:
+            dlog.enable_progress_bar()
+        if bars[1]:
+            tlog.enable_progress_bar()
+    if device is not None:
+        pipe = pipe.to(device)
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def encode_prompt(
+    pipe,
+    prompt,
+    *,
+    negative_prompt=None,
+    num_images_per_prompt: int = 1,
+    clip_skip: int | None = None,
+    max_sequence_length: int | None = None,
+    device=None,
+) -> dict[str, torch.Tensor]:
+    """The pipeline's own `encode_prompt` with the options it takes, outputs by name ({"prompt_embeds": ...}).
+    Classifier-free guidance (negative embeddings) is on when `negative_prompt` is given."""
+    import inspect
+
+    if not hasattr(pipe, "encode_prompt"):
+        raise UnsupportedModelError(f"{type(pipe).__name__} has no encode_prompt")
+    params = inspect.signature(pipe.encode_prompt).parameters
+    device = device if device is not None else getattr(pipe, "_execution_device", None)
+    options = {
+        "device": device,
+        "num_images_per_prompt": num_images_per_prompt,
+        "do_classifier_free_guidance": negative_prompt is not None,
+        "negative_prompt": negative_prompt,
+        "clip_skip": clip_skip,
+        "max_sequence_length": max_sequence_length,
+    }
+    kwargs = {}
+    for name, value in options.items():
+        if name in params:
+            if value is not None or name == "clip_skip":
+                kwargs[name] = value
+        elif value is not None and name not in ("device", "do_classifier_free_guidance", "num_images_per_prompt"):
+            raise InputError(f"{type(pipe).__name__}.encode_prompt takes no {name}")
+    for name in ("prompt_2", "prompt_3"):  # required positionally by SD3 / FLUX; None: the main prompt
+        if name in params:
+            kwargs[name] = None
+    with torch.no_grad():
+        out = pipe.encode_prompt(prompt, **kwargs)
+    out = out if isinstance(out, tuple) else (out,)
+    names = _OUTPUT_NAMES.get(type(pipe).__name__, ())
+    return {
+        (names[i] if i < len(names) else f"output_{i}"): t for i, t in enumerate(out) if isinstance(t, torch.Tensor)
+    }
+
+
+class EncoderTimer:
+    """Context manager timing every call of a pipeline's encoder components (forward hooks; CUDA synchronized):
+    `timer.seconds` -> {component: total seconds}, `timer.calls` -> {component: calls}."""
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+        self.seconds: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+        self._handles = []
+
+    def __enter__(self):
+        import time
+
+        for name, comp in self.pipe.components.items():
+            if not isinstance(comp, torch.nn.Module) or _is_diffusers_model(comp):
+                continue
+
+            def pre(_m, _args, name=name):
+                _sync()
+                self._t0 = time.perf_counter()
+
+            def post(_m, _args, _out, name=name):
+                _sync()
+                self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - self._t0
+                self.calls[name] = self.calls.get(name, 0) + 1
+
+            self._handles += [comp.register_forward_pre_hook(pre), comp.register_forward_hook(post)]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 __all__ = [
     "ENCODER_COMPONENTS",
+    "EncoderTimer",
     "PromptCache",
+    "encode_prompt",
     "is_pipeline",
+    "load_pipeline",
     "optimize_pipeline",
     "restore_pipeline",
     "tensor_checksum",

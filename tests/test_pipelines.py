@@ -422,3 +422,63 @@ def test_flux_fp16_t5_stays_finite(dirs):
     err = (got.float() - want).abs().max().item()
     base_err = (base.float() - want).abs().max().item() if torch.isfinite(base).all() else float("inf")
     assert err < 2e-2 and base_err > 0.5, (err, base_err)
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+def test_cli_encode(dirs, pairs, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from fastenc.cli import main
+
+    out = tmp_path / "embeds.safetensors"
+    argv = ["encode", "--pipeline", str(dirs["sd3"]), "--prompt", "a red cat", "--prompt", "a dog"]
+    argv += ["--negative-prompt", "blurry", "--max-sequence-length", str(T5_LEN), "--backend", "torch"]
+    assert main(argv + ["--out", str(out), "--device", "cpu"]) == 0
+    text = capsys.readouterr().out
+    for name in ("text_encoder_3", "FastT5EncoderModel", "pooled_prompt_embeds", f"(2, {77 + T5_LEN}, 32)"):
+        assert name in text, text
+    got = load_file(str(out))
+    want = encode(pairs["sd3"][0], "sd3", ["a red cat", "a dog"], negative=["blurry", "blurry"])
+    names = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
+    assert sorted(got) == sorted(names)
+    for name, w in zip(names, want, strict=True):
+        assert_close(got[name], w, **FP32, name=name)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--pipeline", "/nonexistent/pipe"], "is not a directory"),
+        (["--clip-skip", "-1"], "--clip-skip must be >= 0"),
+        (["--max-sequence-length", "8"], "takes no max_sequence_length"),  # SD 1.x has no T5
+        (["--out", "/nonexistent/dir/e.safetensors"], "does not exist"),
+    ],
+)
+def test_cli_encode_bad_input(dirs, capsys, extra, message):
+    from fastenc.cli import main
+
+    argv = ["encode", "--pipeline", str(dirs["sd"]), "--prompt", "a cat", "--device", "cpu", *extra]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fastenc encode: error:") and message in err[0], err
+
+
+def test_cli_bench_pipeline(dirs, tmp_path, capsys):
+    import json
+
+    from fastenc.cli import main
+
+    out = tmp_path / "rows.jsonl"
+    argv = ["bench", "--pipeline", str(dirs["sdxl"]), "--iters", "1", "--warmup", "0", "--batch", "1,2"]
+    assert main(argv + ["--out", str(out), "--device", "cpu"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    got = {(r["competitor"], r["batch"]) for r in rows}
+    for b in (1, 2):
+        assert {("eager", b), ("fastenc", b), ("fastenc+prompt-cache-hit", b), ("fingerprint (all encoders)", b)} <= got
+    for r in rows:
+        assert r["bench"] == "encode_prompt" and r["pipeline"] == "StableDiffusionXLPipeline" and r["p50_ms"] > 0
+        if "max_abs_diff" in r:
+            assert r["max_abs_diff"] <= 1e-5, r
+    assert "| StableDiffusionXLPipeline | fastenc |" in capsys.readouterr().out

@@ -5,6 +5,7 @@ onnxruntime and TensorRT in one process; JSONL rows, a Markdown table and PNG pl
     fastenc bench --list                           # the matrix that would run, nothing timed
     fastenc bench --models clip-vit-l-14-text,clip-vit-l-14-vision --dtype fp16 --batch 1,32,256
     fastenc bench --report bench/results/models-h100.jsonl     # tables and plots again from stored rows
+    fastenc bench --pipeline /local/sdxl --dtype fp16 --batch 1,4   # encode_prompt: eager vs fastenc (+ graphs)
 """
 
 from __future__ import annotations
@@ -68,6 +69,12 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.add_argument("--report", type=Path, default=None, help="no run: tables and plots from this JSONL file")
     s.add_argument("--verbose", action="store_true", help="print tracebacks of error rows")
+    s.add_argument(
+        "--pipeline",
+        default=None,
+        help="a local diffusers pipeline folder: time its encode_prompt eager vs fastenc (+ CUDA graphs, cache hit)",
+    )
+    s.add_argument("--prompt", default=None, help="the prompt for --pipeline (default: a 20-word prompt)")
     s.set_defaults(func=cmd_bench)
     return s
 
@@ -177,6 +184,10 @@ def _read_report(path: Path) -> list:
 
 
 def _cmd_bench(args) -> int:
+    if args.pipeline is not None:
+        from .pipeline import cmd_bench_pipeline
+
+        return cmd_bench_pipeline(args)
     from . import report
 
     if args.report is not None:

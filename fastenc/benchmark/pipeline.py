@@ -1,0 +1,195 @@
+"""`fastenc bench --pipeline DIR`: a diffusers pipeline's `encode_prompt` timed eager (the untouched pipeline),
+through fastenc, through fastenc with CUDA graphs (CUDA only) and as a PromptCache hit, in one process on the same
+prompts; plus the cost of the cache's weights fingerprint. One JSON row per (competitor, batch, dtype).
+
+The fastenc variants are `from_pipe` copies of the loaded pipeline (components shared, so the weights are loaded once);
+`fastenc.optimize` swaps their encoders only. Each fastenc row carries `max_abs_diff`, its largest difference from the
+eager row's outputs (every tensor encode_prompt returns).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from ..errors import InputError
+
+PROMPT = "a photo of a red cat riding a blue horse under the night sky, highly detailed, cinematic lighting"
+
+
+def _fork(pipe):
+    """A pipeline object over the same component objects (diffusers' from_pipe; the constructor where missing)."""
+    cls = type(pipe)
+    if hasattr(cls, "from_pipe"):
+        new = cls.from_pipe(pipe)
+    else:
+        new = cls(**pipe.components)
+    if hasattr(new, "set_progress_bar_config"):
+        new.set_progress_bar_config(disable=True)
+    return new
+
+
+def _time(fn, warmup: int, iters: int, sync) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(iters):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        out.append((time.perf_counter() - t0) * 1e3)
+    return out
+
+
+def _pct(samples: list[float], q: float) -> float:
+    s = sorted(samples)
+    return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
+
+
+def bench_pipeline(
+    path,
+    *,
+    device: str = "cpu",
+    dtype: str = "fp32",
+    batches=(1,),
+    prompt: str = PROMPT,
+    negative: bool = True,
+    max_sequence_length: int | None = None,
+    warmup: int = 2,
+    iters: int = 10,
+    backend: str = "auto",
+    label: str = "",
+) -> list[dict]:
+    """Rows for one pipeline folder (see the module docstring)."""
+    import torch
+
+    import fastenc
+
+    from ..pipelines import encode_prompt, load_pipeline, weights_fingerprint
+    from .env import device_info, git_commit, utc_now, versions
+
+    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if dtype not in dtypes:
+        raise InputError(f"--dtype takes fp32, fp16 or bf16 with --pipeline, got {dtype!r}")
+    dev = torch.device(device)
+    eager = load_pipeline(path, dtype=dtypes[dtype], device=dev)
+    fast = fastenc.optimize(_fork(eager), backend=backend)
+    cache = fastenc.PromptCache()
+    cached = fastenc.optimize(_fork(eager), backend=backend, prompt_cache=cache)
+    competitors = {"eager": eager, "fastenc": fast, "fastenc+prompt-cache-hit": cached}
+    if dev.type == "cuda":
+        competitors["fastenc+cuda-graphs"] = fastenc.optimize(_fork(eager), backend=backend, cuda_graphs=True)
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+    env = {"commit": git_commit(), "time": utc_now(), "versions": versions(), "device": device_info(dev)}
+    env["versions"]["diffusers"] = __import__("diffusers").__version__
+    family = type(eager).__name__
+    encoders = list(fast._fastenc_components)
+    rows = []
+    for batch in batches:
+        prompts = [prompt] * batch if batch > 1 else prompt
+        kw = dict(
+            negative_prompt=(["blurry, low quality"] * batch if batch > 1 else "blurry, low quality")
+            if negative
+            else None,
+            max_sequence_length=max_sequence_length,
+            device=dev,
+        )
+        ref = encode_prompt(eager, prompts, **kw)
+        for name, pipe in competitors.items():
+            fn = lambda pipe=pipe, prompts=prompts, kw=kw: encode_prompt(pipe, prompts, **kw)  # noqa: E731
+            out = fn()  # warm: first-call costs, the cache's one miss per prompt
+            diff = max((out[k].float() - ref[k].float()).abs().max().item() for k in ref)
+            samples = _time(fn, warmup, iters, sync)
+            rows.append(_row(family, name, batch, dtype, dev, samples, label, env, encoders, max_abs_diff=diff))
+        fp_ms = _time(lambda: [weights_fingerprint(getattr(fast, n)) for n in encoders], 1, max(3, iters // 2), sync)
+        rows.append(_row(family, "fingerprint (all encoders)", batch, dtype, dev, fp_ms, label, env, encoders))
+    return rows
+
+
+def _row(family, competitor, batch, dtype, dev, samples, label, env, encoders, **extra) -> dict:
+    return {
+        "bench": "encode_prompt",
+        "pipeline": family,
+        "encoders": encoders,
+        "competitor": competitor,
+        "batch": batch,
+        "dtype": dtype,
+        "device": str(dev),
+        "p20_ms": round(_pct(samples, 0.2), 4),
+        "p50_ms": round(_pct(samples, 0.5), 4),
+        "p80_ms": round(_pct(samples, 0.8), 4),
+        "iters": len(samples),
+        "label": label,
+        "env": env,
+        **{k: (round(v, 8) if isinstance(v, float) else v) for k, v in extra.items()},
+    }
+
+
+def table(rows: list[dict]) -> str:
+    lines = [
+        "| pipeline | competitor | batch | dtype | device | p50 ms | p20 ms | p80 ms | vs eager | max abs diff |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    eager = {(r["pipeline"], r["batch"], r["dtype"]): r["p50_ms"] for r in rows if r["competitor"] == "eager"}
+    for r in rows:
+        base = eager.get((r["pipeline"], r["batch"], r["dtype"]))
+        timed_call = not r["competitor"].startswith("fingerprint")
+        speed = f"{base / r['p50_ms']:.2f}x" if timed_call and base and r["p50_ms"] > 0 else ""
+        diff = f"{r['max_abs_diff']:.2e}" if "max_abs_diff" in r else ""
+        lines.append(
+            f"| {r['pipeline']} | {r['competitor']} | {r['batch']} | {r['dtype']} | {r['device']} | "
+            f"{r['p50_ms']:.3f} | {r['p20_ms']:.3f} | {r['p80_ms']:.3f} | {speed} | {diff} |"
+        )
+    return "\n".join(lines)
+
+
+def append_rows(rows: list[dict], out: Path) -> None:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("a") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+
+
+def cmd_bench_pipeline(args) -> int:
+    """`fastenc bench --pipeline DIR [--prompt ...] [--batch 1,4] [--dtype fp16] [--device cuda] [--seq N]`."""
+    from .cli import _ints, _names
+
+    dtypes = _names(args.dtype) or ["fp32"]
+    batches = _ints(args.batch) or [1]
+    if min(batches) < 1:
+        raise InputError("--batch values must be >= 1")
+    seqs = _ints(args.seq)
+    if seqs is not None and (len(seqs) != 1 or seqs[0] < 1):
+        raise InputError("--seq with --pipeline takes one T5 max_sequence_length >= 1")
+    for flag in ("warmup", "iters"):
+        if getattr(args, flag) is not None and getattr(args, flag) < (1 if flag == "iters" else 0):
+            raise InputError(f"--{flag} is too small")
+    if args.device:
+        from ..cli import parse_device
+
+        device = str(parse_device(args.device))
+    else:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    rows = []
+    for dtype in dtypes:
+        rows += bench_pipeline(
+            args.pipeline,
+            device=device,
+            dtype=dtype,
+            batches=batches,
+            prompt=args.prompt or PROMPT,
+            max_sequence_length=seqs[0] if seqs else None,
+            warmup=args.warmup if args.warmup is not None else 2,
+            iters=args.iters if args.iters is not None else 10,
+            label=args.label,
+        )
+    print(table(rows))
+    if args.out is not None:
+        append_rows(rows, args.out)
+        print(f"# appended {len(rows)} rows to {args.out}")
+    return 0
