@@ -226,21 +226,34 @@ def weights_fingerprint(module: torch.nn.Module) -> str:
 
 
 class PromptCache:
-    """Per-prompt cache of encoder outputs, in memory (LRU over `max_entries` prompts) and optionally on disk
-    (`path`: one safetensors file per prompt and encoder, reloaded on a memory miss and kept across processes).
+    """Per-prompt cache of encoder outputs, in memory (LRU over at most `max_entries` entries and `max_bytes` bytes of
+    tensors, kept on the encoder's device) and optionally on disk (`path`: one safetensors file per prompt and
+    encoder, read back on a memory miss, so it survives the process). One entry is one prompt through one encoder;
+    a call with output_hidden_states=True (SD / SDXL / SD3 always ask) stores every layer's hidden states, e.g.
+    SDXL's OpenCLIP bigG 33 x 77 x 1280 fp16 = 6.5 MB per prompt, CLIP-L 13 x 77 x 768 = 1.5 MB.
 
     Attach it with `fastenc.optimize(pipe, prompt_cache=cache)` (or `cache.attach(module)` for a single encoder).
-    `cache.stats` -> {"hits", "misses", "disk_hits", "bypassed", "entries", "fingerprint_s"}; `cache.clear()` empties
-    memory (and the folder with disk=True). Keys carry the weights' fingerprint, so a changed weight never serves a
-    stale entry (old entries age out of the LRU); `check_weights=False` skips the fingerprint (keyed by the
-    parameters' identity instead: faster, but in-place weight edits then go unseen).
+    `cache.stats` -> {"hits", "misses", "disk_hits", "bypassed", "entries", "bytes", "fingerprint_s"};
+    `cache.clear()` empties memory (and the folder with disk=True). Keys carry the weights' fingerprint, so a changed
+    weight never serves a stale entry (old entries age out of the LRU); `check_weights=False` skips the fingerprint
+    (keyed by the parameters' identity instead: faster, but in-place weight edits then go unseen).
 
     Calls the cache cannot key (output_attentions=True, extra positional or keyword arguments, inputs_embeds, a
     module in training mode or autograd recording into its weights) run the encoder and count as `bypassed`."""
 
-    def __init__(self, max_entries: int = 1024, path: str | Path | None = None, *, check_weights: bool = True):
-        if not isinstance(max_entries, int) or isinstance(max_entries, bool) or max_entries < 1:
-            raise InputError(f"max_entries must be a positive int, got {max_entries!r}")
+    def __init__(
+        self,
+        max_entries: int = 1024,
+        path: str | Path | None = None,
+        *,
+        max_bytes: int = 2**30,
+        check_weights: bool = True,
+    ):
+        for arg, value in (("max_entries", max_entries), ("max_bytes", max_bytes)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise InputError(f"{arg} must be a positive int, got {value!r}")
+        self.max_bytes = max_bytes
+        self.nbytes = 0
         if not isinstance(check_weights, bool):
             raise InputError(f"check_weights must be a bool, got {check_weights!r}")
         self.max_entries = max_entries
@@ -264,6 +277,7 @@ class PromptCache:
             "disk_hits": self.disk_hits,
             "bypassed": self.bypassed,
             "entries": len(self._mem),
+            "bytes": self.nbytes,
             "fingerprint_s": round(self.fingerprint_s, 6),
         }
 
@@ -276,6 +290,7 @@ class PromptCache:
     def clear(self, disk: bool = False) -> None:
         with self._lock:
             self._mem.clear()
+            self.nbytes = 0
         if disk and self.path is not None:
             for f in self.path.glob("*.safetensors"):
                 f.unlink(missing_ok=True)
@@ -312,11 +327,16 @@ class PromptCache:
         return entry, True
 
     def _put(self, key: str, entry, write: bool = True) -> None:
+        size = sum(t.numel() * t.element_size() for t in entry[1].values())
         with self._lock:
+            old = self._mem.pop(key, None)
+            if old is not None:
+                self.nbytes -= sum(t.numel() * t.element_size() for t in old[1].values())
             self._mem[key] = entry
-            self._mem.move_to_end(key)
-            while len(self._mem) > self.max_entries:
-                self._mem.popitem(last=False)
+            self.nbytes += size
+            while len(self._mem) > 1 and (len(self._mem) > self.max_entries or self.nbytes > self.max_bytes):
+                _, dropped = self._mem.popitem(last=False)
+                self.nbytes -= sum(t.numel() * t.element_size() for t in dropped[1].values())
         if write and self.path is not None:
             _write_entry(self.path / f"{key}.safetensors", entry)
 
