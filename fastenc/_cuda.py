@@ -126,6 +126,19 @@ def _load() -> str:
     return how
 
 
+_load_hooks: list = []
+
+
+def on_load(hook) -> None:
+    """Call `hook()` once the CUDA ops are loaded (now, if they are): how the op layer adds backward formulas
+    without this module importing it."""
+    with _lock:
+        _load_hooks.append(hook)
+        loaded = "loaded" in _state
+    if loaded:
+        hook()
+
+
 def extension() -> str:
     """Load the CUDA ops (prebuilt, else JIT-built and cached) once per process; returns how they were loaded.
     Raises BackendUnavailableError with the reason when they cannot be."""
@@ -134,9 +147,8 @@ def extension() -> str:
             try:
                 how = _load()
                 _register_fakes()
-                from .ops._library import register_cuda_autograd
-
-                register_cuda_autograd()
+                for hook in _load_hooks:
+                    hook()
                 _state["loaded"] = how
             except _NoBuild as e:
                 _state["reason"] = str(e)

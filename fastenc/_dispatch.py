@@ -1,27 +1,35 @@
-"""Backend choice, fall-back policy and the `fastenc.trace()` kernel counter.
+"""Backend choice: which backends exist here, what was asked for (with $FASTENC_BACKEND), which one runs an op.
 
-Every public op in `fastenc.ops` calls `resolve_backend(...)` once per call and then `record(...)` with the backend
-that actually ran. A fall-back (the requested backend cannot run the op) warns once per (op, reason) or raises
-`BackendUnavailableError` when strict. Nothing here imports triton: the kernels are imported on first use, so
+Every public op in `fastenc.ops` calls `choose_backend(...)` once per call, which records the backend that ran (see
+`fastenc._trace`, where `trace()`, `record()` and the one fall-back policy `fall_back()` live). A fall-back (the
+requested backend cannot run the op) warns once per (op, reason) or raises `BackendUnavailableError` when strict.
+Nothing here imports triton: the kernels are imported on first use, so
 `TRITON_INTERPRET=1` may be set after `import fastenc`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import importlib.util
 import os
-import threading
-import warnings
-from collections import Counter
-from dataclasses import dataclass, field
 
 import torch
 
 from . import _cuda
 from ._compat import compile_disabled
-from .errors import BackendUnavailableError, InputError
+from ._trace import (  # noqa: F401 - re-exported: the trace and fall-back API's historical home
+    Fallback,
+    FallbackWarning,
+    Trace,
+    _active_traces,
+    fall_back,
+    record,
+    suspend_traces,
+    trace,
+    tracing,
+    warn_fallback,
+)
+from .errors import InputError
 
 BACKENDS = ("torch", "triton", "cuda")
 _REQUESTABLE = ("auto", *BACKENDS)
@@ -134,11 +142,9 @@ def resolve_backend(
     why = reason_for(want)
     if why is None:
         return want
-    if strict:
-        raise BackendUnavailableError(f"{op}: backend {want!r} cannot run: {why} (strict=True forbids fall-back)")
     order = [b for b in ("cuda", "triton", "torch") if BACKENDS.index(b) < BACKENDS.index(want)]
     chosen = next(b for b in order if reason_for(b) is None)
-    warn_fallback(op, want, chosen, why)
+    fall_back(op, want, chosen, why, strict=strict)
     return chosen
 
 
@@ -182,81 +188,3 @@ def choose_backend(
     which = resolve_backend(op, want, device, strict=strict, kernels=kernels, unsupported=unsupported)
     record(which, op)
     return which
-
-
-_warned: set[tuple[str, str, str]] = set()
-
-
-def warn_fallback(op: str, want: str, chosen: str, why: str) -> None:
-    """Record a fall-back in every active trace and warn once per (op, requested backend, reason)."""
-    for t in _active_traces():
-        t.fallbacks.append(Fallback(op, want, chosen, why))
-    key = (op, want, why)
-    if key not in _warned:
-        _warned.add(key)
-        warnings.warn(f"fastenc: {op} falls back from {want} to {chosen}: {why}", FallbackWarning, stacklevel=4)
-
-
-class FallbackWarning(UserWarning):
-    """An op ran on a slower backend than the one requested."""
-
-
-@dataclass
-class Fallback:
-    op: str
-    requested: str
-    ran: str
-    reason: str
-
-
-@dataclass
-class Trace:
-    """What ran inside a `fastenc.trace()` block: counts["triton.attention"] == number of calls."""
-
-    counts: Counter = field(default_factory=Counter)
-    fallbacks: list[Fallback] = field(default_factory=list)
-
-    def backends(self) -> dict[str, str]:
-        """op -> comma-joined backends that ran it."""
-        by_op: dict[str, list[str]] = {}
-        for key in self.counts:
-            b, op = key.split(".", 1)
-            by_op.setdefault(op, []).append(b)
-        return {op: ",".join(sorted(bs)) for op, bs in sorted(by_op.items())}
-
-
-_local = threading.local()
-
-
-def _active_traces() -> list[Trace]:
-    return getattr(_local, "traces", [])
-
-
-@contextlib.contextmanager
-def trace():
-    """Count the kernels that run inside the block (nested blocks each see every call)."""
-    t = Trace()
-    stack = list(_active_traces())
-    _local.traces = stack + [t]
-    try:
-        yield t
-    finally:
-        _local.traces = stack
-
-
-@contextlib.contextmanager
-def suspend_traces():
-    """Nothing inside the block is counted by the active `fastenc.trace()` blocks (CUDA-graph warm-up passes)."""
-    saved = _active_traces()
-    _local.traces = []
-    try:
-        yield
-    finally:
-        _local.traces = saved
-
-
-def record(backend: str, op: str, n: int = 1) -> None:
-    if torch.compiler.is_compiling():  # a compiled graph runs no Python: trace() counts eager calls only
-        return
-    for t in _active_traces():
-        t.counts[f"{backend}.{op}"] += n

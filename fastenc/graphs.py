@@ -57,8 +57,9 @@ from typing import Any, Protocol
 import torch
 from transformers.utils import ModelOutput
 
-from ._dispatch import record, suspend_traces, warn_fallback
-from .errors import BackendUnavailableError, InputError
+from ._trace import fall_back, record, suspend_traces
+from .errors import InputError
+from .models._base import structure_generation
 
 DEFAULT_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 GRAPHED_METHODS = ("forward", "get_text_features", "get_image_features")
@@ -274,7 +275,7 @@ class GraphRunner:
         self.graphs: OrderedDict[tuple, _Entry] = OrderedDict()
         self._lock = threading.RLock()
         self._depth = 0
-        self._weights: list[torch.Tensor] | None = None
+        self._weights: tuple[int, list[torch.Tensor]] | None = None
         self._fingerprint: tuple | None = None
         self._refused: dict[tuple, str] = {}  # key -> why its captured outputs could not be served
 
@@ -345,10 +346,7 @@ class GraphRunner:
         return self._outputs(entry, plan)
 
     def _fallback(self, model, method, args, kwargs, reason: str):
-        rt = model._fastenc
-        if rt.strict:
-            raise BackendUnavailableError(f"cuda_graph: {reason} (strict=True forbids falling back to eager)")
-        warn_fallback("cuda_graph", "cuda_graph", "eager", reason)
+        fall_back("cuda_graph", "cuda_graph", "eager", reason, strict=model._fastenc.strict)
         record("eager", "cuda_graph_fallback")
         return method(model, *args, **kwargs)
 
@@ -463,10 +461,12 @@ class GraphRunner:
         return key, plan
 
     def _tensors(self, model) -> list[torch.Tensor]:
-        """The model's parameters and buffers, listed once (walking the modules costs ~0.2 ms for CLIP-L)."""
-        if self._weights is None:
-            self._weights = [*model.parameters(), *model.buffers()]
-        return self._weights
+        """The model's parameters and buffers, listed again only after a parameter, buffer or module was assigned
+        somewhere (walking the modules costs ~0.2 ms for CLIP-L): a replaced parameter is then checked too."""
+        gen = structure_generation()
+        if self._weights is None or self._weights[0] != gen:
+            self._weights = (gen, [*model.parameters(), *model.buffers()])
+        return self._weights[1]
 
     def _check_weights(self, model) -> None:
         if not self.config.check_weights:

@@ -20,7 +20,7 @@ from utils import FP32, assert_close
 
 import fastenc
 import fastenc.integrations as fi
-from fastenc import _dispatch
+from fastenc import _trace
 from fastenc.integrations import transformers_attention as ta
 
 fi.register_transformers_attention()  # idempotent; fastenc/__init__ will call it at import
@@ -30,7 +30,7 @@ fi.register_transformers_attention()  # idempotent; fastenc/__init__ will call i
 def _settings(monkeypatch):
     """Each test starts from backend="auto", strict=False and leaves them so; fall-back warnings are not yet spent
     (FallbackWarning fires once per (op, backend, reason) per process)."""
-    monkeypatch.setattr(_dispatch, "_warned", set())
+    monkeypatch.setattr(_trace, "_warned", set())
     fi.register_transformers_attention()
     yield
     fi.register_transformers_attention()

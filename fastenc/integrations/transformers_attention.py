@@ -45,7 +45,8 @@ import weakref
 
 import torch
 
-from .._dispatch import check_backend_name, record, requested_backend, warn_fallback
+from .._dispatch import check_backend_name, requested_backend
+from .._trace import fall_back, record
 from ..errors import BackendUnavailableError, InputError
 from ..ops.attention import attention
 
@@ -189,11 +190,8 @@ def _fall_back(target: str, why: str, module, query, key, value, attention_mask,
     """Run transformers' own `target` ("eager" | "sdpa") attention, visibly."""
     ran = f"transformers_{target}"
     want = requested_backend(_settings["backend"])
-    if _settings["strict"]:
-        raise BackendUnavailableError(
-            f"attention (attn_implementation={ATTN_IMPLEMENTATION!r}): {why}; strict=True forbids falling back "
-            f"to transformers' {target} attention"
-        )
+    if _settings["strict"]:  # before anything runs
+        fall_back("attention", want, ran, f"(attn_implementation={ATTN_IMPLEMENTATION!r}) {why}", strict=True)
     if target == "eager":
         fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
         if fn is None:
@@ -203,12 +201,12 @@ def _fall_back(target: str, why: str, module, query, key, value, attention_mask,
             )
         # eager functions add the mask and never apply is_causal: give them the full additive mask
         attention_mask = _eager_mask(attention_mask, query, key, is_causal)
-        warn_fallback("attention", want, ran, why)
+        fall_back("attention", want, ran, why)
         record(ran, "attention")
         return fn(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kw)
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    warn_fallback("attention", want, ran, why)
+    fall_back("attention", want, ran, why)
     record(ran, "attention")
     return sdpa_attention_forward(
         module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kw

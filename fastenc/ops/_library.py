@@ -29,6 +29,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from .. import _cuda
 from .._compat import compile_disabled
 
 NAMESPACE = "fastenc"
@@ -127,10 +128,14 @@ def _row_grads_fake(kind, a, b, stat_a, stat_b, scale, bias, offset, coef):
 
 
 def _references():
-    from .activation import bias_activation_reference, gated_activation_reference
-    from .attention import attention_reference
-    from .cosine import cosine_similarity_reference
-    from .norm import layer_norm_reference, rms_norm_reference
+    from .reference import (
+        attention_reference,
+        bias_activation_reference,
+        cosine_similarity_reference,
+        gated_activation_reference,
+        layer_norm_reference,
+        rms_norm_reference,
+    )
 
     def attention_ref(q, k, v, kpm, bias, rb_table, rb_lut, causal, scale):
         return attention_reference(q, k, v, kpm, bias, rb_table, rb_lut, causal=causal, scale=scale)
@@ -300,7 +305,10 @@ def _cuda_references():
 
 
 def register_cuda_autograd() -> None:
-    """Backward formulas (vjp of the reference) for the CUDA extension's ops; `fastenc._cuda` calls this once,
-    right after loading the extension and registering its fakes."""
+    """Backward formulas (vjp of the reference) for the CUDA extension's ops; run by `fastenc._cuda` once, right
+    after loading the extension and registering its fakes (hooked in below: `_cuda` imports nothing from ops)."""
     for name, ref in _cuda_references().items():
         register_reference_autograd(f"fastenc_cuda::{name}", ref)
+
+
+_cuda.on_load(register_cuda_autograd)

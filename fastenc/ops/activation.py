@@ -2,51 +2,19 @@
 
 from __future__ import annotations
 
-import functools
-import math
-
-import torch
-import torch.nn.functional as F
-
 from .. import _cuda
 from .._dispatch import choose_backend, kernel_module
 from ..errors import InputError
+from . import _torch
 from ._common import FLOAT_DTYPES, check_tensor
 from ._library import fastenc_op
-
-ACTIVATIONS = ("quick_gelu", "gelu", "gelu_tanh", "relu")
-
-# transformers' config.hidden_act / dense_act_fn names -> ours. gelu_new, gelu_fast and gelu_pytorch_tanh are the
-# same tanh formula 0.5x(1 + tanh(sqrt(2/pi)(x + 0.044715x^3))) written three ways.
-HF_ACTIVATIONS = {
-    "quick_gelu": "quick_gelu",
-    "gelu": "gelu",
-    "gelu_new": "gelu_tanh",
-    "gelu_fast": "gelu_tanh",
-    "gelu_pytorch_tanh": "gelu_tanh",
-    "gelu_python_tanh": "gelu_tanh",
-    "relu": "relu",
-}
-
-_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
-
-
-def activation_reference(x: torch.Tensor, activation: str) -> torch.Tensor:
-    """The activation in fp32."""
-    if activation == "quick_gelu":
-        return x * torch.sigmoid(1.702 * x)
-    if activation == "gelu":
-        return F.gelu(x)
-    if activation == "gelu_tanh":
-        return F.gelu(x, approximate="tanh")
-    if activation == "relu":
-        return torch.relu(x)
-    raise InputError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-
-
-def bias_activation_reference(x, bias=None, *, activation):
-    h = x.float() if bias is None else x.float() + bias.float()
-    return activation_reference(h, activation).to(x.dtype)
+from .reference import (  # noqa: F401 - the references live in .reference; these names stay importable here
+    ACTIVATIONS,
+    HF_ACTIVATIONS,
+    activation_reference,
+    bias_activation_reference,
+    gated_activation_reference,
+)
 
 
 def bias_activation(x, bias, activation, *, backend=None, strict=False):
@@ -61,17 +29,11 @@ def bias_activation(x, bias, activation, *, backend=None, strict=False):
     reason = lambda: kernel_module("activation").bias_activation_unsupported_reason(x)
     cuda_reason = lambda: _cuda.bias_activation_unsupported_reason(x)
     which = choose_backend("bias_activation", x.device, backend, strict, reason, cuda_reason)
-    ref = functools.partial(bias_activation_reference, activation=activation)
     if which == "torch":
-        return ref(x, bias)
+        return _torch.bias_activation(x, bias, activation)
     if which == "cuda":
         return _cuda.bias_activation_forward(x, bias, activation)
     return fastenc_op("bias_activation")(x, bias, activation)
-
-
-def gated_activation_reference(gate, up, *, activation):
-    """act(gate) * up in fp32, output in gate.dtype (T5's DenseGatedActDense before `wo`)."""
-    return (activation_reference(gate.float(), activation) * up.float()).to(gate.dtype)
 
 
 def gated_activation(gate, up, activation, *, backend=None, strict=False):
@@ -90,9 +52,8 @@ def gated_activation(gate, up, activation, *, backend=None, strict=False):
     reason = lambda: kernel_module("activation").bias_activation_unsupported_reason(gate)
     cuda_reason = lambda: _cuda.bias_activation_unsupported_reason(gate)
     which = choose_backend("gated_activation", gate.device, backend, strict, reason, cuda_reason)
-    ref = functools.partial(gated_activation_reference, activation=activation)
     if which == "torch":
-        return ref(gate, up)
+        return _torch.gated_activation(gate, up, activation)
     if which == "cuda":
         return _cuda.gated_activation_forward(gate, up, activation)
     return fastenc_op("gated_activation")(gate, up, activation)

@@ -9,82 +9,19 @@ builds the lut with transformers' exact formula (fp32 log on the host), so bucke
 
 from __future__ import annotations
 
-import functools
-import math
-
 import torch
 
 from .. import _cuda
 from .._dispatch import choose_backend, kernel_module
 from ..errors import InputError
+from . import _torch
 from ._common import FLOAT_DTYPES, check_same_dtype, check_tensor
 from ._library import fastenc_op
-
-
-def relative_position_buckets(
-    sq: int, sk: int, *, bidirectional: bool = True, num_buckets: int = 32, max_distance: int = 128, device=None
-) -> torch.Tensor:
-    """(Sq + Sk - 1,) int32 bucket ids of the relative distances d = j - i (key minus query position), d running
-    from -(Sq - 1) to Sk - 1 and stored at index d + Sq - 1: the `rel_bias_lut` of `attention`.
-
-    Reproduces transformers' T5Attention._relative_position_bucket exactly (same fp32 ops in the same order)."""
-    d = torch.arange(-(sq - 1), sk, dtype=torch.long, device=device)  # j - i for every (i, j) pair
-    buckets = torch.zeros_like(d)
-    if bidirectional:
-        num_buckets //= 2
-        buckets = buckets + (d > 0).to(torch.long) * num_buckets
-        d = torch.abs(d)
-    else:
-        d = -torch.min(d, torch.zeros_like(d))
-    max_exact = num_buckets // 2
-    is_small = d < max_exact
-    large = max_exact + (
-        torch.log(d.float() / max_exact) / math.log(max_distance / max_exact) * (num_buckets - max_exact)
-    ).to(torch.long)
-    large = torch.min(large, torch.full_like(large, num_buckets - 1))
-    return (buckets + torch.where(is_small, d, large)).to(torch.int32)
-
-
-def relative_bias_reference(table: torch.Tensor, lut: torch.Tensor, sq: int, sk: int) -> torch.Tensor:
-    """The (1, H, Sq, Sk) bias the kernel never materialises: table[lut[j - i + Sq - 1], h]."""
-    i = torch.arange(sq, device=table.device)[:, None]
-    j = torch.arange(sk, device=table.device)[None, :]
-    idx = lut.long()[j - i + sq - 1]  # (Sq, Sk)
-    return table[idx].permute(2, 0, 1).unsqueeze(0)
-
-
-def attention_reference(
-    q, k, v, key_padding_mask=None, bias=None, rel_bias_table=None, rel_bias_lut=None, *, causal=False, scale=None
-):
-    """Plain-torch attention, fp32 math. Rows whose scores are all -inf (every key masked by the masks or a -inf
-    bias) give 0; NaN / inf in q, k, v or the bias stay NaN / inf in the rows they reach, as in SDPA.
-
-    q: (B, H, Sq, D), k/v: (B, H, Sk, D), key_padding_mask: (B, Sk) bool, True = attend,
-    bias: broadcastable to (B, H, Sq, Sk). causal masks key j > query i (top-left aligned, as torch SDPA).
-    rel_bias_table / rel_bias_lut: see the module docstring (materialised here: this is the reference).
-    """
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale  # (B, H, Sq, Sk)
-    if bias is not None:
-        s = s + bias.float()
-    if rel_bias_table is not None:
-        s = s + relative_bias_reference(rel_bias_table.float(), rel_bias_lut, s.shape[-2], s.shape[-1])
-    keep = None
-    if causal:
-        sq, sk = s.shape[-2:]
-        keep = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril()
-    if key_padding_mask is not None:
-        pad = key_padding_mask[:, None, None, :].to(torch.bool)
-        keep = pad if keep is None else keep & pad
-    if keep is not None:
-        s = s.masked_fill(~keep, float("-inf"))
-    # Fully masked rows are told apart from NaN by the scores, not the probabilities: softmax gives NaN for both, and
-    # p.nan_to_num(0) would also zero a row made NaN by a NaN / inf input. A row is dead when every score is -inf
-    # (the mask, a -inf bias, or -inf scores; torch's _safe_softmax rule, which the Triton kernel's l == 0 matches).
-    dead = (s == float("-inf")).all(dim=-1, keepdim=True)  # (B, H, Sq, 1)
-    p = torch.softmax(s, dim=-1).masked_fill(dead, 0.0)
-    o = torch.matmul(p, v.float()).masked_fill(dead, 0.0)  # 0, even where 0 * (NaN / inf in v) gave NaN
-    return o.to(q.dtype)
+from .reference import (  # noqa: F401 - the references live in .reference; these names stay importable here
+    attention_reference,
+    relative_bias_reference,
+    relative_position_buckets,
+)
 
 
 def attention(
@@ -168,9 +105,10 @@ def attention(
     reason = lambda: kernel_module("attention").attention_unsupported_reason(q, k, v, bias, rel_bias_table)
     cuda_reason = lambda: _cuda.attention_unsupported_reason(q, k, v, bias, rel_bias_table)
     which = choose_backend("attention", q.device, backend, strict, reason, cuda_reason)
-    ref = functools.partial(attention_reference, causal=causal, scale=scale)
     if which == "torch":
-        return ref(q, k, v, key_padding_mask, bias, rel_bias_table, rel_bias_lut)
+        return _torch.attention_op(
+            q, k, v, key_padding_mask, bias, rel_bias_table, rel_bias_lut, causal=causal, scale=scale
+        )
     if which == "cuda":  # short sequences, fp16/bf16, no bias: everything else took Triton above
         kpm = key_padding_mask
         return _cuda.attention_forward(q, k, v, causal=causal, key_padding_mask=kpm, bias=None, scale=scale)

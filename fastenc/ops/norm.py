@@ -6,16 +6,16 @@ With `residual`, both return (normed, summed) where summed = x + residual (round
 
 from __future__ import annotations
 
-import functools
-
-import torch
-import torch.nn.functional as F
-
 from .. import _cuda
 from .._dispatch import choose_backend, kernel_module
 from ..errors import InputError
+from . import _torch
 from ._common import FLOAT_DTYPES, check_tensor
 from ._library import fastenc_op
+from .reference import (  # noqa: F401 - the references live in .reference; these names stay importable here
+    layer_norm_reference,
+    rms_norm_reference,
+)
 
 
 def _check_norm_inputs(x, weight, bias, residual, eps):
@@ -40,24 +40,6 @@ def _check_norm_inputs(x, weight, bias, residual, eps):
         raise InputError(f"eps must be a non-negative float, got {eps!r}")
 
 
-def layer_norm_reference(x, weight, bias, residual=None, *, eps):
-    """F.layer_norm over the last dim (fp32 math, output in x.dtype); with residual -> (normed, x + residual)."""
-    s = x if residual is None else x + residual
-    w = weight.float()
-    y = F.layer_norm(s.float(), (s.shape[-1],), w, None if bias is None else bias.float(), eps).to(x.dtype)
-    return y if residual is None else (y, s)
-
-
-def rms_norm_reference(x, weight, residual=None, *, eps):
-    """T5LayerNorm: fp32 variance, no mean, no bias; half weights cast the normed value first, as transformers."""
-    s = x if residual is None else x + residual
-    h = s.float() * torch.rsqrt(s.float().pow(2).mean(-1, keepdim=True) + eps)
-    if weight.dtype in (torch.float16, torch.bfloat16):
-        h = h.to(weight.dtype)
-    y = (weight * h).to(x.dtype if weight.dtype == torch.float32 else weight.dtype)
-    return y if residual is None else (y, s)
-
-
 def _backend(op, x, backend, strict):
     return choose_backend(
         op,
@@ -72,10 +54,9 @@ def _backend(op, x, backend, strict):
 def layer_norm(x, weight, bias, eps, residual=None, *, backend=None, strict=False):
     """LayerNorm over the last dim. x: (..., N); weight, bias: (N,). residual: like x -> (normed, x + residual)."""
     _check_norm_inputs(x, weight, bias, residual, eps)
-    ref = functools.partial(layer_norm_reference, eps=float(eps))
     which = _backend("layer_norm", x, backend, strict)
     if which == "torch":
-        return ref(x, weight, bias, residual)
+        return _torch.layer_norm(x, weight, bias, float(eps), residual)
     if which == "cuda":
         y, s = _cuda.layer_norm_forward(x, weight, bias, float(eps), residual)
         return y if residual is None else (y, s)
@@ -86,10 +67,9 @@ def layer_norm(x, weight, bias, eps, residual=None, *, backend=None, strict=Fals
 def rms_norm(x, weight, eps, residual=None, *, backend=None, strict=False):
     """T5-style RMSNorm over the last dim. x: (..., N); weight: (N,). residual: like x -> (normed, x + residual)."""
     _check_norm_inputs(x, weight, None, residual, eps)
-    ref = functools.partial(rms_norm_reference, eps=float(eps))
     which = _backend("rms_norm", x, backend, strict)
     if which == "torch":
-        return ref(x, weight, residual)
+        return _torch.rms_norm(x, weight, float(eps), residual)
     if which == "cuda":
         y, s = _cuda.rms_norm_forward(x, weight, float(eps), residual)
         return y if residual is None else (y, s)

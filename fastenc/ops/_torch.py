@@ -1,0 +1,147 @@
+"""The torch backend of every tower op: the fastest plain-PyTorch kernel with the op's semantics, unchecked.
+
+These are what `backend="torch"` runs (the public ops call them after their input checks; fused models call them
+directly from a plan resolved once per model, see `fastenc.models._plan`). The explicit fp32 formulas in the op
+modules (`*_reference`) stay the definition the kernels and these functions are tested against.
+
+    attention: F.scaled_dot_product_attention, causal or with an additive bias built once per forward (`sdpa_mask`);
+               with a key-padding mask the explicit reference (SDPA cannot keep a masked key's inf / NaN out of the row)
+    layer_norm / bias_activation: F.layer_norm / the activation in the input dtype for fp32 inputs (nothing to
+               round), in fp32 with one rounding for fp16 / bf16 (the reference)
+    rms_norm / gated_activation: the references (T5's exact fp32-variance rule)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .reference import (
+    activation_reference,
+    attention_reference,
+    bias_activation_reference,
+    gated_activation_reference,
+    layer_norm_reference,
+    relative_bias_reference,
+    rms_norm_reference,
+)
+
+
+class SdpaMask:
+    """The masks of one attention call pattern, converted once per forward.
+
+    mask: None or an additive float mask broadcastable to (B, H, Sq, Sk) for F.scaled_dot_product_attention;
+    is_causal: SDPA's own causal flag. reference: (key_padding_mask, bias, causal) when a key-padding mask is present:
+    then the explicit reference runs instead of SDPA. SDPA adds its mask to the scores, so an inf / NaN at a masked
+    key would still reach the row, and it cannot tell a row whose scores are all -inf; the reference masks by
+    replacement and gives such rows 0 (fastenc's rule: NaN / inf reach exactly the rows that see them)."""
+
+    __slots__ = ("is_causal", "mask", "reference")
+
+    def __init__(self, mask, is_causal: bool, reference=None):
+        self.mask, self.is_causal, self.reference = mask, is_causal, reference
+
+
+def sdpa_mask(
+    key_padding_mask: torch.Tensor | None,
+    causal: bool,
+    sq: int,
+    sk: int,
+    device: torch.device,
+    *,
+    bias: torch.Tensor | None = None,
+    dtype: torch.dtype | None = None,
+) -> SdpaMask:
+    """The attention masks of one forward: causal (top-left aligned), key padding (B, Sk) bool True = attend (an
+    all-True mask on the CPU is dropped: the value check costs a host sync on a GPU), and an additive bias
+    broadcastable to (B, H, Sq, Sk), converted to `dtype` once."""
+    if (
+        key_padding_mask is not None
+        and key_padding_mask.device.type == "cpu"
+        and not torch.compiler.is_compiling()
+        and bool(key_padding_mask.all())
+    ):
+        key_padding_mask = None  # no padding: SDPA's causal / unmasked kernels apply
+    if bias is not None:
+        bias = bias.to(dtype)
+    if key_padding_mask is not None:
+        return SdpaMask(None, False, (key_padding_mask, bias, causal))
+    if bias is None:
+        return SdpaMask(None, causal)
+    if causal:
+        bias = bias.masked_fill(~torch.ones(sq, sk, dtype=torch.bool, device=device).tril(), float("-inf"))
+    return SdpaMask(bias, False)
+
+
+def attention(q, k, v, m: SdpaMask, scale: float) -> torch.Tensor:
+    """softmax(scale q k^T + mask) v. q: (B, H, Sq, D), k, v: (B, H, Sk, D) -> (B, H, Sq, D)."""
+    if m.reference is not None:
+        kpm, bias, causal = m.reference
+        return attention_reference(q, k, v, kpm, bias, causal=causal, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=m.mask, is_causal=m.is_causal, scale=scale)
+
+
+def attention_op(
+    q, k, v, key_padding_mask=None, bias=None, rel_bias_table=None, rel_bias_lut=None, *, causal=False, scale
+):
+    """The public op's torch backend (inputs already checked, key_padding_mask bool)."""
+    sq, sk = q.shape[2], k.shape[2]
+    if rel_bias_table is not None:
+        rel = relative_bias_reference(rel_bias_table, rel_bias_lut, sq, sk).to(q.dtype)  # (1, H, Sq, Sk)
+        bias = rel if bias is None else bias + rel
+    m = sdpa_mask(key_padding_mask, causal, sq, sk, q.device, bias=bias, dtype=q.dtype)
+    return attention(q, k, v, m, scale)
+
+
+def layer_norm(x, weight, bias, eps: float, residual=None):
+    """F.layer_norm over the last dim; with residual -> (normed, x + residual)."""
+    if x.dtype != torch.float32 or weight.dtype != torch.float32:
+        return layer_norm_reference(x, weight, bias, residual, eps=eps)
+    s = x if residual is None else x + residual
+    y = F.layer_norm(s, (s.shape[-1],), weight, bias, eps)
+    return y if residual is None else (y, s)
+
+
+def layer_norm_fp32(x, weight, bias, eps: float, residual=None):
+    """`layer_norm` for fp32 x and weights, with nothing to check: what a fused fp32 model's loop calls."""
+    if residual is None:
+        return torch.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+    s = x + residual
+    return torch.layer_norm(s, (s.shape[-1],), weight, bias, eps), s
+
+
+ACTIVATION_FNS = {  # fp32 activations as single expressions (the reference's formulas)
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": torch.relu,
+}
+
+
+def linear_activation_fn(dtype: torch.dtype, activation: str):
+    """act(x @ w^T + b) resolved for one dtype and activation: x, weight, bias -> output."""
+    if dtype != torch.float32:
+        return lambda x, w, b: bias_activation_reference(F.linear(x, w), b, activation=activation)
+    act, lin = ACTIVATION_FNS[activation], F.linear
+    return lambda x, w, b: act(lin(x, w, b))
+
+
+def rms_norm(x, weight, eps: float, residual=None):
+    return rms_norm_reference(x, weight, residual, eps=eps)
+
+
+def bias_activation(x, bias, activation: str):
+    if x.dtype != torch.float32:
+        return bias_activation_reference(x, bias, activation=activation)
+    return activation_reference(x if bias is None else x + bias, activation)
+
+
+def linear_activation(x, weight, bias, activation: str):
+    """act(x @ weight^T + bias): the bias rides in the GEMM for fp32 (one op fewer), the reference otherwise."""
+    if x.dtype == torch.float32 and weight.dtype == torch.float32:
+        return activation_reference(F.linear(x, weight, bias), activation)
+    return bias_activation_reference(F.linear(x, weight), bias, activation=activation)
+
+
+def gated_activation(gate, up, activation: str):
+    return gated_activation_reference(gate, up, activation=activation)
