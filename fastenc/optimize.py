@@ -8,7 +8,7 @@ from ._dispatch import check_backend_name
 from .errors import InputError, UnsupportedModelError
 from .graphs import GraphConfig, GraphRunner, graph_config, graphed_class
 from .models import FUSED_CLASSES, check_config
-from .models._base import Runtime, shallow_copy_as
+from .models._base import Runtime, prefuse, shallow_copy_as
 from .models._encoder import FastencModelMixin
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -70,7 +70,8 @@ def optimize(
     check_config(model)
     new = shallow_copy_as(model, fused if graphs is None else graphed_class(fused, base))
     new.__dict__.pop("_fastenc_graphs", None)  # re-optimizing a graphed model: never share its graphs
-    new._fastenc = Runtime(backend=backend, strict=strict)
+    new._fastenc = rt = Runtime(backend=backend, strict=strict)
+    prefuse(rt, model)  # q/k/v (and T5's wi_0/wi_1) become row blocks of one buffer, shared with `model`
     new._fastenc_base = base
     if graphs is not None:
         new._fastenc_graphs = GraphRunner(graphs)

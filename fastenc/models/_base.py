@@ -3,13 +3,15 @@ fused-QKV weight caching, input checks and the output-option plumbing of transfo
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from .._dispatch import Fallback, _active_traces, available_backends, check_backend_name, record
-from ..errors import BackendUnavailableError, InputError
+from .._dispatch import ENV_BACKEND, available_backends, check_backend_name
+from .._trace import fall_back, record, tracing
+from ..errors import InputError
 
 
 @dataclass
@@ -18,7 +20,22 @@ class Runtime:
 
     backend: str = "auto"
     strict: bool = False
-    qkv_cache: dict = field(default_factory=dict, repr=False)
+    fused: dict = field(default_factory=dict, repr=False)  # slot -> (data pointers, buffer), see fused_rows
+    _plan: tuple | None = field(default=None, repr=False, compare=False)  # ((device, $FASTENC_BACKEND), OpPlan)
+
+    def __getstate__(self):  # pickle / deepcopy: the settings; caches are rebuilt on first use
+        return {"backend": self.backend, "strict": self.strict, "fused": {}, "_plan": None}
+
+    def plan(self, device: torch.device):
+        """The ops resolved for `device` (see fastenc.ops._plan): built once, again only when the device or
+        $FASTENC_BACKEND changes."""
+        key = (device, os.environ.get(ENV_BACKEND))
+        p = self._plan
+        if p is None or p[0] != key:
+            from ..ops._plan import OpPlan
+
+            p = self._plan = (key, OpPlan(self.backend, self.strict, device))
+        return p[1]
 
     def __post_init__(self):
         self.backend = check_backend_name(self.backend)
@@ -32,51 +49,172 @@ class Runtime:
         return {"backend": self.backend, "strict": self.strict}
 
     def fallback(self, op: str, reason: str) -> None:
-        """An op of this model must run on torch for a reason of the call (not of the backend)."""
-        if self.strict and self.backend != "torch":
-            raise BackendUnavailableError(f"{op}: {reason}; strict=True forbids falling back to torch")
-        for t in _active_traces():
-            t.fallbacks.append(Fallback(op, self.backend, "torch", reason))
+        """An op of this model must run on torch for a reason of the call (not of the backend): warn and record
+        (or raise when strict), through the package's one fall-back policy."""
+        if self.backend != "torch":
+            fall_back(op, self.backend, "torch", reason, strict=self.strict)
+
+
+_generation = [0]
+
+
+def _bump(*_args):
+    _generation[0] += 1
+
+
+# Any parameter, buffer or submodule (re)assigned anywhere (setattr, register_*, load_state_dict(assign=True))
+# bumps one counter: caches of a model's tensor list (CUDA graphs' weight check) re-walk the model only then.
+torch.nn.modules.module.register_module_parameter_registration_hook(_bump)
+torch.nn.modules.module.register_module_buffer_registration_hook(_bump)
+torch.nn.modules.module.register_module_module_registration_hook(_bump)
+
+
+def structure_generation() -> int:
+    """A counter that changes whenever a parameter, buffer or submodule is registered on any module."""
+    return _generation[0]
 
 
 def shallow_copy_as(model: torch.nn.Module, cls: type) -> torch.nn.Module:
-    """A new module object of class `cls` whose parameters, buffers and submodules are the original's (no weight
-    is copied). Swapping submodules on the copy leaves the original untouched."""
+    """A new module object of class `cls` that shares the original's parameter, buffer and submodule dicts by
+    reference (no weight is copied): a parameter, buffer or submodule assigned on either object later (`model.x =
+    nn.Parameter(...)`, `load_state_dict(..., assign=True)`, `model.text_projection = nn.Linear(...)`) is seen by
+    both. Other attributes (config, training flag, hooks dicts) are copied shallowly at this moment."""
     new = cls.__new__(cls)
     new.__dict__ = dict(model.__dict__)
-    for key in ("_modules", "_parameters", "_buffers"):
-        new.__dict__[key] = type(model.__dict__[key])(model.__dict__[key])
     return new
 
 
-def _weight_key(*ts: torch.Tensor) -> tuple:
-    """What identifies a weight's contents: storage, version, dtype, device. Inference tensors (a model built or
-    loaded under torch.inference_mode()) keep no version counter; for them an in-place update is not seen."""
-    return tuple((t.data_ptr(), -1 if t.is_inference() else t._version, t.dtype, t.device) for t in ts)
+def fused_rows(rt: Runtime, slot, ts: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """torch.cat(ts) (row-wise) without a stale copy: ts become adjacent row blocks of one buffer (each parameter
+    keeps its identity, its `.data` is re-pointed once into the buffer), and the buffer itself is returned. Any
+    in-place edit of a parameter (`.data.mul_`, `copy_`, fused / foreach optimizers, `load_state_dict`) then lands
+    in the buffer; a parameter replaced or moved (`assign=True`, `.to()`, `p.data = ...`) no longer sits at the
+    recorded address, and the buffer is rebuilt. The check is the parameters' data pointers: the cached buffer
+    keeps its storage alive, so no other tensor can take those addresses.
 
-
-def cached_cat(rt: Runtime, slot, ts: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """torch.cat(ts), cached in `rt` under `slot` while the tensors keep their storage and version (a `.to()`,
-    `.half()` or an in-place update rebuilds it). With autograd on, the cat runs every call so gradients reach the
-    originals. Under torch.compile the cat is part of the graph: a cache keyed on storage pointers cannot be
-    traced, and a compiled graph holding a cached copy would miss in-place weight updates."""
+    With autograd recording into any of ts, under torch.compile, or when the tensors cannot be re-pointed
+    (inference tensors, mixed dtypes or devices, non-contiguous) the cat runs every call instead."""
     if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in ts)):
         return torch.cat(ts)
-    key = _weight_key(*ts)
-    hit = rt.qkv_cache.get(slot)
-    if hit is None or hit[0] != key:
-        hit = (key, torch.cat(ts).detach())
-        rt.qkv_cache[slot] = hit
-    return hit[1]
+    key = tuple(t.data_ptr() for t in ts)
+    hit = rt.fused.get(slot)
+    if hit is not None and hit[0] == key and hit[1].dtype == ts[0].dtype:
+        return hit[1]
+    t0 = ts[0]
+    if any(t.is_inference() or not t.is_contiguous() or t.dtype != t0.dtype or t.device != t0.device for t in ts):
+        rt.fused.pop(slot, None)
+        return torch.cat(ts)
+    rows = sum(t.shape[0] for t in ts)
+    with torch.inference_mode(False), torch.no_grad():
+        if _adjacent(ts):  # laid out already (by this model's optimize or another's over the same weights)
+            buf = torch.as_strided(t0.detach(), (rows, *t0.shape[1:]), t0.stride())
+        else:
+            buf = torch.cat([t.detach() for t in ts])
+            row = 0
+            for t in ts:
+                n = t.shape[0]
+                t.data = buf[row : row + n]  # same Parameter object, its storage is now the buffer's rows
+                row += n
+    rt.fused[slot] = (tuple(t.data_ptr() for t in ts), buf)
+    return buf
 
 
-def fused_qkv(rt: Runtime, attn) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(3D, D) weight and (3D,) bias of q_proj, k_proj, v_proj stacked, so one GEMM computes q, k and v (cached,
-    see `cached_cat`)."""
-    ws = (attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight)
-    bs = (attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias)
+def _adjacent(ts: tuple[torch.Tensor, ...]) -> bool:
+    """ts (contiguous, same dtype) are consecutive row blocks of one storage."""
+    storage = ts[0].untyped_storage().data_ptr()
+    end = ts[0].data_ptr()
+    for t in ts:
+        if t.data_ptr() != end or t.untyped_storage().data_ptr() != storage or t.shape[1:] != ts[0].shape[1:]:
+            return False
+        end += t.numel() * t.element_size()
+    return True
+
+
+def plain_linear(m) -> bool:
+    """True when `m` computes exactly F.linear(x, m.weight, m.bias): an nn.Linear with no hooks. Wrappers (LoRA,
+    quantized or parametrized linears) and hooked modules run as modules instead of through fused weights."""
+    return type(m) in _PLAIN_LINEARS and not (m._forward_hooks or m._forward_pre_hooks)
+
+
+_PLAIN_LINEARS = (torch.nn.Linear, torch.nn.modules.linear.NonDynamicallyQuantizableLinear)
+
+
+def fuse_linears(rt: Runtime, owner: torch.nn.Module, names: tuple[str, ...]):
+    """(W, b) of the linears `owner.<names>` stacked row-wise so one GEMM computes all of them (see `fused_rows`;
+    b is None unless every one has a bias), or None when one of them is not a plain linear (see `plain_linear`):
+    the caller then runs them as modules.
+
+    Hot path: the answer is kept per (owner, names) and reused while the structure generation is the same (no
+    module or parameter assigned anywhere since), no weight or bias moved (data pointers), no hook was added and
+    autograd does not record into the weights: a few attribute reads per call."""
+    slot = (id(owner), names)
+    hit = rt.fused.get(slot)
+    if hit is not None and hit[0] == structure_generation():
+        tensors, ptrs, out = hit[1], hit[2], hit[3]
+        if (
+            all(t.data_ptr() == p for t, p in zip(tensors, ptrs, strict=True))
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+            and _no_hooks(owner, names)
+        ):
+            return out
+    gen = structure_generation()
+    mods = owner._modules
+    ms = tuple(mods[n] for n in names)
+    if not all(plain_linear(m) for m in ms):
+        return None
+    ws = tuple(m._parameters["weight"] for m in ms)
+    bs = tuple(m._parameters.get("bias") for m in ms)
     has_bias = all(b is not None for b in bs)
-    return cached_cat(rt, (id(attn), "w"), ws), cached_cat(rt, (id(attn), "b"), bs) if has_bias else None
+    out = (fused_rows(rt, slot + ("w",), ws), fused_rows(rt, slot + ("b",), bs) if has_bias else None)
+    tensors = ws + bs if has_bias else ws
+    if not torch.compiler.is_compiling() and all(  # only a buffer that IS the weights' storage may be reused
+        f is None or f.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
+        for f, t in ((out[0], ws[0]), (out[1], bs[0]))
+    ):
+        rt.fused[slot] = (gen, tensors, tuple(t.data_ptr() for t in tensors), out)
+    return out
+
+
+def _no_hooks(owner: torch.nn.Module, names: tuple[str, ...]) -> bool:
+    """A hook can be added without registering anything: the cached answer re-checks (dict reads)."""
+    mods = owner._modules
+    for n in names:
+        m = mods[n]
+        if m._forward_hooks or m._forward_pre_hooks:
+            return False
+    return True
+
+
+FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("q", "k", "v"), ("wi_0", "wi_1"))  # CLIP / SigLIP, T5 attn, T5 FF
+
+
+def prefuse(rt: Runtime, model: torch.nn.Module) -> None:
+    """Lay out every group of FUSED_GROUPS in `model` as one buffer now (see `fused_rows`), so the first forward
+    (or a CUDA-graph capture) does not move weights."""
+    with torch.no_grad():
+        for m in model.modules():
+            mods = m._modules
+            for names in FUSED_GROUPS:
+                if all(n in mods for n in names):
+                    fuse_linears(rt, m, names)
+
+
+def project_activation(m, x: torch.Tensor, activation: str, plan) -> torch.Tensor:
+    """act(m(x)) through op plan `plan`: its fused linear + bias + activation when `m` is a plain linear."""
+    if plain_linear(m):
+        p = m._parameters
+        return plan.linear_activation(x, p["weight"], p["bias"], activation)
+    return plan.bias_activation(project(m, x), None, activation)
+
+
+def project(m, x: torch.Tensor) -> torch.Tensor:
+    """m(x) for a linear layer: F.linear on its weights when it is a plain nn.Linear, else the module's own forward
+    (so a LoRA / quantized / hooked linear is honoured)."""
+    if plain_linear(m):
+        p = m._parameters
+        return linear(x, p["weight"], p["bias"])
+    record("torch", "module")
+    return m(x)
 
 
 def attention_with_probs(q, k, v, *, causal, key_padding_mask, scale, dropout_p=0.0, training=False):
@@ -91,7 +229,10 @@ def attention_with_probs(q, k, v, *, causal, key_padding_mask, scale, dropout_p=
         keep = pad if keep is None else keep & pad
     if keep is not None:
         s = s.masked_fill(~keep, float("-inf"))
-    p = torch.softmax(s, dim=-1).nan_to_num(0.0).to(q.dtype)
+    p = torch.softmax(s, dim=-1)
+    if keep is not None:  # rows with no visible key give 0, not NaN; a NaN in q, k or v still comes out as NaN
+        p = p.masked_fill(~keep.any(-1, keepdim=True), 0.0)
+    p = p.to(q.dtype)
     pd = F.dropout(p, p=dropout_p, training=training) if dropout_p > 0 else p
     return torch.matmul(pd, v), p
 
@@ -133,7 +274,8 @@ def check_device(name: str, t: torch.Tensor, device: torch.device) -> None:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """GEMMs stay on cuBLAS (torch); counted in traces as torch.linear so every op of the tower is visible."""
-    record("torch", "linear")
+    if tracing():
+        record("torch", "linear")
     return F.linear(x, weight, bias)
 
 
@@ -144,13 +286,18 @@ def norm_eps(module) -> float:
 __all__ = [
     "Runtime",
     "attention_with_probs",
-    "cached_cat",
     "check_device",
     "check_no_extra_kwargs",
-    "fused_qkv",
+    "fuse_linears",
+    "fused_rows",
     "hidden_state_selection",
     "linear",
     "norm_eps",
+    "plain_linear",
+    "prefuse",
+    "project",
+    "project_activation",
     "resolve_output_flags",
     "shallow_copy_as",
+    "structure_generation",
 ]

@@ -4,20 +4,28 @@ checks and embeddings, and the mixin every fused model class carries."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .. import ops
-from .._dispatch import record
+from .._trace import record, tracing
 from ..errors import InputError, UnsupportedModelError
 from ._base import (
     Runtime,
     attention_with_probs,
     check_device,
     check_no_extra_kwargs,
-    fused_qkv,
+    fuse_linears,
     hidden_state_selection,
     linear,
+    plain_linear,
+    project,
+    project_activation,
     resolve_output_flags,
+    shallow_copy_as,
+    structure_generation,
 )
+
+QKV = ("q_proj", "k_proj", "v_proj")
 
 
 def encoder_layers_forward(
@@ -38,21 +46,34 @@ def encoder_layers_forward(
 
     hidden_states / attentions: lists to append each layer's output / probabilities to, or None."""
     b, s, d = x.shape
+    plan = rt.plan(x.device)
+    slow = attentions is not None or (training and dropout_p > 0)
+    mask = None if slow else plan.mask(key_padding_mask, causal, s, s, x.device)  # converted once per forward
+    layer_norm, attention = plan.layer_norm, plan.attention
+    if not slow and not tracing():
+        weights = layer_weights(rt, layers)
+        if weights is not None:
+            return _fast_layers(weights, x, plan, mask, activation, hidden_states)
     delta = None
     for layer in layers:
-        attn = layer.self_attn
-        ln1, ln2 = layer.layer_norm1, layer.layer_norm2
+        mods = layer._modules  # dict reads, no nn.Module.__getattr__ in the loop
+        attn, ln1, ln2, mlp = mods["self_attn"], mods["layer_norm1"], mods["layer_norm2"], mods["mlp"]
+        w1, w2 = ln1._parameters, ln2._parameters
         if delta is None:
-            h = ops.layer_norm(x, ln1.weight, ln1.bias, ln1.eps, **rt.kw)
+            h = layer_norm(x, w1["weight"], w1["bias"], ln1.eps, None)
         else:
-            h, x = ops.layer_norm(delta, ln1.weight, ln1.bias, ln1.eps, residual=x, **rt.kw)
+            h, x = layer_norm(delta, w1["weight"], w1["bias"], ln1.eps, x)
             if hidden_states is not None:
                 hidden_states.append(x)
-        w_qkv, b_qkv = fused_qkv(rt, attn)
         nh = attn.num_heads
-        qkv = linear(h, w_qkv, b_qkv).view(b, s, 3, nh, d // nh)  # (B, S, 3, H, Dh)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, S, Dh), strided views
-        if attentions is not None or (training and dropout_p > 0):
+        fused = fuse_linears(rt, attn, QKV)
+        if fused is not None:
+            qkv = linear(h, *fused).view(b, s, 3, nh, d // nh)  # (B, S, 3, H, Dh)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, S, Dh), strided views
+        else:  # a wrapped (LoRA, quantized) or hooked projection runs as its module
+            am = attn._modules
+            q, k, v = (project(am[n], h).view(b, s, nh, d // nh).transpose(1, 2) for n in QKV)
+        if slow:
             reason = "output_attentions=True needs the probabilities" if attentions is not None else "attention dropout"
             rt.fallback("attention", reason)
             record("torch", "attention")
@@ -69,14 +90,83 @@ def encoder_layers_forward(
             if attentions is not None:
                 attentions.append(p)
         else:
-            o = ops.attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=attn.scale, **rt.kw)
+            o = attention(q, k, v, mask, attn.scale)
         o = o.transpose(1, 2).reshape(b, s, d)  # (B, S, D), free for the kernel's (B, S, H, Dh) output
-        a = linear(o, attn.out_proj.weight, attn.out_proj.bias)
-        h, x = ops.layer_norm(a, ln2.weight, ln2.bias, ln2.eps, residual=x, **rt.kw)
-        mlp = layer.mlp
-        f = ops.bias_activation(linear(h, mlp.fc1.weight), mlp.fc1.bias, activation, **rt.kw)
-        delta = linear(f, mlp.fc2.weight, mlp.fc2.bias)
+        a = project(attn._modules["out_proj"], o)
+        h, x = layer_norm(a, w2["weight"], w2["bias"], ln2.eps, x)
+        fc = mlp._modules
+        delta = project(fc["fc2"], project_activation(fc["fc1"], h, activation, plan))
     return x, delta
+
+
+def layer_weights(rt: Runtime, layers) -> list[tuple] | None:
+    """Per layer, the tensors `_fast_layers` reads, collected once per model and reused while they are current:
+    the structure generation is the same (no module or parameter assigned anywhere), the fused q/k/v buffers still
+    are the weights' storage (data pointers), no linear got a hook, and autograd does not record into the weights.
+    None when a layer has a linear that must run as a module (or autograd records): the general loop runs then."""
+    key = ("layers", id(layers))
+    cache = rt.fused.get(key)
+    if cache is not None and cache[0] == structure_generation() and cache[1] is layers:
+        fused, ptrs, hooks, weights = cache[2], cache[3], cache[4], cache[5]
+        if (
+            tuple(map(_data_ptr, fused)) == ptrs
+            and not any(hooks)  # the linears' forward (pre-)hook dicts, all empty
+            and not (torch.is_grad_enabled() and any(map(_requires_grad, fused)))
+        ):
+            return weights
+    gen = structure_generation()
+    weights, fused, linears = [], [], []
+    for layer in layers:
+        mods = layer._modules
+        attn, ln1, ln2, mlp = mods["self_attn"], mods["layer_norm1"], mods["layer_norm2"], mods["mlp"]
+        am, fm = attn._modules, mlp._modules
+        lins = (am["q_proj"], am["k_proj"], am["v_proj"], am["out_proj"], fm["fc1"], fm["fc2"])
+        if not all(map(plain_linear, lins)):
+            return None
+        qkv = fuse_linears(rt, attn, QKV)
+        if qkv is None or qkv[1] is None or qkv[0].requires_grad:  # a per-call cat (autograd): nothing to keep
+            return None
+        p1, p2 = ln1._parameters, ln2._parameters
+        po, pf1, pf2 = (m._parameters for m in lins[3:])
+        weights.append(
+            (p1["weight"], p1["bias"], ln1.eps, *qkv, attn.num_heads, attn.scale, po["weight"], po["bias"],
+             p2["weight"], p2["bias"], ln2.eps, pf1["weight"], pf1["bias"], pf2["weight"], pf2["bias"])
+        )  # fmt: skip
+        fused.extend(m._parameters["weight"] for m in lins[:3])
+        fused.extend(m._parameters["bias"] for m in lins[:3])
+        linears.extend(lins)
+    fused = tuple(fused)
+    hooks = tuple(d for m in linears for d in (m._forward_hooks, m._forward_pre_hooks))
+    rt.fused[key] = (gen, layers, fused, tuple(map(_data_ptr, fused)), hooks, weights)
+    return weights
+
+
+_data_ptr = torch.Tensor.data_ptr
+
+
+def _requires_grad(t) -> bool:
+    return t.requires_grad
+
+
+def _fast_layers(weights, x, plan, mask, activation, hidden_states):
+    """The loop of `encoder_layers_forward` over prevalidated plain layers: tensors and prebound callables only."""
+    b, s, d = x.shape
+    layer_norm, linear_act, attention = plan.untraced(x.dtype, activation)
+    lin = F.linear
+    x = x.reshape(b * s, d)  # (B S, D): 2-D GEMMs go straight to addmm
+    delta = None
+    for w1, b1, e1, wqkv, bqkv, nh, scale, wo, bo, w2, b2, e2, wf1, bf1, wf2, bf2 in weights:
+        if delta is None:
+            h = layer_norm(x, w1, b1, e1, None)
+        else:
+            h, x = layer_norm(delta, w1, b1, e1, x)
+            if hidden_states is not None:
+                hidden_states.append(x.view(b, s, d))
+        q, k, v = lin(h, wqkv, bqkv).view(b, s, 3, nh, d // nh).permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, S, Dh)
+        o = attention(q, k, v, mask, scale).transpose(1, 2).reshape(b * s, d)  # (B S, D)
+        h, x = layer_norm(lin(o, wo, bo), w2, b2, e2, x)
+        delta = lin(linear_act(h, wf1, bf1), wf2, bf2)
+    return x.view(b, s, d), delta.view(b, s, d)
 
 
 def activation_of(config, attr: str = "hidden_act") -> str:
@@ -123,7 +213,7 @@ def text_embeddings(tower, input_ids, attention_mask, position_ids):
         if not isinstance(attention_mask, torch.Tensor):
             raise InputError(f"attention_mask must be a tensor, got {type(attention_mask).__name__}")
         check_device("attention_mask", attention_mask, device)
-        if attention_mask.numel() != input_ids.numel():
+        if attention_mask.shape != shape:
             raise InputError(
                 f"attention_mask must have input_ids' shape {tuple(shape)}, got {tuple(attention_mask.shape)}"
             )
@@ -193,7 +283,8 @@ def text_transformer(tower, rt: Runtime, input_ids, attention_mask, position_ids
 def final_norm(norm, x, delta, hidden, rt: Runtime):
     """norm(x + delta) with the add fused; the sum (the last layer's output) is appended to hidden as transformers
     reports it, before the norm."""
-    last, x = ops.layer_norm(delta, norm.weight, norm.bias, norm.eps, residual=x, **rt.kw)
+    p = norm._parameters
+    last, x = rt.plan(x.device).layer_norm(delta, p["weight"], p["bias"], norm.eps, x)
     if hidden is not None:
         hidden.append(x)
     return last
@@ -216,12 +307,9 @@ class FastencModelMixin:
     _fastenc_base: type
 
     def save_pretrained(self, *args, **kwargs):
-        fast_cls = self.__class__
-        self.__class__ = self._fastenc_base
-        try:
-            return self._fastenc_base.save_pretrained(self, *args, **kwargs)
-        finally:
-            self.__class__ = fast_cls
+        # a throwaway object of the original class over the same weights: this object is never mutated, so other
+        # threads running forward keep seeing the fused class
+        return shallow_copy_as(self, self._fastenc_base).save_pretrained(*args, **kwargs)
 
     def _flags(self, kwargs):
         flags = resolve_output_flags(

@@ -25,8 +25,7 @@ from transformers import (
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.clip.modeling_clip import CLIPOutput, CLIPTextModelOutput, CLIPVisionModelOutput
 
-from .. import ops
-from ._base import Runtime, linear
+from ._base import Runtime, project
 from ._encoder import (
     FastencModelMixin,
     image_embeddings,
@@ -64,8 +63,9 @@ def vision_tower_forward(
 ) -> BaseModelOutputWithPooling:
     """The CLIP vision transformer of `tower` (embeddings, pre_layrnorm, encoder.layers, post_layernorm)."""
     x = image_embeddings(tower, pixel_values, interpolate_pos_encoding)  # (B, 1 + patches, D)
+    layer_norm = rt.plan(x.device).layer_norm
     pre = tower.pre_layrnorm
-    x = ops.layer_norm(x, pre.weight, pre.bias, pre.eps, **rt.kw)
+    x = layer_norm(x, pre.weight, pre.bias, pre.eps, None)
     x, delta, hidden, attns = run_encoder(
         tower,
         x,
@@ -79,7 +79,7 @@ def vision_tower_forward(
     if hidden is not None:
         hidden.append(last)
     post = tower.post_layernorm
-    pooled = ops.layer_norm(last[:, 0, :], post.weight, post.bias, post.eps, **rt.kw)
+    pooled = layer_norm(last[:, 0, :], post.weight, post.bias, post.eps, None)
     return tower_output(
         BaseModelOutputWithPooling, last, pooled, hidden, attns, output_hidden_states, len(tower.encoder.layers)
     )
@@ -125,7 +125,7 @@ class FastCLIPTextModelWithProjection(FastencModelMixin, CLIPTextModelWithProjec
             output_hidden_states=oh,
         )
         out = CLIPTextModelOutput(
-            text_embeds=linear(t.pooler_output, self.text_projection.weight),
+            text_embeds=project(self.text_projection, t.pooler_output),
             last_hidden_state=t.last_hidden_state,
             hidden_states=t.hidden_states,
             attentions=t.attentions,
@@ -145,7 +145,7 @@ class FastCLIPVisionModelWithProjection(FastencModelMixin, CLIPVisionModelWithPr
             output_hidden_states=oh,
         )
         out = CLIPVisionModelOutput(
-            image_embeds=linear(v.pooler_output, self.visual_projection.weight),
+            image_embeds=project(self.visual_projection, v.pooler_output),
             last_hidden_state=v.last_hidden_state,
             hidden_states=v.hidden_states,
             attentions=v.attentions,
@@ -170,7 +170,7 @@ class FastCLIPModel(FastencModelMixin, CLIPModel):
             output_attentions=oa,
             output_hidden_states=oh,
         )
-        t.pooler_output = linear(t.pooler_output, self.text_projection.weight)
+        t.pooler_output = project(self.text_projection, t.pooler_output)
         return model_output(t, rd)
 
     def get_image_features(self, pixel_values=None, interpolate_pos_encoding=False, **kwargs):
@@ -183,7 +183,7 @@ class FastCLIPModel(FastencModelMixin, CLIPModel):
             output_attentions=oa,
             output_hidden_states=oh,
         )
-        v.pooler_output = linear(v.pooler_output, self.visual_projection.weight)
+        v.pooler_output = project(self.visual_projection, v.pooler_output)
         return model_output(v, rd)
 
     def forward(

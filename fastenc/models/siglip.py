@@ -28,7 +28,7 @@ from transformers.models.siglip2.modeling_siglip2 import Siglip2Output
 
 from .. import ops
 from ..errors import InputError
-from ._base import Runtime, check_device, linear
+from ._base import Runtime, check_device, linear, project, project_activation
 from ._encoder import (
     FastencModelMixin,
     activation_of,
@@ -48,7 +48,7 @@ def text_tower_forward(
     last, _, hidden, attns = text_transformer(
         tower, rt, input_ids, attention_mask, position_ids, causal=False, oa=output_attentions, oh=output_hidden_states
     )
-    pooled = linear(last[:, -1, :], tower.head.weight, tower.head.bias)  # the last token, which may be padding
+    pooled = project(tower.head, last[:, -1, :])  # the last token, which may be padding
     return tower_output(
         BaseModelOutputWithPooling, last, pooled, hidden, attns, output_hidden_states, len(tower.encoder.layers)
     )
@@ -65,11 +65,11 @@ def attention_pooling_head(head, last: torch.Tensor, rt: Runtime, activation: st
     kv = linear(last, w[d:], bias[d:]).view(b, n, 2, nh, d // nh)  # (B, N, 2, H, Dh)
     k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # 2 x (B, H, N, Dh)
     o = ops.attention(q, k, v, key_padding_mask=key_padding_mask, scale=(d // nh) ** -0.5, **rt.kw)  # (B, H, 1, Dh)
-    o = linear(o.transpose(1, 2).reshape(b, 1, d), mha.out_proj.weight, mha.out_proj.bias)  # (B, 1, D)
+    o = project(mha.out_proj, o.transpose(1, 2).reshape(b, 1, d))  # (B, 1, D)
     ln = head.layernorm
     h = ops.layer_norm(o, ln.weight, ln.bias, ln.eps, **rt.kw)
-    f = ops.bias_activation(linear(h, head.mlp.fc1.weight), head.mlp.fc1.bias, activation, **rt.kw)
-    return (o + linear(f, head.mlp.fc2.weight, head.mlp.fc2.bias))[:, 0]
+    f = project_activation(head.mlp.fc1, h, activation, rt.plan(last.device))
+    return (o + project(head.mlp.fc2, f))[:, 0]
 
 
 def vision_tower_forward(

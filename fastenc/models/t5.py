@@ -45,10 +45,19 @@ from transformers import T5EncoderModel
 from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
 
 from .. import ops
-from .._dispatch import record
+from .._trace import record
 from ..errors import InputError, UnsupportedModelError
 from ..ops.attention import relative_bias_reference, relative_position_buckets
-from ._base import Runtime, cached_cat, check_device, hidden_state_selection, linear, norm_eps
+from ._base import (
+    Runtime,
+    check_device,
+    fuse_linears,
+    hidden_state_selection,
+    linear,
+    norm_eps,
+    plain_linear,
+    project,
+)
 from ._encoder import FastencModelMixin, activation_of, finish_hidden, model_output
 
 try:
@@ -59,11 +68,6 @@ except ImportError:  # pragma: no cover - every transformers 5.x has it
 FP16_MAX = torch.finfo(torch.float16).max
 
 # ------------------------------------------------------------------------------------------------------ weights
-
-
-def _stacked(rt: Runtime, owner: torch.nn.Module, tag: str, ws: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """torch.cat(ws), cached per (owner, tag) (see `cached_cat`)."""
-    return cached_cat(rt, (id(owner), tag), ws)
 
 
 _MM_OUT_DTYPE: dict[str, bool] = {}  # device type -> torch.mm(..., out_dtype=) works there
@@ -158,7 +162,9 @@ def _attention_with_probs(q, k, v, table, lut, mask):
     s = s + relative_bias_reference(table.float(), lut, q.shape[2], k.shape[2])
     if mask is not None:
         s = s.masked_fill(~mask[:, None, None, :], float("-inf"))
-    p = torch.softmax(s, dim=-1).nan_to_num(0.0)
+    p = torch.softmax(s, dim=-1)
+    if mask is not None:  # rows of a batch element with no real token give 0, not NaN (NaN inputs stay NaN)
+        p = p.masked_fill(~mask.any(-1)[:, None, None, None], 0.0)
     return torch.matmul(p, v.float()).to(q.dtype), p.to(q.dtype)
 
 
@@ -177,7 +183,11 @@ def t5_encoder_forward(
         x = x.float()
     out_dtype = cdt if wide else x.dtype
 
-    def branch_linear(h, w):
+    def branch_linear(h, m):
+        if not plain_linear(m):
+            record("torch", "module")
+            return m(h).to(x.dtype)
+        w = m.weight
         return _linear_fp32_out(h, w) if wide else linear(h.to(w.dtype), w).to(x.dtype)
 
     def visible(t):  # hidden states as returned: the model dtype, saturated (no inf)
@@ -196,46 +206,59 @@ def t5_encoder_forward(
     attns = [] if output_attentions else None
     table = None
     delta = None
+    plan = rt.plan(x.device)
+    rms_norm, attention = plan.rms_norm, plan.attention
+    amask = None  # the attention mask of the current table, converted once per table (T5: once per forward)
     for block in blocks:
-        sa, ff = block.layer[0], block.layer[-1]
-        attn = sa.SelfAttention
+        sub = list(block._modules["layer"]._modules.values())
+        sa, ff = sub[0], sub[-1]
+        attn = sa._modules["SelfAttention"]
         if attn.has_relative_attention_bias:
-            table = attn.relative_attention_bias.weight  # (num_buckets, H); T5: layer 0 only, UMT5: every layer
-        ln = sa.layer_norm
+            table = attn._modules["relative_attention_bias"]._parameters["weight"]  # (num_buckets, H); T5: layer 0
+            if attns is None:  # only, UMT5: every layer
+                amask = plan.mask(mask, False, s, s, x.device, rel_bias=(table, lut), dtype=cdt)
+        ln = sa._modules["layer_norm"]
         if delta is None:
-            h = ops.rms_norm(x, ln.weight, norm_eps(ln), **rt.kw)
+            h = rms_norm(x, ln._parameters["weight"], norm_eps(ln), None)
         else:
-            h, x = ops.rms_norm(delta, ln.weight, norm_eps(ln), residual=x, **rt.kw)
+            h, x = rms_norm(delta, ln._parameters["weight"], norm_eps(ln), x)
             if hidden is not None:
                 hidden.append(visible(x))
         h = h.to(cdt)
         nh, dk = attn.n_heads, attn.key_value_proj_dim
-        w_qkv = _stacked(rt, attn, "qkv", (attn.q.weight, attn.k.weight, attn.v.weight))  # (3 H Dk, D)
-        qkv = linear(h, w_qkv).view(b, s, 3, nh, dk)  # (B, S, 3, H, Dk)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, S, Dk), strided views
+        fused = fuse_linears(rt, attn, ("q", "k", "v"))  # (3 H Dk, D)
+        am = attn._modules
+        if fused is not None:
+            qkv = linear(h, fused[0]).view(b, s, 3, nh, dk)  # (B, S, 3, H, Dk)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, S, Dk), strided views
+        else:
+            q, k, v = (project(am[n], h).view(b, s, nh, dk).transpose(1, 2) for n in ("q", "k", "v"))
         if attns is not None:
             rt.fallback("attention", "output_attentions=True needs the probabilities")
             record("torch", "attention")
             o, p = _attention_with_probs(q, k, v, table, lut, mask)
             attns.append(p)
         else:
-            o = ops.attention(
-                q, k, v, key_padding_mask=mask, scale=1.0, rel_bias_table=table, rel_bias_lut=lut, **rt.kw
-            )  # (B, H, S, Dk), a view of (B, S, H, Dk)
+            o = attention(q, k, v, amask, 1.0, table)  # (B, H, S, Dk), a view of (B, S, H, Dk)
         o = o.transpose(1, 2).reshape(b, s, nh * dk)  # free for the kernel's layout
-        a = branch_linear(o, attn.o.weight)  # (B, S, D), x.dtype
-        ln = ff.layer_norm
-        h, x = ops.rms_norm(a, ln.weight, norm_eps(ln), residual=x, **rt.kw)
+        a = branch_linear(o, am["o"])  # (B, S, D), x.dtype
+        ln = ff._modules["layer_norm"]
+        h, x = rms_norm(a, ln._parameters["weight"], norm_eps(ln), x)
         h = h.to(cdt)
-        mlp = ff.DenseReluDense
-        if hasattr(mlp, "wi_0"):
-            n = mlp.wi_0.weight.shape[0]
-            w_in = _stacked(rt, mlp, "wi", (mlp.wi_0.weight, mlp.wi_1.weight))  # (2F, D)
-            gu = linear(h, w_in)  # (B, S, 2F)
-            f = ops.gated_activation(gu[..., :n], gu[..., n:], act, **rt.kw)  # (B, S, F)
+        mlp = ff._modules["DenseReluDense"]
+        mm = mlp._modules
+        if "wi_0" in mm:
+            fused = fuse_linears(rt, mlp, ("wi_0", "wi_1"))  # (2F, D)
+            if fused is not None:
+                n = mm["wi_0"]._parameters["weight"].shape[0]
+                gu = linear(h, fused[0])  # (B, S, 2F)
+                g, u = gu[..., :n], gu[..., n:]
+            else:
+                g, u = project(mm["wi_0"], h), project(mm["wi_1"], h)
+            f = plan.gated_activation(g, u, act)  # (B, S, F)
         else:
-            f = ops.bias_activation(linear(h, mlp.wi.weight), None, act, **rt.kw)
-        delta = branch_linear(f, mlp.wo.weight)
+            f = plan.bias_activation(project(mm["wi"], h), None, act)
+        delta = branch_linear(f, mm["wo"])
     fln = stack.final_layer_norm
     last, x = ops.rms_norm(delta, fln.weight, norm_eps(fln), residual=x, **rt.kw)
     if hidden is not None:
