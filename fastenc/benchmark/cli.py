@@ -104,7 +104,7 @@ def resolve(args):
     if set(dtypes) - set(matrix.DTYPES):
         raise InputError(f"--dtype takes {', '.join(matrix.DTYPES)}, got {dtypes}")
     if args.device:
-        from ..cli import parse_device
+        from .._cli_common import parse_device
 
         parse_device(args.device)  # InputError for a string torch does not know, or CUDA where there is none
         device = args.device
@@ -164,7 +164,7 @@ def cmd_bench(args) -> int:
     try:
         return _cmd_bench(args)
     except FastencError as e:
-        from ..cli import fail
+        from .._cli_common import fail
 
         return fail("bench", e)
 

@@ -670,7 +670,7 @@ def add_probe_parser(subparsers) -> argparse.ArgumentParser:
 def _load_local(path: str):
     from transformers import AutoTokenizer
 
-    from ..cli import load_checkpoint
+    from .._cli_common import load_checkpoint
 
     model = load_checkpoint(path, "--model")  # InputError for a missing folder or one without a loadable model
     try:
@@ -697,7 +697,7 @@ def run_probe(args) -> int:
     try:
         return _run_probe(args)
     except FastencError as e:
-        from ..cli import fail
+        from .._cli_common import fail
 
         return fail("probe", e)
 
@@ -711,7 +711,7 @@ def _run_probe(args) -> int:
         raise InputError("--image is required unless --text-only")
     if args.image is not None and not os.path.isfile(args.image):
         raise InputError(f"--image {args.image!r} does not exist")
-    from ..cli import check_backend_env, parse_device
+    from .._cli_common import check_backend_env, parse_device
 
     device = parse_device(args.device)
     if not args.no_optimize:

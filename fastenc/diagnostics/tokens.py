@@ -338,7 +338,7 @@ def run_tokens(args) -> int:
         report = token_report(args.prompt, tokenizer, max_length=args.max_length, chunk_size=args.chunk_size)
         ids = chunk_prompt_ids(args.prompt, tokenizer, args.chunk_size) if args.chunk else None
     except InputError as exc:
-        from ..cli import fail
+        from .._cli_common import fail
 
         return fail("tokens", exc)
     if args.json:

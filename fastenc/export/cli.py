@@ -86,7 +86,7 @@ def _load_model(args):
     if args.layers is not None and args.layers < 1:
         raise InputError(f"--layers must be >= 1, got {args.layers}")
     if args.model:
-        from ..cli import load_checkpoint
+        from .._cli_common import load_checkpoint
 
         if args.layers:
             raise InputError("--layers applies to --shape models only")
@@ -140,7 +140,7 @@ def run_export(args) -> int:
     try:
         return _run(args)
     except FastencError as e:
-        from ..cli import fail
+        from .._cli_common import fail
 
         return fail("export", e)
 
@@ -172,7 +172,7 @@ def _run(args) -> int:
     if args.layers is not None and args.layers < 1:
         raise InputError(f"--layers must be >= 1, got {args.layers}")
     if args.model:
-        from ..cli import check_checkpoint_dir
+        from .._cli_common import check_checkpoint_dir
 
         if args.layers:
             raise InputError("--layers applies to --shape models only")
