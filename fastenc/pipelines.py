@@ -192,6 +192,9 @@ def _adapter_state(module: torch.nn.Module) -> list:
     return out
 
 
+_CONFIG_NOT_KEYED = ("_name_or_path", "_commit_hash", "transformers_version", "architectures")
+
+
 def weights_fingerprint(module: torch.nn.Module) -> str:
     """A hex digest that changes when anything that changes `module`'s forward changes: its (original) class and
     config, and for every parameter and buffer its name, dtype, shape, device and content (`tensor_checksum`, on the
@@ -203,8 +206,9 @@ def weights_fingerprint(module: torch.nn.Module) -> str:
     base = getattr(module, "_fastenc_base", type(module))
     h.update(f"{base.__module__}.{base.__qualname__}".encode())
     config = getattr(module, "config", None)
-    if config is not None and hasattr(config, "to_json_string"):
-        h.update(config.to_json_string(use_diff=False).encode())
+    if config is not None and hasattr(config, "to_dict"):  # where it was loaded from does not change the forward
+        cfg = {k: v for k, v in config.to_dict().items() if k not in _CONFIG_NOT_KEYED}
+        h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
     sums: dict[torch.device, list] = {}
     meta = []
     with torch.no_grad():
@@ -395,6 +399,7 @@ class _CachedForward:
         self.cache, self.name = cache, name
         self.forward = type(module).forward.__get__(module)  # the class's forward, bound
         self.module = module
+        self.warned = False
 
     def __call__(self, *args, **kwargs):
         module = self.module
@@ -412,8 +417,18 @@ class _CachedForward:
             or ids.shape[0] == 0
             or kwargs.get("output_attentions")
             or module.training
-            or (torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters()))
         ):
+            return self._bypass(args, kwargs)
+        if torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters()):
+            if not self.warned:  # a hit would cut the graph to the weights: run the encoder, and say so once
+                self.warned = True
+                warnings.warn(
+                    f"PromptCache ({self.name}): autograd records into the encoder's weights, so its calls bypass the "
+                    "cache; call encode_prompt under torch.no_grad() / torch.inference_mode() (pipe(...) does) or "
+                    "requires_grad_(False) the encoder",
+                    FallbackWarning,
+                    stacklevel=3,
+                )
             return self._bypass(args, kwargs)
         mask = kwargs.get("attention_mask")
         if mask is not None and (not isinstance(mask, torch.Tensor) or mask.shape != ids.shape):

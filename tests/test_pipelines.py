@@ -482,3 +482,15 @@ def test_cli_bench_pipeline(dirs, tmp_path, capsys):
         if "max_abs_diff" in r:
             assert r["max_abs_diff"] <= 1e-5, r
     assert "| StableDiffusionXLPipeline | fastenc |" in capsys.readouterr().out
+
+
+def test_cache_bypassed_with_autograd_says_so(dirs):
+    """encode_prompt outside no_grad with trainable encoder weights: the encoder runs (gradients reach the weights),
+    counted as bypassed, with one FallbackWarning naming the remedy."""
+    cache = fastenc.PromptCache()
+    pipe = fastenc.optimize(_load(dirs["sd"]), backend="torch", prompt_cache=cache)
+    with pytest.warns(fastenc.FallbackWarning, match="bypass the cache"):
+        out = pipe.encode_prompt("a red cat", "cpu", 1, False)[0]
+    out.sum().backward()
+    assert pipe.text_encoder.get_input_embeddings().weight.grad is not None
+    assert cache.bypassed == 1 and cache.misses == 0

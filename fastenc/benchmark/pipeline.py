@@ -86,6 +86,9 @@ def bench_pipeline(
     env["versions"]["diffusers"] = __import__("diffusers").__version__
     family = type(eager).__name__
     encoders = list(fast._fastenc_components)
+    import inspect
+
+    negative = negative and "negative_prompt" in inspect.signature(eager.encode_prompt).parameters  # not FLUX
     rows = []
     for batch in batches:
         prompts = [prompt] * batch if batch > 1 else prompt
