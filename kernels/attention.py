@@ -20,11 +20,11 @@ at -FP32_MAX, a finite sentinel, so a tile whose keys are all masked for a row (
 and alpha = 1 rather than exp2(-inf - -inf) = NaN.
 
 Relative-position bias (T5, UMT5): `lut` is an O(Sq + Sk) int32 vector of bucket ids, one per relative distance
-d = j - i in [-(Sq - 1), Sk - 1], at index d + Sq - 1. It is built on the host with transformers' exact fp32 log
-formula (a kernel-side log could put a distance on the other side of an integer boundary and change its bucket).
-`table` is the learned (num_buckets, H) bias. Each tile gathers lut[j - i + Sq - 1] and then table[bucket, h]: both
-are tiny and stay in cache, and the (Sq, Sk) bias is never written to memory. Bucket ids are clamped to
-[0, num_buckets) in the kernel, so a bad lut cannot read out of bounds.
+d = j - i in [-(Sq - 1), Sk - 1], at index d + Sq - 1, built on the host with transformers' exact fp32 log formula (a
+kernel-side log could put a distance on the other side of an integer boundary and change its bucket). `table` is the
+learned (num_buckets, H) bias. The launcher gathers the two into an (H, Sq + Sk - 1) fp32 vector, the bias of each
+distance per head (O(Sq + Sk), bucket ids clamped into range so a bad lut cannot read out of bounds); each tile then
+gathers rel[h, j - i + Sq - 1], which stays in cache, and the (Sq, Sk) bias is never written to memory.
 """
 
 from __future__ import annotations
@@ -53,14 +53,36 @@ SEQ_BUCKET_MAX = 8192  # autotune key: next power of two of max(Sq, Sk), capped 
 # loops, key tails and the causal diagonal at short sequence lengths.
 INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16}
 
-# CUDA candidates, (BLOCK_M, BLOCK_N, num_warps, num_stages) per head-dim class (BLOCK_D <= 64, 128, 256): taken
-# from the space the Triton fused-attention tutorial searches on H100 (BLOCK_M 64/128, BLOCK_N 32/64, 4/8 warps),
-# plus 32x32 for short sequences and fewer stages at D = 256 (shared memory). Autotuned per (BLOCK_D, SEQ_BUCKET,
-# CAUSAL, dtypes). These are candidates; none has been measured here (no GPU when this file was written).
+# CUDA candidates, (BLOCK_M, BLOCK_N, num_warps, num_stages) per head-dim class (BLOCK_D <= 64, 128, 256), from the
+# space the Triton fused-attention tutorial searches on H100, autotuned per (BLOCK_D, SEQ_BUCKET, CAUSAL, HAS_KPM,
+# HAS_BIAS, HAS_RELBIAS, dtypes). Only configs that compile spill-free on sm_90a under Triton 3.6 and 3.9 are
+# candidates (fp16 and bf16, head dims 64 / 80 / 128, every mask / bias variant); measured without a GPU by
+# triton.compile(ASTSource, GPUTarget("cuda", 90, 32)) + cuobjdump --dump-resource-usage, with the specialisation a
+# launch gets (16-byte aligned q/k/v/out, their strides multiples of 16; bias / key-padding strides not, Sk = 77).
+# NOTE: measured stack (spill) bytes, fp16, key-padding mask unless named, Triton 3.6 / 3.9:
+#   pruned  hd 64  (128, 64, 4, 3): 0 / 48 (kpm), 0 / 64 (causal), 136 / 200 (fp16 bias); 64 / 96 without the
+#                                   launch specialisation (the issue's numbers)
+#   pruned  hd 80  (128, 32, 4, 3): 0 / 32 (kpm), 8 / 112 (causal), 24 / 96 (T5), 0 / 112 (fp32 bias)
+#   pruned  hd 128 (128, 32, 4, 3): 0 / 40 (kpm), 8 / 72 (causal)
+#   changed (32, 32, 4, 2) -> (32, 32, 4, 1) with maxnreg 255 (MAXNREG): under 3.6 ptxas holds these small tiles to
+#                                   128 registers and spilled 8 B (hd 80 kpm; hd 64 T5 + bias; also (32, 32, 8, 1) with
+#                                   a bias); with an explicit .maxnreg it takes what it needs, 0 B. One stage: a 32-row
+#                                   tile is for short sequences (one or two key tiles, nothing to pipeline).
+#   kept    hd 64 (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2), (32, 32, 4, 1); hd 80 / 128 (128, 64, 8, 3),
+#           (64, 64, 4, 3), (64, 32, 4, 2), (32, 32, 4, 1): 0 B in every variant except those in SPILLS_WITH below
 CUDA_CONFIGS = {
-    64: [(128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2), (32, 32, 4, 2)],
-    128: [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2), (32, 32, 4, 2)],
-    256: [(64, 32, 4, 2), (64, 64, 8, 2), (128, 32, 8, 2), (32, 32, 4, 2)],
+    64: [(128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2), (32, 32, 4, 1)],
+    128: [(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2), (32, 32, 4, 1)],
+    256: [(64, 32, 4, 2), (64, 64, 8, 2), (128, 32, 8, 2), (32, 32, 4, 2)],  # not yet measured (hd > 128)
+}
+MAXNREG = {(32, 32, 4, 1): 255}  # .maxnreg for a config (else ptxas picks; see the NOTE above)
+# Configs dropped for one variant only: (feature, head-dim class) -> configs that spill with it. Measured (stack
+# bytes, Triton 3.6 / 3.9): additive fp16 bias, hd 80: (64, 64, 4, 3) 0 / 24, (128, 64, 8, 3) 0 / 8; T5 table + bias,
+# hd 80 (64, 64, 4, 3) 0 / 16; T5 table, hd 80 / 128 (128, 64, 8, 3) 72 / 0.
+SPILLS_WITH = {
+    ("HAS_BIAS", 64): {(128, 32, 4, 3)},
+    ("HAS_BIAS", 128): {(128, 64, 8, 3), (64, 64, 4, 3)},
+    ("HAS_RELBIAS", 128): {(128, 64, 8, 3)},
 }
 
 
@@ -77,8 +99,7 @@ def _attn_fwd_inner(
     v_base,
     kpm_base,  # key_padding_mask + b offset (uint8, 1 = attend)
     bias_base,  # bias + b, h offset
-    rb_base,  # relative-bias table + h offset; bucket n at rb_base + n * stride_rb_n
-    lut_ptr,  # (Sq + Sk - 1,) int32 bucket ids, indexed by j - i + Sq - 1
+    rb_base,  # fp32 relative bias per distance + h offset; distance j - i at rb_base + j - i + Sq - 1
     offs_m,  # (BLOCK_M,) query rows of this program
     offs_d,  # (BLOCK_D,)
     lo,
@@ -90,8 +111,6 @@ def _attn_fwd_inner(
     stride_kpm_n,
     stride_bias_m,
     stride_bias_n,
-    stride_rb_n,
-    num_buckets,
     qk_scale,  # scale * LOG2E
     BOUNDARY: tl.constexpr,  # this range holds the key tail and/or the causal diagonal: mask per element
     CAUSAL: tl.constexpr,
@@ -142,9 +161,7 @@ def _attn_fwd_inner(
         if HAS_RELBIAS:
             rel = offs_n[None, :] - offs_m[:, None] + (seqlen_q - 1)  # (BLOCK_M, BLOCK_N), j - i + Sq - 1
             rb_ok = m_ok[:, None] & n_ok[None, :]
-            bucket = tl.load(lut_ptr + rel, mask=rb_ok, other=0)
-            bucket = tl.minimum(tl.maximum(bucket, 0), num_buckets - 1)
-            rb = tl.load(rb_base + bucket * stride_rb_n, mask=rb_ok, other=0.0).to(tl.float32)
+            rb = tl.load(rb_base + rel, mask=rb_ok, other=0.0).to(tl.float32)
             t = t + rb * _LOG2E
         if BOUNDARY:
             keep = n_ok[None, :]  # (1, BLOCK_N)
@@ -179,8 +196,7 @@ def _attention_fwd_kernel(
     Out,  # (B, H, Sq, D) view of a (B, Sq, H, D) buffer
     KPM,  # (B, Sk) uint8, 1 = attend; unused unless HAS_KPM
     Bias,  # (B, H, Sq, Sk) by strides (0 on broadcast dims); unused unless HAS_BIAS
-    RelBias,  # (num_buckets, H) relative-position bias table; unused unless HAS_RELBIAS
-    RelLut,  # (Sq + Sk - 1,) int32 bucket ids; unused unless HAS_RELBIAS
+    RelBias,  # (H, Sq + Sk - 1) fp32 relative-position bias of each distance j - i; unused unless HAS_RELBIAS
     stride_qb,
     stride_qh,
     stride_qm,
@@ -199,9 +215,7 @@ def _attention_fwd_kernel(
     stride_bias_h,
     stride_bias_m,
     stride_bias_n,
-    stride_rb_n,
     stride_rb_h,
-    num_buckets,
     seqlen_q,
     seqlen_k,
     qk_scale,  # scale * LOG2E
@@ -246,16 +260,14 @@ def _attention_fwd_kernel(
         lo = (seqlen_k // BLOCK_N) * BLOCK_N
         hi = seqlen_k
     acc, l_i, m_i = _attn_fwd_inner(
-        acc, l_i, m_i, q, k_base, v_base, kpm_base, bias_base, rb_base, RelLut, offs_m, offs_d, 0, lo,
-        seqlen_q, seqlen_k, stride_kn, stride_vn, stride_kpm_n, stride_bias_m, stride_bias_n, stride_rb_n,
-        num_buckets, qk_scale, False, CAUSAL, HAS_KPM, HAS_BIAS, HAS_RELBIAS, HEAD_DIM, BLOCK_N, BLOCK_D, DOT_FP32,
-        DOT_PRECISION,
+        acc, l_i, m_i, q, k_base, v_base, kpm_base, bias_base, rb_base, offs_m, offs_d, 0, lo,
+        seqlen_q, seqlen_k, stride_kn, stride_vn, stride_kpm_n, stride_bias_m, stride_bias_n, qk_scale,
+        False, CAUSAL, HAS_KPM, HAS_BIAS, HAS_RELBIAS, HEAD_DIM, BLOCK_N, BLOCK_D, DOT_FP32, DOT_PRECISION,
     )  # fmt: skip
     acc, l_i, m_i = _attn_fwd_inner(
-        acc, l_i, m_i, q, k_base, v_base, kpm_base, bias_base, rb_base, RelLut, offs_m, offs_d, lo, hi,
-        seqlen_q, seqlen_k, stride_kn, stride_vn, stride_kpm_n, stride_bias_m, stride_bias_n, stride_rb_n,
-        num_buckets, qk_scale, True, CAUSAL, HAS_KPM, HAS_BIAS, HAS_RELBIAS, HEAD_DIM, BLOCK_N, BLOCK_D, DOT_FP32,
-        DOT_PRECISION,
+        acc, l_i, m_i, q, k_base, v_base, kpm_base, bias_base, rb_base, offs_m, offs_d, lo, hi,
+        seqlen_q, seqlen_k, stride_kn, stride_vn, stride_kpm_n, stride_bias_m, stride_bias_n, qk_scale,
+        True, CAUSAL, HAS_KPM, HAS_BIAS, HAS_RELBIAS, HEAD_DIM, BLOCK_N, BLOCK_D, DOT_FP32, DOT_PRECISION,
     )  # fmt: skip
 
     # l_i == 0 exactly when every score of the row is -inf (all keys masked): output 0, whatever 0 * v gave in acc
@@ -282,14 +294,21 @@ def attention_cuda_configs() -> list[triton.Config]:
         for bm, bn, warps, stages in rows:
             if (bm, bn, warps, stages) not in seen:
                 seen.add((bm, bn, warps, stages))
-                out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages))
+                maxnreg = MAXNREG.get((bm, bn, warps, stages))
+                cfg = {"BLOCK_M": bm, "BLOCK_N": bn}
+                out.append(triton.Config(cfg, num_warps=warps, num_stages=stages, maxnreg=maxnreg))
     return out
 
 
 def _prune_configs(configs, named_args, **kwargs):
-    """Keep the head-dim class's candidates, without query tiles far longer than the sequences."""
+    """Keep the head-dim class's candidates, less those that spill with this call's bias / T5 table (SPILLS_WITH),
+    without query tiles far longer than the sequences."""
     args = {**named_args, **kwargs}
-    wanted = set(CUDA_CONFIGS[_d_class(args["BLOCK_D"])])
+    d_class = _d_class(args["BLOCK_D"])
+    wanted = set(CUDA_CONFIGS[d_class])
+    for feature in ("HAS_BIAS", "HAS_RELBIAS"):
+        if args.get(feature, False):
+            wanted -= SPILLS_WITH.get((feature, d_class), set())
     longest = max(32, args["SEQ_BUCKET"])
     kept = [
         c
@@ -306,7 +325,8 @@ def _autotuned_kernel():
     autotuning would run every candidate in numpy)."""
     return triton.autotune(
         configs=attention_cuda_configs(),
-        key=["BLOCK_D", "SEQ_BUCKET", "CAUSAL", "HAS_RELBIAS"],  # the autotuner adds the tensors' dtypes to the key
+        # one tuning per variant (the candidates differ); the autotuner adds the tensors' dtypes to the key
+        key=["BLOCK_D", "SEQ_BUCKET", "CAUSAL", "HAS_KPM", "HAS_BIAS", "HAS_RELBIAS"],
         prune_configs_by={"early_config_prune": _prune_configs},
     )(_attention_fwd_kernel)
 
@@ -335,6 +355,17 @@ def attention_unsupported_reason(
     if q.device.type != "cuda" and not (q.device.type == "cpu" and interpreting()):
         return f"device {q.device} needs CUDA or TRITON_INTERPRET=1"
     return None
+
+
+def _relative_bias_by_distance(table: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
+    """(H, Sq + Sk - 1) fp32: the bias of every relative distance per head, table[lut[d], h] at d + Sq - 1. O(Sq + Sk)
+    work on the host side; bucket ids clamped into [0, num_buckets), so a bad lut cannot read out of bounds.
+
+    NOTE: fp32 and one gather per tile, not lut then table in the kernel: the dependent second gather, and any gather
+    of 2-byte elements (no cp.async), sits in registers, which spilled 192-472 B on sm_90a under Triton 3.9 (T5, hd
+    80/128); from fp32 the gather is pipelined through shared memory (0 B at hd 128, (64, 64, 4, 3))."""
+    ids = lut.to(torch.long).clamp(0, table.shape[0] - 1)
+    return table.index_select(0, ids).t().to(torch.float32).contiguous()
 
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -383,10 +414,10 @@ def attention_forward(
     if has_rel:
         assert rel_bias_lut is not None and rel_bias_lut.numel() == sq + sk - 1, "rel_bias_lut needs Sq + Sk - 1 ids"
         assert rel_bias_table.shape[1] == h, f"rel_bias_table must be (num_buckets, H={h})"
-        rb, lut = rel_bias_table, rel_bias_lut.to(torch.int32).contiguous()
-        rb_args = (rb.stride(0), rb.stride(1), rb.shape[0])
+        rb = _relative_bias_by_distance(rel_bias_table, rel_bias_lut)  # (H, Sq + Sk - 1) fp32
+        rb_args = (rb.stride(0),)
     else:
-        rb, lut, rb_args = q, q, (0, 0, 1)  # dummy pointers, never read
+        rb, rb_args = q, (0,)  # dummy pointer, never read
 
     interp = interpreting()
     # bf16 tiles are upcast to fp32 before tl.dot under the interpreter (see dot_flags in kernels/_common.py)
@@ -395,7 +426,7 @@ def attention_forward(
     seq_bucket = min(SEQ_BUCKET_MAX, triton.next_power_of_2(max(sq, sk)))
 
     args = (
-        q, k, v, out, kpm, bias_v, rb, lut,
+        q, k, v, out, kpm, bias_v, rb,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),

@@ -6,6 +6,8 @@ ran (no silent fall-back to torch).
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from utils import assert_close, assert_error_within
@@ -230,7 +232,7 @@ def test_gradients_match_reference(causal, kpm, bias, device):
 
 
 def test_head_dim_too_large(device, monkeypatch):
-    from fastenc import _dispatch
+    from fastenc import _trace
     from fastenc.kernels.attention import attention_unsupported_reason
 
     q, k, v = _qkv(1, 1, 4, 4, 512, device=device)
@@ -241,7 +243,7 @@ def test_head_dim_too_large(device, monkeypatch):
     with pytest.raises(fastenc.BackendUnavailableError, match="512"):
         fastenc.ops.attention(q, k, v, backend="triton", strict=True)
 
-    monkeypatch.setattr(_dispatch, "_warned", set())  # the fall-back warning is once per process
+    monkeypatch.setattr(_trace, "_warned", set())  # the fall-back warning is once per process
     with fastenc.trace() as t, pytest.warns(fastenc.FallbackWarning, match="512"):
         out = fastenc.ops.attention(q, k, v, backend="triton", strict=False)
     assert t.counts["torch.attention"] == 1 and t.counts["triton.attention"] == 0
@@ -250,16 +252,45 @@ def test_head_dim_too_large(device, monkeypatch):
 
 def test_cuda_configs_are_valid():
     """The autotune candidates can be checked without a GPU: every pruned list is non-empty and tiles divide."""
-    from fastenc.kernels.attention import _prune_configs, attention_cuda_configs
+    from fastenc.kernels.attention import CUDA_CONFIGS, _prune_configs, attention_cuda_configs
 
     configs = attention_cuda_configs()
-    for block_d in (16, 32, 64, 128, 256):
-        for bucket in (1, 16, 128, 1024, 8192):
-            kept = _prune_configs(configs, {"SEQ_BUCKET": bucket}, BLOCK_D=block_d)
-            assert kept, (block_d, bucket)
+    variants = [{}, {"HAS_BIAS": True}, {"HAS_RELBIAS": True}, {"HAS_BIAS": True, "HAS_RELBIAS": True}]
+    for block_d, bucket, flags in itertools.product((16, 32, 64, 128, 256), (1, 16, 128, 1024, 8192), variants):
+        kept = _prune_configs(configs, {"SEQ_BUCKET": bucket}, BLOCK_D=block_d, **flags)
+        assert kept, (block_d, bucket, flags)
+        if block_d <= 128:  # never the catch-all first config of another class
+            d_class = 64 if block_d <= 64 else 128
             for c in kept:
-                bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-                assert bm % bn == 0 and bn >= 16 and bm <= max(32, bucket), c
+                assert (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in CUDA_CONFIGS[d_class]
+        for c in kept:
+            bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+            assert bm % bn == 0 and bn >= 16 and bm <= max(32, bucket), c
+
+
+# (head dim, config, variant flags) measured to spill registers on sm_90a under Triton 3.6 or 3.9 (stack bytes in the
+# NOTE next to CUDA_CONFIGS): the autotuner must never be able to select them.
+SPILLING = [
+    (64, (128, 64, 4, 3), {}),
+    (80, (128, 32, 4, 3), {}),
+    (128, (128, 32, 4, 3), {}),
+    (80, (32, 32, 4, 2), {}),
+    (80, (64, 64, 4, 3), {"HAS_BIAS": True}),
+    (80, (128, 64, 8, 3), {"HAS_BIAS": True}),
+    (80, (64, 64, 4, 3), {"HAS_BIAS": True, "HAS_RELBIAS": True}),
+    (128, (128, 64, 8, 3), {"HAS_RELBIAS": True}),
+]
+
+
+@pytest.mark.parametrize("d, config, flags", SPILLING, ids=lambda x: str(x))
+def test_spilling_configs_cannot_be_selected(d, config, flags):
+    from fastenc.kernels.attention import _prune_configs, attention_cuda_configs
+
+    block_d = max(16, 1 << (d - 1).bit_length())
+    for bucket in (32, 128, 1024, 8192):
+        kept = _prune_configs(attention_cuda_configs(), {"SEQ_BUCKET": bucket}, BLOCK_D=block_d, **flags)
+        got = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept}
+        assert kept and config not in got, (bucket, sorted(got))
 
 
 # ------------------------------------------------------------------------------------ NaN / inf inputs stay visible
