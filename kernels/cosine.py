@@ -28,8 +28,12 @@ MIN_BLOCK = 16  # tl.dot needs every dimension >= 16
 # along every axis, plus the tails, at the awkward sizes the tests use.
 INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}
 
-# CUDA candidates (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): the Triton matmul tutorial's space on H100.
-# Candidates only; none has been measured here (no GPU when this file was written).
+# CUDA candidates (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): the Triton matmul tutorial's space on H100,
+# less those that spill registers for an input dtype (SPILLS_WITH). The sums of squares upcast the a / b tiles to
+# fp32 in registers next to the dot's accumulator, which costs more for fp32 and bf16 operands.
+# NOTE: measured on sm_90a without a GPU (triton.compile + cuobjdump --dump-resource-usage), stack bytes, Triton 3.6 /
+# 3.9: fp32 (128, 128, 64, 8, 3) 2320 / 296, (128, 64, 64, 4, 4) 2032 / 592, (64, 128, 64, 4, 4) 2648 / 560;
+# bf16 (128, 64, 64, 4, 4) 0 / 40; every other (config, dtype) 0 / 0 (fp16: all six).
 CUDA_CONFIGS = [
     (128, 128, 64, 8, 3),
     (128, 64, 64, 4, 4),
@@ -38,6 +42,15 @@ CUDA_CONFIGS = [
     (64, 32, 32, 4, 3),
     (32, 32, 32, 4, 2),
 ]
+SPILLS_WITH = {
+    torch.float32: {(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4)},
+    torch.bfloat16: {(128, 64, 64, 4, 4)},
+}
+
+
+def cuda_configs(dtype: torch.dtype) -> list[tuple[int, int, int, int, int]]:
+    """The autotune candidates for inputs of `dtype`: CUDA_CONFIGS less those measured to spill with it."""
+    return [c for c in CUDA_CONFIGS if c not in SPILLS_WITH.get(dtype, set())]
 
 
 # ---------------------------------------------------------------------------------------------------- kernel
@@ -97,11 +110,12 @@ def _cosine_fwd_kernel(
 
 
 @functools.cache
-def _autotuned_kernel():
-    """The CUDA entry point, autotuned; never built under the interpreter."""
+def _autotuned_kernel(dtype: torch.dtype):
+    """The CUDA entry point for inputs of `dtype`, autotuned over `cuda_configs(dtype)`; never built under the
+    interpreter."""
     configs = [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-        for bm, bn, bk, w, s in CUDA_CONFIGS
+        for bm, bn, bk, w, s in cuda_configs(dtype)
     ]
     return triton.autotune(configs=configs, key=["M_BUCKET", "N_BUCKET", "D"])(_cosine_fwd_kernel_bucketed)
 
@@ -157,5 +171,5 @@ def cosine_similarity_forward(
 
     buckets = (min(8192, triton.next_power_of_2(m)), min(8192, triton.next_power_of_2(n)))
     with torch.cuda.device(a.device):
-        traceable(_autotuned_kernel())[grid](*args, *buckets, DOT_FP32=dot_fp32, DOT_PRECISION=precision)
+        traceable(_autotuned_kernel(a.dtype))[grid](*args, *buckets, DOT_FP32=dot_fp32, DOT_PRECISION=precision)
     return out
