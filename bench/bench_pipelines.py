@@ -26,6 +26,8 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--seq", type=int, default=77, help="T5 max_sequence_length (SD3 / FLUX)")
+    p.add_argument("--width", type=int, default=32, help="text encoders' hidden size (CLIP and T5; 32: the test size)")
+    p.add_argument("--layers", type=int, default=3, help="CLIP layers (T5: one fewer)")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -48,7 +50,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for family in families:
-            path = build_pipeline(family, tmp)
+            path = build_pipeline(family, tmp, width=args.width, layers=args.layers)
             rows += bench_pipeline(
                 path,
                 device=args.device,
@@ -57,7 +59,7 @@ def main(argv=None) -> int:
                 max_sequence_length=args.seq if family in ("sd3", "flux") else None,
                 warmup=args.warmup,
                 iters=args.iters,
-                label=f"tiny {family} (tests/pipeline_utils.py)",
+                label=f"{family} text encoders width {args.width}, {args.layers} layers (tests/pipeline_utils.py)",
             )
     print(table(rows))
     append_rows(rows, out)

@@ -33,18 +33,18 @@ def _t5_tokenizer():
     return T5TokenizerFast(vocab=specials + pieces, extra_ids=0)
 
 
-def _clip(tok, *, projection: bool, seed: int):
+def _clip(tok, *, projection: bool, seed: int, width: int = CLIP_WIDTH, layers: int = 3):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
     cfg = CLIPTextConfig(
         vocab_size=len(tok),
-        hidden_size=CLIP_WIDTH,
-        intermediate_size=64,
-        num_hidden_layers=3,
+        hidden_size=width,
+        intermediate_size=2 * width if width == CLIP_WIDTH else 4 * width,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         max_position_embeddings=77,
-        projection_dim=CLIP_WIDTH,
+        projection_dim=width,
         hidden_act="gelu" if projection else "quick_gelu",
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
@@ -53,16 +53,16 @@ def _clip(tok, *, projection: bool, seed: int):
     return (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg).eval()
 
 
-def _t5(tok, seed: int):
+def _t5(tok, seed: int, width: int = 32, layers: int = 2):
     from transformers import T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
     cfg = T5Config(
         vocab_size=len(tok),
-        d_model=32,
-        d_kv=8,
-        d_ff=48,
-        num_layers=2,
+        d_model=width,
+        d_kv=width // 4,
+        d_ff=48 if width == 32 else int(2.5 * width),
+        num_layers=layers,
         num_heads=4,
         feed_forward_proj="gated-gelu",
         relative_attention_num_buckets=8,
@@ -97,7 +97,7 @@ def _vae(latent_channels: int, flow: bool):
     )
 
 
-def _unet(cross_attention_dim: int, sdxl: bool):
+def _unet(cross_attention_dim: int, sdxl: bool, pooled: int = CLIP_WIDTH):
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(4)
@@ -106,7 +106,7 @@ def _unet(cross_attention_dim: int, sdxl: bool):
         extra = dict(
             addition_embed_type="text_time",
             addition_time_embed_dim=8,
-            projection_class_embeddings_input_dim=6 * 8 + CLIP_WIDTH,
+            projection_class_embeddings_input_dim=6 * 8 + pooled,
             use_linear_projection=True,
         )
     return UNet2DConditionModel(
@@ -124,8 +124,13 @@ def _unet(cross_attention_dim: int, sdxl: bool):
     )
 
 
-def make_pipeline(family: str, directory: Path):
-    """The pipeline object of `family` (random weights); tokenizers are saved under `directory`."""
+def make_pipeline(family: str, directory: Path, *, width: int = CLIP_WIDTH, layers: int = 3):
+    """The pipeline object of `family` (random weights); tokenizers are saved under `directory`. width / layers size
+    every text encoder (CLIP hidden size and T5 d_model; CLIP layers, T5 layers - 1); the default is the tiny test
+    size, the bench also uses a wider one."""
+    w = width
+    te = dict(width=w, layers=layers)
+    t5 = dict(width=w, layers=max(1, layers - 1))
     import diffusers
 
     if family not in FAMILIES:
@@ -139,9 +144,9 @@ def make_pipeline(family: str, directory: Path):
         )
         return diffusers.StableDiffusionPipeline(
             vae=_vae(4, False),
-            text_encoder=_clip(tok, projection=False, seed=1),
+            text_encoder=_clip(tok, projection=False, seed=1, **te),
             tokenizer=tok,
-            unet=_unet(CLIP_WIDTH, False),
+            unet=_unet(w, False),
             scheduler=sched,
             safety_checker=None,
             feature_extractor=None,
@@ -153,11 +158,11 @@ def make_pipeline(family: str, directory: Path):
         )
         return diffusers.StableDiffusionXLPipeline(
             vae=_vae(4, False),
-            text_encoder=_clip(tok, projection=False, seed=1),
-            text_encoder_2=_clip(tok, projection=True, seed=2),
+            text_encoder=_clip(tok, projection=False, seed=1, **te),
+            text_encoder_2=_clip(tok, projection=True, seed=2, **te),
             tokenizer=tok,
             tokenizer_2=tok,
-            unet=_unet(2 * CLIP_WIDTH, True),
+            unet=_unet(2 * w, True, pooled=w),
             scheduler=sched,
         )
     t5tok = _t5_tokenizer()
@@ -171,19 +176,19 @@ def make_pipeline(family: str, directory: Path):
             attention_head_dim=8,
             num_attention_heads=4,
             caption_projection_dim=32,
-            joint_attention_dim=32,
-            pooled_projection_dim=2 * CLIP_WIDTH,
+            joint_attention_dim=w,
+            pooled_projection_dim=2 * w,
             out_channels=4,
         )
         return diffusers.StableDiffusion3Pipeline(
             transformer=transformer,
             scheduler=diffusers.FlowMatchEulerDiscreteScheduler(),
             vae=_vae(4, True),
-            text_encoder=_clip(tok, projection=True, seed=1),
+            text_encoder=_clip(tok, projection=True, seed=1, **te),
             tokenizer=tok,
-            text_encoder_2=_clip(tok, projection=True, seed=2),
+            text_encoder_2=_clip(tok, projection=True, seed=2, **te),
             tokenizer_2=tok,
-            text_encoder_3=_t5(t5tok, seed=6),
+            text_encoder_3=_t5(t5tok, seed=6, **t5),
             tokenizer_3=t5tok,
         )
     torch.manual_seed(5)
@@ -194,26 +199,26 @@ def make_pipeline(family: str, directory: Path):
         num_single_layers=1,
         attention_head_dim=16,
         num_attention_heads=2,
-        joint_attention_dim=32,
-        pooled_projection_dim=CLIP_WIDTH,
+        joint_attention_dim=w,
+        pooled_projection_dim=w,
         axes_dims_rope=[4, 4, 8],
     )
     return diffusers.FluxPipeline(
         scheduler=diffusers.FlowMatchEulerDiscreteScheduler(),
         vae=_vae(1, True),
-        text_encoder=_clip(tok, projection=False, seed=1),
+        text_encoder=_clip(tok, projection=False, seed=1, **te),
         tokenizer=tok,
-        text_encoder_2=_t5(t5tok, seed=6),
+        text_encoder_2=_t5(t5tok, seed=6, **t5),
         tokenizer_2=t5tok,
         transformer=transformer,
     )
 
 
-def build_pipeline(family: str, directory) -> Path:
+def build_pipeline(family: str, directory, **size) -> Path:
     """Write a tiny `family` pipeline with `save_pretrained(directory / family)`; returns that folder."""
     directory = Path(directory)
     out = directory / family
-    make_pipeline(family, directory / f"_{family}_src").save_pretrained(str(out))
+    make_pipeline(family, directory / f"_{family}_src", **size).save_pretrained(str(out))
     return out
 
 
