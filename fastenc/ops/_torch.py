@@ -4,8 +4,8 @@ These are what `backend="torch"` runs (the public ops call them after their inpu
 directly from a plan resolved once per model, see `fastenc.models._plan`). The explicit fp32 formulas in the op
 modules (`*_reference`) stay the definition the kernels and these functions are tested against.
 
-    attention: F.scaled_dot_product_attention, causal or with an additive bias built once per forward (`sdpa_mask`);
-               with a key-padding mask the explicit reference (SDPA cannot keep a masked key's inf / NaN out of the row)
+    attention: F.scaled_dot_product_attention, causal or with a mask built once per forward (`sdpa_mask`); with a
+               key-padding mask only after a finiteness check of q, k, v (CPU), else the explicit reference
     layer_norm / bias_activation: F.layer_norm / the activation in the input dtype for fp32 inputs (nothing to
                round), in fp32 with one rounding for fp16 / bf16 (the reference)
     rms_norm / gated_activation: the references (T5's exact fp32-variance rule)
@@ -30,11 +30,12 @@ from .reference import (
 class SdpaMask:
     """The masks of one attention call pattern, converted once per forward.
 
-    mask: None or an additive float mask broadcastable to (B, H, Sq, Sk) for F.scaled_dot_product_attention;
-    is_causal: SDPA's own causal flag. reference: (key_padding_mask, bias, causal) when a key-padding mask is present:
-    then the explicit reference runs instead of SDPA. SDPA adds its mask to the scores, so an inf / NaN at a masked
-    key would still reach the row, and it cannot tell a row whose scores are all -inf; the reference masks by
-    replacement and gives such rows 0 (fastenc's rule: NaN / inf reach exactly the rows that see them)."""
+    mask / is_causal: the arguments of F.scaled_dot_product_attention (mask None, boolean (B, 1, Sq, Sk) with True =
+    attend, or additive, broadcastable to (B, H, Sq, Sk)). reference: (key_padding_mask, bias, causal) when a
+    key-padding mask is present. SDPA adds its mask to the scores, so an inf / NaN at a masked key would still
+    reach the row, and it cannot tell a row whose scores are all -inf from one whose keys are all masked; with
+    padding, SDPA therefore runs only on a CPU after one check that q, k and v are finite (then both rules agree),
+    and the explicit reference (masking by replacement) otherwise."""
 
     __slots__ = ("is_causal", "mask", "reference")
 
@@ -55,27 +56,29 @@ def sdpa_mask(
     """The attention masks of one forward: causal (top-left aligned), key padding (B, Sk) bool True = attend (an
     all-True mask on the CPU is dropped: the value check costs a host sync on a GPU), and an additive bias
     broadcastable to (B, H, Sq, Sk), converted to `dtype` once."""
-    if (
-        key_padding_mask is not None
-        and key_padding_mask.device.type == "cpu"
-        and not torch.compiler.is_compiling()
-        and bool(key_padding_mask.all())
-    ):
+    on_cpu = device.type == "cpu" and not torch.compiler.is_compiling()
+    if key_padding_mask is not None and on_cpu and bool(key_padding_mask.all()):
         key_padding_mask = None  # no padding: SDPA's causal / unmasked kernels apply
     if bias is not None:
         bias = bias.to(dtype)
+    keep = torch.ones(sq, sk, dtype=torch.bool, device=device).tril()[None, None] if causal else None  # (1,1,Sq,Sk)
     if key_padding_mask is not None:
-        return SdpaMask(None, False, (key_padding_mask, bias, causal))
+        kpm = key_padding_mask[:, None, None, :]  # (B, 1, 1, Sk)
+        keep = kpm if keep is None else keep & kpm
+        mask = None
+        if on_cpu:  # the finite fast path's mask
+            mask = keep.expand(-1, -1, sq, sk) if bias is None else bias.masked_fill(~keep, float("-inf"))
+        return SdpaMask(mask, False, (key_padding_mask, bias, causal))
     if bias is None:
         return SdpaMask(None, causal)
-    if causal:
-        bias = bias.masked_fill(~torch.ones(sq, sk, dtype=torch.bool, device=device).tril(), float("-inf"))
+    if keep is not None:
+        bias = bias.masked_fill(~keep, float("-inf"))
     return SdpaMask(bias, False)
 
 
 def attention(q, k, v, m: SdpaMask, scale: float) -> torch.Tensor:
     """softmax(scale q k^T + mask) v. q: (B, H, Sq, D), k, v: (B, H, Sk, D) -> (B, H, Sq, D)."""
-    if m.reference is not None:
+    if m.reference is not None and (m.mask is None or not bool((q.sum() + k.sum() + v.sum()).isfinite())):
         kpm, bias, causal = m.reference
         return attention_reference(q, k, v, kpm, bias, causal=causal, scale=scale)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=m.mask, is_causal=m.is_causal, scale=scale)

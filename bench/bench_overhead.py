@@ -1,0 +1,221 @@
+"""Host overhead of one encoder forward: the CPU proxy for batch-1 GPU latency.
+
+A 12-layer CLIP text tower of hidden size 32 (compute ~ nil) at b1 x 77 on one CPU thread: what a forward costs
+here is Python + dispatcher time, which at batch 1 on a GPU is the latency unless CUDA graphs replay it. Competitors
+run interleaved in one process (transformers eager, transformers SDPA, fastenc backend="torch"), median of --iters
+forwards each. Also counts, per layer, the ops each one issues: top-level aten ops from torch.profiler (what would
+be kernel launches on a GPU), and fastenc's own trace counts.
+
+    python bench/bench_overhead.py --out overhead_cpu.json            # rows appended to bench/results/overhead_cpu.json
+    python bench/bench_overhead.py --real 20 --out overhead_cpu.json  # + CLIP ViT-B/32 text / vision at b1, b8
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+from _common import RESULTS, append_rows, git_commit
+
+LAYERS = 12
+HIDDEN = 32
+SEQ = 77
+
+
+def build(attn_implementation: str):
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    cfg = CLIPTextConfig(
+        hidden_size=HIDDEN,
+        intermediate_size=4 * HIDDEN,
+        num_attention_heads=2,
+        num_hidden_layers=LAYERS,
+        max_position_embeddings=SEQ,
+        vocab_size=1000,
+        attn_implementation=attn_implementation,
+    )
+    return CLIPTextModel(cfg).eval()
+
+
+def competitors() -> dict:
+    import fastenc
+
+    eager = build("eager")
+    sdpa = build("sdpa")
+    sdpa.load_state_dict(eager.state_dict())
+    return {
+        "transformers_eager": eager,
+        "transformers_sdpa": sdpa,
+        "fastenc_torch": fastenc.optimize(eager, backend="torch"),
+    }
+
+
+def aten_ops_per_forward(model, inputs) -> int:
+    """Top-level aten ops of one forward (ops called from Python or from a composite op's first level)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        model(**inputs)
+    events = [e for e in prof.events() if e.name.startswith("aten::") and e.cpu_parent is None]
+    return len(events)
+
+
+def real_sizes(iters: int, threads: int, meta: dict) -> list[dict]:
+    """CLIP ViT-B/32 text (77 tokens; b8 rows padded to lengths 77..8) and vision at b1 and b8: transformers SDPA vs
+    fastenc backend="torch", interleaved, p50 of wall and process CPU time."""
+    import torch
+    from transformers import CLIPTextModel, CLIPVisionModel
+
+    import fastenc
+    from fastenc.models.configs import clip_config
+
+    torch.set_num_threads(threads)
+    cfg = clip_config("ViT-B/32")
+    cfg.text_config._attn_implementation = cfg.vision_config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    towers = {"text": CLIPTextModel(cfg.text_config).eval(), "vision": CLIPVisionModel(cfg.vision_config).eval()}
+    rows = []
+    for tower, model in towers.items():
+        fast = fastenc.optimize(model, backend="torch")
+        for batch in (1, 8):
+            if tower == "text":
+                ids = torch.randint(0, cfg.text_config.vocab_size - 2, (batch, SEQ))
+                mask = torch.ones_like(ids)
+                for i in range(1, batch):  # a batch of captions of different lengths, right-padded
+                    mask[i, SEQ - 9 * i :] = 0
+                inputs = {"input_ids": ids, "attention_mask": mask}
+            else:
+                inputs = {"pixel_values": torch.randn(batch, 3, 224, 224)}
+            wall: dict[str, list[float]] = {"transformers_sdpa": [], "fastenc_torch": []}
+            cpu: dict[str, list[float]] = {"transformers_sdpa": [], "fastenc_torch": []}
+            with torch.inference_mode():
+                for m in (model, fast):
+                    m(**inputs)
+                for _ in range(iters):
+                    for name, m in (("transformers_sdpa", model), ("fastenc_torch", fast)):
+                        c0, t0 = time.process_time(), time.perf_counter()
+                        m(**inputs)
+                        t1, c1 = time.perf_counter(), time.process_time()
+                        wall[name].append((t1 - t0) * 1e3)
+                        cpu[name].append((c1 - c0) * 1e3)
+            base, base_cpu = statistics.median(wall["transformers_sdpa"]), statistics.median(cpu["transformers_sdpa"])
+            for name in wall:
+                med, med_cpu = statistics.median(wall[name]), statistics.median(cpu[name])
+                rows.append(
+                    {
+                        **meta,
+                        "model": f"CLIP ViT-B/32 {tower}",
+                        "batch": batch,
+                        "threads": threads,
+                        "competitor": name,
+                        "p50_ms": med,
+                        "ratio_vs_sdpa": med / base,
+                        "cpu_p50_ms": med_cpu,
+                        "cpu_ratio_vs_sdpa": med_cpu / base_cpu,
+                        "samples_ms": wall[name],
+                        "cpu_samples_ms": cpu[name],
+                    }
+                )
+                print(
+                    f"CLIP ViT-B/32 {tower:6} b{batch}  {name:18} p50 {med:8.2f} ms ({med / base:4.2f}x)  "
+                    f"cpu {med_cpu:8.2f} ms ({med_cpu / base_cpu:4.2f}x)"
+                )
+    return rows
+
+
+def main(argv=None) -> int:
+    import torch
+
+    import fastenc
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--iters", type=int, default=200, help="timed forwards per competitor (median reported)")
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--out", help="file name under bench/results/ to append the JSON rows to")
+    p.add_argument(
+        "--real",
+        type=int,
+        default=0,
+        metavar="ITERS",
+        help="also time CLIP ViT-B/32 text and vision at b1 / b8 (ITERS calls each, 2 threads)",
+    )
+    args = p.parse_args(argv)
+    if args.iters < 1 or args.warmup < 0:
+        p.error("--iters must be >= 1 and --warmup >= 0")
+    torch.set_num_threads(1)
+    models = competitors()
+    ids = torch.randint(0, 1000, (1, SEQ))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    samples: dict[str, list[float]] = {k: [] for k in models}  # wall ms
+    cpu: dict[str, list[float]] = {k: [] for k in models}  # this thread's CPU ms: robust on a busy machine
+    with torch.inference_mode():
+        for _ in range(args.warmup):
+            for m in models.values():
+                m(**inputs)
+        for _ in range(args.iters):  # interleaved: drift hits every competitor alike
+            for name, m in models.items():
+                c0, t0 = time.thread_time(), time.perf_counter()
+                m(**inputs)
+                t1, c1 = time.perf_counter(), time.thread_time()
+                samples[name].append((t1 - t0) * 1e3)
+                cpu[name].append((c1 - c0) * 1e3)
+    with torch.inference_mode(), fastenc.trace() as t:
+        models["fastenc_torch"](**inputs)
+    fastenc_ops = {k: v / LAYERS for k, v in sorted(t.counts.items())}
+    base = statistics.median(samples["transformers_sdpa"])
+    base_cpu = statistics.median(cpu["transformers_sdpa"])
+    meta = {
+        "bench": "overhead",
+        "model": f"CLIP text, {LAYERS} layers, hidden {HIDDEN}, b1x{SEQ}",
+        "threads": 1,
+        "torch": torch.__version__,
+        "commit": git_commit(),
+        "machine": _machine(),
+    }
+    rows = []
+    print(f"# {meta['model']}, 1 thread, median of {args.iters}; torch {torch.__version__}")
+    print(f"{'competitor':22} {'p50 ms':>8} {'vs sdpa':>8} {'cpu p50 ms':>10} {'vs sdpa':>8} {'aten ops/layer':>15}")
+    for name, s in samples.items():
+        med, med_cpu = statistics.median(s), statistics.median(cpu[name])
+        per_layer = aten_ops_per_forward(models[name], inputs) / LAYERS
+        rows.append(
+            {
+                **meta,
+                "competitor": name,
+                "p50_ms": med,
+                "ratio_vs_sdpa": med / base,
+                "cpu_p50_ms": med_cpu,
+                "cpu_ratio_vs_sdpa": med_cpu / base_cpu,
+                "aten_ops_per_layer": per_layer,
+                "samples_ms": s,
+                "cpu_samples_ms": cpu[name],
+            }
+        )
+        print(f"{name:22} {med:8.3f} {med / base:8.2f} {med_cpu:10.3f} {med_cpu / base_cpu:8.2f} {per_layer:15.1f}")
+    rows[-1]["fastenc_trace_ops_per_layer"] = fastenc_ops
+    print("fastenc trace, per layer:", {k: round(v, 2) for k, v in fastenc_ops.items()})
+    if args.real:
+        rows += real_sizes(args.real, 2, {k: v for k, v in meta.items() if k not in ("model", "threads")})
+    if args.out:
+        append_rows(RESULTS / args.out, rows)
+    return 0
+
+
+def _machine() -> str:
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
+    except OSError:
+        model = ""
+    return f"{platform.machine()} {model}".strip()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
