@@ -219,13 +219,21 @@ def test_too_wide_row_is_unsupported(device):
     n = kernels.MAX_FUSED_N + 1
     x = torch.randn(1, n, device=device)
     w = torch.ones(n, device=device)
-    assert "65536" in kernels.norm_unsupported_reason(x)
+    assert str(kernels.MAX_FUSED_N) in kernels.norm_unsupported_reason(x)
     assert kernels.norm_unsupported_reason(x[:, : n - 1]) is None
-    with pytest.raises(fastenc.BackendUnavailableError, match="65536"):
+    with pytest.raises(fastenc.BackendUnavailableError, match=str(kernels.MAX_FUSED_N)):
         fastenc.ops.rms_norm(x, w, 1e-6, backend="triton", strict=True)
     with fastenc.trace() as t:
         fastenc.ops.layer_norm(x, w, None, 1e-5, backend="triton")
     assert t.counts["torch.layer_norm"] == 1 and t.fallbacks[0].ran == "torch"
+
+
+def test_widest_fused_row_fits_registers():
+    """The widest row a program holds is at most 32 fp32 values per thread: 65536 columns (64 per thread at 32 warps,
+    64 registers each) spilled 144-264 B on sm_90a, 32768 fp32 LayerNorm 16-24 B (see the NOTE at MAX_FUSED_N)."""
+    for n in (768, 4096, 5120, kernels.MAX_FUSED_N):
+        block_n, num_warps = kernels._norm_config(n)
+        assert block_n // (32 * num_warps) <= 32, (n, block_n, num_warps)
 
 
 BAD_INPUTS = [
