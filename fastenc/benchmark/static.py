@@ -195,6 +195,8 @@ def _config_dict(cfg) -> dict:
     d = dict(cfg.kwargs)
     d["num_warps"] = cfg.num_warps
     d["num_stages"] = cfg.num_stages
+    if getattr(cfg, "maxnreg", None):
+        d["maxnreg"] = cfg.maxnreg
     return d
 
 
@@ -666,7 +668,8 @@ def _minor(version: str) -> str:
 
 def _config_label(config: dict) -> str:
     blocks = "x".join(str(v) for k, v in config.items() if k.startswith("BLOCK_"))
-    return f"{blocks} w{config.get('num_warps')} s{config.get('num_stages')}".strip()
+    regs = f" maxnreg{config['maxnreg']}" if config.get("maxnreg") else ""
+    return f"{blocks} w{config.get('num_warps')} s{config.get('num_stages')}{regs}".strip()
 
 
 def _sort_key(row):
@@ -736,7 +739,7 @@ def render_markdown(report: dict) -> str:
     out += ["", "## Worst stack bytes per kernel and variant", "",
             "Cell: worst stack (spill) bytes over the compiled configs, then spilling / compiled configs "
             "(`E` counts compile errors). Regs: the most registers of any config.", ""]  # fmt: skip
-    head = "| kernel | variant | " + " | ".join(f"{t} {a}" for t, a in cols) + " |"
+    head = "| op | variant | " + " | ".join(f"{t} {a}" for t, a in cols) + " |"
     out += [head, "|---|---|" + "---|" * len(cols)]
     groups: dict = {}
     for r in rows:
@@ -760,7 +763,7 @@ def render_markdown(report: dict) -> str:
     errs = [r for r in rows if r["status"] != "ok"]
     out += ["", "## Compile errors", ""]
     if errs:
-        out += ["| triton | arch | kernel | variant | config | error |", "|---|---|---|---|---|---|"]
+        out += ["| triton | arch | op | variant | config | error |", "|---|---|---|---|---|---|"]
         for r in errs:
             msg = r["status"].splitlines()[0][:200].replace("|", "\\|")
             out.append(f"| {r['triton']} | {r['arch']} | {r['family']} | {r['variant']} | "
@@ -771,7 +774,7 @@ def render_markdown(report: dict) -> str:
     out += ["", "## Spilling or not fitting configs the autotuner may pick", ""]
     bad = [r for r in rows if r["status"] == "ok" and r["selectable"] and (r["stack"] or not r["fits"])]
     if bad:
-        out += ["| triton | arch | kernel | variant | config | regs | stack | shared | fits | when |",
+        out += ["| triton | arch | op | variant | config | regs | stack | shared | fits | when |",
                 "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for r in bad:
             out.append(
@@ -783,7 +786,7 @@ def render_markdown(report: dict) -> str:
         out.append("None.")
 
     out += ["", "## All rows", "", "<details><summary>every compile</summary>", ""]
-    out += ["| triton | arch | kernel | variant | shapes | config | status | regs | stack | shared | fits | s |",
+    out += ["| triton | arch | op | variant | shapes | config | status | regs | stack | shared | fits | s |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         status = "ok" if r["status"] == "ok" else "error"
