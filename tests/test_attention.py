@@ -279,6 +279,8 @@ SPILLING = [
     (80, (128, 64, 8, 3), {"HAS_BIAS": True}),
     (80, (64, 64, 4, 3), {"HAS_BIAS": True, "HAS_RELBIAS": True}),
     (128, (128, 64, 8, 3), {"HAS_RELBIAS": True}),
+    (128, (64, 64, 4, 3), {"HAS_RELBIAS": True}),
+    (64, (128, 32, 4, 3), {"HAS_BIAS": True}),
 ]
 
 
