@@ -148,7 +148,7 @@ def fuse_linears(rt: Runtime, owner: torch.nn.Module, names: tuple[str, ...]):
     module or parameter assigned anywhere since), no weight or bias moved (data pointers), no hook was added and
     autograd does not record into the weights: a few attribute reads per call."""
     slot = (id(owner), names)
-    hit = rt.fused.get(slot)
+    hit = None if torch.compiler.is_compiling() else rt.fused.get(slot)  # compiled graphs cat (see fused_rows)
     if hit is not None and hit[0] == structure_generation():
         tensors, ptrs, out = hit[1], hit[2], hit[3]
         if (

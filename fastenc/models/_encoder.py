@@ -50,7 +50,7 @@ def encoder_layers_forward(
     slow = attentions is not None or (training and dropout_p > 0)
     mask = None if slow else plan.mask(key_padding_mask, causal, s, s, x.device)  # converted once per forward
     layer_norm, attention = plan.layer_norm, plan.attention
-    if not slow and not tracing():
+    if not slow and not tracing() and not torch.compiler.is_compiling():
         weights = layer_weights(rt, layers)
         if weights is not None:
             return _fast_layers(weights, x, plan, mask, activation, hidden_states)
