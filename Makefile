@@ -3,7 +3,7 @@ PY ?= python3
 PIP := $(PY) -m pip install -q --disable-pip-version-check
 STAMP := .install.stamp
 
-.PHONY: demo test lint install
+.PHONY: demo test lint install static-report
 
 # torch first and pinned: an unpinned "torch" would pull the newest CUDA build (GBs). A machine that already has
 # a torch (the GPU machine's 2.11+cu130) keeps it.
@@ -22,3 +22,14 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(PY) -m ruff check fastenc kernels tests bench
+
+# The static GPU report (bench/results/static-sm90.*) for both compilers: this environment's triton, then triton 3.6
+# (the GPU machine's) from its own venv. About 400 compiles per version; minutes on 2 cores.
+TRITON36 := .venv-triton36/bin/python
+$(TRITON36):
+	$(PY) -m venv .venv-triton36
+	$(TRITON36) -m pip install -q --disable-pip-version-check "torch==2.13.0" "triton==3.6.*" "numpy<2.4" "transformers==5.17.*"
+	$(TRITON36) -m pip install -q --disable-pip-version-check --no-deps -e .
+
+static-report: $(STAMP) $(TRITON36)
+	$(PY) -m fastenc.benchmark.static --also $(TRITON36)

@@ -31,7 +31,7 @@ COMPILERS = ("3.6", "3.9")
 SUBSET_TIMEOUT_S = 900  # the subset takes ~1-2 min on 2 idle cores; a shared CI host is several times slower
 REGENERATE = (
     "regenerate from the repo root, both compilers in one command (3.9 here, then 3.6; ~5 min on 2 idle cores):\n"
-    "    python -m fastenc.benchmark.static --also /work/venv-t36/bin/python\n"
+    "    python -m fastenc.benchmark.static --also .venv-triton36/bin/python\n"
     "(--also takes any python with triton==3.6.*, torch==2.13.0, numpy<2.4, transformers and "
     "`pip install --no-deps -e .`; each run replaces only its own triton version's rows)"
 )
