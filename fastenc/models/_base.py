@@ -20,7 +20,7 @@ class Runtime:
 
     backend: str = "auto"
     strict: bool = False
-    fused: dict = field(default_factory=dict, repr=False)  # slot -> (data pointers, buffer), see fused_rows
+    fused: dict = field(default_factory=dict, repr=False)  # fused projections and layer tensors, see fuse_linears
     _plan: tuple | None = field(default=None, repr=False, compare=False)  # ((device, $FASTENC_BACKEND), OpPlan)
 
     def __getstate__(self):  # pickle / deepcopy: the settings; caches are rebuilt on first use
@@ -84,38 +84,32 @@ def shallow_copy_as(model: torch.nn.Module, cls: type) -> torch.nn.Module:
     return new
 
 
-def fused_rows(rt: Runtime, slot, ts: tuple[torch.Tensor, ...]) -> torch.Tensor:
+def fused_rows(ts: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """torch.cat(ts) (row-wise) without a stale copy: ts become adjacent row blocks of one buffer (each parameter
     keeps its identity, its `.data` is re-pointed once into the buffer), and the buffer itself is returned. Any
     in-place edit of a parameter (`.data.mul_`, `copy_`, fused / foreach optimizers, `load_state_dict`) then lands
-    in the buffer; a parameter replaced or moved (`assign=True`, `.to()`, `p.data = ...`) no longer sits at the
-    recorded address, and the buffer is rebuilt. The check is the parameters' data pointers: the cached buffer
-    keeps its storage alive, so no other tensor can take those addresses.
+    in the buffer; a parameter replaced or moved (`assign=True`, `.to()`, `p.data = ...`) is laid out again on the
+    next call. Tensors already adjacent (laid out by this model's `optimize` or another's over the same weights) are
+    viewed as one buffer without a copy. Callers keep the result with the parameters' data pointers (see
+    `fuse_linears`): the kept buffer holds its storage alive, so no other tensor can take those addresses.
 
     With autograd recording into any of ts, under torch.compile, or when the tensors cannot be re-pointed
     (inference tensors, mixed dtypes or devices, non-contiguous) the cat runs every call instead."""
     if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in ts)):
         return torch.cat(ts)
-    key = tuple(t.data_ptr() for t in ts)
-    hit = rt.fused.get(slot)
-    if hit is not None and hit[0] == key and hit[1].dtype == ts[0].dtype:
-        return hit[1]
     t0 = ts[0]
     if any(t.is_inference() or not t.is_contiguous() or t.dtype != t0.dtype or t.device != t0.device for t in ts):
-        rt.fused.pop(slot, None)
         return torch.cat(ts)
     rows = sum(t.shape[0] for t in ts)
     with torch.inference_mode(False), torch.no_grad():
-        if _adjacent(ts):  # laid out already (by this model's optimize or another's over the same weights)
-            buf = torch.as_strided(t0.detach(), (rows, *t0.shape[1:]), t0.stride())
-        else:
-            buf = torch.cat([t.detach() for t in ts])
-            row = 0
-            for t in ts:
-                n = t.shape[0]
-                t.data = buf[row : row + n]  # same Parameter object, its storage is now the buffer's rows
-                row += n
-    rt.fused[slot] = (tuple(t.data_ptr() for t in ts), buf)
+        if _adjacent(ts):
+            return torch.as_strided(t0.detach(), (rows, *t0.shape[1:]), t0.stride())
+        buf = torch.cat([t.detach() for t in ts])
+        row = 0
+        for t in ts:
+            n = t.shape[0]
+            t.data = buf[row : row + n]  # same Parameter object, its storage is now the buffer's rows
+            row += n
     return buf
 
 
@@ -165,7 +159,7 @@ def fuse_linears(rt: Runtime, owner: torch.nn.Module, names: tuple[str, ...]):
     ws = tuple(m._parameters["weight"] for m in ms)
     bs = tuple(m._parameters.get("bias") for m in ms)
     has_bias = all(b is not None for b in bs)
-    out = (fused_rows(rt, slot + ("w",), ws), fused_rows(rt, slot + ("b",), bs) if has_bias else None)
+    out = (fused_rows(ws), fused_rows(bs) if has_bias else None)
     tensors = ws + bs if has_bias else ws
     if not torch.compiler.is_compiling() and all(  # only a buffer that IS the weights' storage may be reused
         f is None or f.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()

@@ -97,16 +97,14 @@ def attention_op(
 
 
 def layer_norm(x, weight, bias, eps: float, residual=None):
-    """F.layer_norm over the last dim; with residual -> (normed, x + residual)."""
+    """LayerNorm over the last dim; with residual -> (normed, x + residual). fp32 inputs: `layer_norm_fp32`."""
     if x.dtype != torch.float32 or weight.dtype != torch.float32:
         return layer_norm_reference(x, weight, bias, residual, eps=eps)
-    s = x if residual is None else x + residual
-    y = F.layer_norm(s, (s.shape[-1],), weight, bias, eps)
-    return y if residual is None else (y, s)
+    return layer_norm_fp32(x, weight, bias, eps, residual)
 
 
 def layer_norm_fp32(x, weight, bias, eps: float, residual=None):
-    """`layer_norm` for fp32 x and weights, with nothing to check: what a fused fp32 model's loop calls."""
+    """torch.layer_norm for fp32 x and weights, with nothing to check: what a fused fp32 model's loop calls."""
     if residual is None:
         return torch.layer_norm(x, (x.shape[-1],), weight, bias, eps)
     s = x + residual
