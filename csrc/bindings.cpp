@@ -12,6 +12,7 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "fastenc_cuda.h"
 
@@ -98,15 +99,21 @@ std::tuple<at::Tensor, at::Tensor> norm_impl(bool rms, const at::Tensor& x, cons
   return {y, res_out};
 }
 
-std::tuple<at::Tensor, at::Tensor> layer_norm(const at::Tensor& x, const at::Tensor& weight,
-                                              const std::optional<at::Tensor>& bias, double eps,
-                                              const std::optional<at::Tensor>& residual) {
-  return norm_impl(false, x, weight, bias, eps, residual);
+// The schemas are those of the Triton ops (fastenc::layer_norm / rms_norm): [y] or [y, x + residual].
+std::vector<at::Tensor> norm_outputs(const std::tuple<at::Tensor, at::Tensor>& y_s, bool has_residual) {
+  if (has_residual) return {std::get<0>(y_s), std::get<1>(y_s)};
+  return {std::get<0>(y_s)};
 }
 
-std::tuple<at::Tensor, at::Tensor> rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps,
-                                            const std::optional<at::Tensor>& residual) {
-  return norm_impl(true, x, weight, std::nullopt, eps, residual);
+std::vector<at::Tensor> layer_norm(const at::Tensor& x, const at::Tensor& weight,
+                                   const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
+                                   double eps) {
+  return norm_outputs(norm_impl(false, x, weight, bias, eps, residual), residual.has_value());
+}
+
+std::vector<at::Tensor> rms_norm(const at::Tensor& x, const at::Tensor& weight,
+                                 const std::optional<at::Tensor>& residual, double eps) {
+  return norm_outputs(norm_impl(true, x, weight, std::nullopt, eps, residual), residual.has_value());
 }
 
 int activation_code(const std::string& activation) {
@@ -161,7 +168,12 @@ at::Tensor gated_activation(const at::Tensor& gate, const at::Tensor& up, const 
 
 // (B, H, Sq, D) output, a view of a (B, Sq, H, D)-contiguous buffer, as the Triton kernel returns.
 at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                     const std::optional<at::Tensor>& key_padding_mask, bool causal, double scale) {
+                     const std::optional<at::Tensor>& key_padding_mask, const std::optional<at::Tensor>& bias,
+                     const std::optional<at::Tensor>& rel_bias_table, const std::optional<at::Tensor>& rel_bias_lut,
+                     bool causal, double scale) {
+  TORCH_CHECK(!bias.has_value() && !rel_bias_table.has_value() && !rel_bias_lut.has_value(),
+              "fastenc_cuda::attention: additive and relative-position biases are not supported by the CUDA kernel "
+              "(fastenc.ops.attention runs them on Triton)");
   TORCH_CHECK(q.is_cuda(), "fastenc_cuda::attention: q must be a CUDA tensor, got device ", q.device());
   TORCH_CHECK(q.dim() == 4, "fastenc_cuda::attention: q must be (B, H, Sq, D), got shape ", q.sizes());
   TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
@@ -226,11 +238,14 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
 }  // namespace
 
 TORCH_LIBRARY(fastenc_cuda, m) {
-  m.def("layer_norm(Tensor x, Tensor weight, Tensor? bias, float eps, Tensor? residual) -> (Tensor, Tensor)");
-  m.def("rms_norm(Tensor x, Tensor weight, float eps, Tensor? residual) -> (Tensor, Tensor)");
+  // One schema per op: the same as torch.ops.fastenc.<op> (fastenc/ops/_library.py; tests/test_cuda_build.py).
+  m.def("layer_norm(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, float eps) -> Tensor[]");
+  m.def("rms_norm(Tensor x, Tensor weight, Tensor? residual, float eps) -> Tensor[]");
   m.def("bias_activation(Tensor x, Tensor? bias, str activation) -> Tensor");
   m.def("gated_activation(Tensor gate, Tensor up, str activation) -> Tensor");
-  m.def("attention(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, bool causal, float scale) -> Tensor");
+  m.def(
+      "attention(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, Tensor? bias, Tensor? rel_bias_table, "
+      "Tensor? rel_bias_lut, bool causal, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastenc_cuda, CUDA, m) {

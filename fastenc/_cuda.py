@@ -185,15 +185,13 @@ def _register_fakes() -> None:
     """Fake implementations (shapes, dtypes, strides of the outputs) for torch.compile, export and opcheck."""
 
     @torch.library.register_fake("fastenc_cuda::layer_norm")
-    def _layer_norm_fake(x, weight, bias, eps, residual):
-        y = x.new_empty(x.shape)
-        return y, (x.new_empty(x.shape) if residual is not None else x.new_empty((0,)))
+    def _layer_norm_fake(x, weight, bias, residual, eps):
+        return [x.new_empty(x.shape)] + ([x.new_empty(x.shape)] if residual is not None else [])
 
     @torch.library.register_fake("fastenc_cuda::rms_norm")
-    def _rms_norm_fake(x, weight, eps, residual):
+    def _rms_norm_fake(x, weight, residual, eps):
         y_dtype = weight.dtype if weight.dtype in (torch.float16, torch.bfloat16) else x.dtype
-        y = x.new_empty(x.shape, dtype=y_dtype)
-        return y, (x.new_empty(x.shape) if residual is not None else x.new_empty((0,)))
+        return [x.new_empty(x.shape, dtype=y_dtype)] + ([x.new_empty(x.shape)] if residual is not None else [])
 
     @torch.library.register_fake("fastenc_cuda::bias_activation")
     def _bias_activation_fake(x, bias, activation):
@@ -204,7 +202,7 @@ def _register_fakes() -> None:
         return gate.new_empty(gate.shape)
 
     @torch.library.register_fake("fastenc_cuda::attention")
-    def _attention_fake(q, k, v, key_padding_mask, causal, scale):
+    def _attention_fake(q, k, v, key_padding_mask, bias, rel_bias_table, rel_bias_lut, causal, scale):
         b, h, sq, d = q.shape
         return q.new_empty((b, sq, h, d)).transpose(1, 2)
 
@@ -256,10 +254,10 @@ def _norm(op, x, weight, bias, eps, residual):
         if bias.dtype != weight.dtype:  # the kernel reads w and b in one dtype; fp32 holds any of the three exactly
             weight, bias = weight.float(), bias.float()
     if op == "layer_norm":
-        y2, s2 = torch.ops.fastenc_cuda.layer_norm(x2, weight, bias, float(eps), r2)
+        out = torch.ops.fastenc_cuda.layer_norm(x2, weight, bias, r2, float(eps))
     else:
-        y2, s2 = torch.ops.fastenc_cuda.rms_norm(x2, weight, float(eps), r2)
-    return y2.view(x.shape), (None if residual is None else s2.view(x.shape))
+        out = torch.ops.fastenc_cuda.rms_norm(x2, weight, r2, float(eps))
+    return out[0].view(x.shape), (None if residual is None else out[1].view(x.shape))
 
 
 def layer_norm_forward(
@@ -373,4 +371,4 @@ def attention_forward(
         raise InputError(f"causal attention needs Sq == Sk, got {q.shape[2]}, {k.shape[2]}")
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
     kpm = None if key_padding_mask is None else key_padding_mask.to(torch.bool)
-    return torch.ops.fastenc_cuda.attention(q, k, v, kpm, bool(causal), float(scale))
+    return torch.ops.fastenc_cuda.attention(q, k, v, kpm, None, None, None, bool(causal), float(scale))

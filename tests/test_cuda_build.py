@@ -140,3 +140,21 @@ def test_norm_limits_match_the_header():
     assert f"#define FASTENC_ATTN_MAX_SEQLEN_K {_cuda.ATTN_MAX_SEQLEN_K}" in header
     assert f"#define FASTENC_ATTN_MAX_HEAD_DIM {_cuda.ATTN_MAX_HEAD_DIM}" in header
     assert "exceeds the 16384 columns" in _cuda.norm_unsupported_reason(torch.zeros(1, _cuda.NORM_MAX_N + 1))
+
+
+def test_one_schema_per_op_in_both_namespaces():
+    """torch.ops.fastenc_cuda.<op> (csrc/bindings.cpp) has exactly the schema of torch.ops.fastenc.<op> (the Triton
+    op): one argument order and output convention per op, so one reference and one dispatch serve both."""
+    import re
+
+    from fastenc.ops._library import CUDA_OPS, register_triton_ops
+
+    register_triton_ops()
+    src = (CSRC / "bindings.cpp").read_text()
+    defs = {}
+    for m in re.finditer(r'm\.def\(\s*((?:"[^"]*"\s*)+)\)', src):
+        text = "".join(re.findall(r'"([^"]*)"', m.group(1)))
+        defs[text.split("(", 1)[0]] = text
+    assert sorted(defs) == sorted(CUDA_OPS)
+    for name, text in defs.items():
+        assert f"fastenc::{text}" == str(getattr(torch.ops.fastenc, name).default._schema), name

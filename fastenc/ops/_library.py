@@ -285,23 +285,14 @@ def fastenc_op(name: str):
 # ------------------------------------------------------------------------------------------ CUDA ops
 
 
+CUDA_OPS = ("layer_norm", "rms_norm", "bias_activation", "gated_activation", "attention")
+
+
 def _cuda_references():
-    """References with the positional signatures of csrc/bindings.cpp's torch.ops.fastenc_cuda ops. The norm ops
-    take (rows, N) views and return (y, x + residual) or (y, an empty (0,) tensor) without a residual."""
+    """References of csrc/bindings.cpp's torch.ops.fastenc_cuda ops: the same schemas as the Triton ops', so the same
+    references (tests/test_cuda_build.py checks the schemas are equal)."""
     refs = _references()
-
-    def norm_pair(y_s, x, residual):
-        return (y_s[0], y_s[1]) if residual is not None else (y_s, x.new_empty((0,)))
-
-    return {
-        "layer_norm": lambda x, w, b, eps, r: norm_pair(refs["layer_norm"](x, w, b, r, eps), x, r),
-        "rms_norm": lambda x, w, eps, r: norm_pair(refs["rms_norm"](x, w, r, eps), x, r),
-        "bias_activation": refs["bias_activation"],
-        "gated_activation": refs["gated_activation"],
-        "attention": lambda q, k, v, kpm, causal, scale: refs["attention"](
-            q, k, v, kpm, None, None, None, causal, scale
-        ),
-    }
+    return {name: refs[name] for name in CUDA_OPS}
 
 
 def register_cuda_autograd() -> None:
