@@ -11,7 +11,7 @@ import importlib as _importlib
 from . import distributed, integrations, ops
 from ._dispatch import available_backends
 from ._trace import FallbackWarning, trace
-from .errors import BackendUnavailableError, FastencError, InputError, UnsupportedModelError
+from .errors import BackendUnavailableError, DoubleBackwardError, FastencError, InputError, UnsupportedModelError
 from .integrations import register_transformers_attention
 from .optimize import optimize  # noqa: E402  (the function shadows its module's name, as intended)
 
@@ -43,6 +43,7 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "BackendUnavailableError",
+    "DoubleBackwardError",
     "FallbackWarning",
     "FastencError",
     "InputError",

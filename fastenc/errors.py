@@ -15,3 +15,8 @@ class InputError(FastencError, ValueError):
 
 class BackendUnavailableError(FastencError, RuntimeError):
     """The requested backend cannot run this op here and `strict=True` forbade falling back."""
+
+
+class DoubleBackwardError(FastencError, NotImplementedError):
+    """A second derivative through fastenc's clip_loss / siglip_loss was requested (create_graph=True, then a
+    backward through the gradients): the tiled backward is not itself differentiable."""

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .._dispatch import choose_backend, kernel_module
-from ..errors import FastencError, InputError
+from ..errors import DoubleBackwardError, InputError
 from ._common import FLOAT_DTYPES, check_tensor
 from ._library import fastenc_op
 
@@ -247,11 +247,6 @@ class LocalComm:
 
     def total(self, n_local: int) -> int:
         return n_local
-
-
-class DoubleBackwardError(FastencError, NotImplementedError):
-    """A second derivative through fastenc's clip_loss / siglip_loss was requested (create_graph=True, then a
-    backward through the gradients): the tiled backward is not itself differentiable."""
 
 
 class _NoDoubleBackward(torch.autograd.Function):
