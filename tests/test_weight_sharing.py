@@ -267,3 +267,14 @@ def test_cuda_graph_sees_a_replaced_parameter():
         )
         compare_outputs(model(**inputs), fast(**inputs), FP32)
     assert cap.captures == 2
+
+
+def test_plain_attribute_edits_after_the_first_call_are_seen():
+    """The fast loop keeps per-layer tensors between calls; a norm's eps or the attention scale set later still
+    counts (plain attributes are not registered anywhere)."""
+    model, fast, inputs = _clip(layers=2)
+    _check(model, fast, inputs)
+    layer = model.text_model.encoder.layers[1]
+    layer.layer_norm1.eps = 0.5
+    layer.self_attn.scale = 0.05
+    _check(model, fast, inputs)

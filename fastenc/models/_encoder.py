@@ -115,6 +115,8 @@ def layer_weights(rt: Runtime, layers) -> list[tuple] | None:
         ):
             return weights
     gen = structure_generation()
+    if not len(layers):
+        return None
     weights, fused, linears = [], [], []
     for layer in layers:
         mods = layer._modules
@@ -128,9 +130,9 @@ def layer_weights(rt: Runtime, layers) -> list[tuple] | None:
             return None
         p1, p2 = ln1._parameters, ln2._parameters
         po, pf1, pf2 = (m._parameters for m in lins[3:])
-        weights.append(
-            (p1["weight"], p1["bias"], ln1.eps, *qkv, attn.num_heads, attn.scale, po["weight"], po["bias"],
-             p2["weight"], p2["bias"], ln2.eps, pf1["weight"], pf1["bias"], pf2["weight"], pf2["bias"])
+        weights.append(  # modules for eps / num_heads / scale, read each call (plain attributes, not registered)
+            (p1["weight"], p1["bias"], ln1, *qkv, attn, po["weight"], po["bias"],
+             p2["weight"], p2["bias"], ln2, pf1["weight"], pf1["bias"], pf2["weight"], pf2["bias"])
         )  # fmt: skip
         fused.extend(m._parameters["weight"] for m in lins[:3])
         fused.extend(m._parameters["bias"] for m in lins[:3])
@@ -155,16 +157,17 @@ def _fast_layers(weights, x, plan, mask, activation, hidden_states):
     lin = F.linear
     x = x.reshape(b * s, d)  # (B S, D): 2-D GEMMs go straight to addmm
     delta = None
-    for w1, b1, e1, wqkv, bqkv, nh, scale, wo, bo, w2, b2, e2, wf1, bf1, wf2, bf2 in weights:
+    for w1, b1, ln1, wqkv, bqkv, attn, wo, bo, w2, b2, ln2, wf1, bf1, wf2, bf2 in weights:
         if delta is None:
-            h = layer_norm(x, w1, b1, e1, None)
+            h = layer_norm(x, w1, b1, ln1.eps, None)
         else:
-            h, x = layer_norm(delta, w1, b1, e1, x)
+            h, x = layer_norm(delta, w1, b1, ln1.eps, x)
             if hidden_states is not None:
                 hidden_states.append(x.view(b, s, d))
+        nh = attn.num_heads
         q, k, v = lin(h, wqkv, bqkv).view(b, s, 3, nh, d // nh).permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, S, Dh)
-        o = attention(q, k, v, mask, scale).transpose(1, 2).reshape(b * s, d)  # (B S, D)
-        h, x = layer_norm(lin(o, wo, bo), w2, b2, e2, x)
+        o = attention(q, k, v, mask, attn.scale).transpose(1, 2).reshape(b * s, d)  # (B S, D)
+        h, x = layer_norm(lin(o, wo, bo), w2, b2, ln2.eps, x)
         delta = lin(linear_act(h, wf1, bf1), wf2, bf2)
     return x.view(b, s, d), delta.view(b, s, d)
 
