@@ -60,7 +60,6 @@ class OpPlan:
 
     def __init__(self, backend: str, strict: bool, device: torch.device):
         want = requested_backend(backend)
-        self.key = (backend, strict, device, want)
         self.torch = want == "torch" or (want == "auto" and device.type != "cuda")
         if self.torch:
             self.layer_norm = _counted("layer_norm", _torch.layer_norm)

@@ -1,8 +1,8 @@
 """The torch backend of every tower op: the fastest plain-PyTorch kernel with the op's semantics, unchecked.
 
 These are what `backend="torch"` runs (the public ops call them after their input checks; fused models call them
-directly from a plan resolved once per model, see `fastenc.models._plan`). The explicit fp32 formulas in the op
-modules (`*_reference`) stay the definition the kernels and these functions are tested against.
+directly from a plan resolved once per model, see `fastenc.ops._plan`). The explicit fp32 formulas in
+`fastenc.ops.reference` stay the definition the kernels and these functions are tested against.
 
     attention: F.scaled_dot_product_attention, causal or with a mask built once per forward (`sdpa_mask`); with a
                key-padding mask only after a finiteness check of q, k, v (CPU), else the explicit reference
@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .reference import (
+    ACTIVATION_FNS,
     activation_reference,
     attention_reference,
     bias_activation_reference,
@@ -61,18 +62,22 @@ def sdpa_mask(
         key_padding_mask = None  # no padding: SDPA's causal / unmasked kernels apply
     if bias is not None:
         bias = bias.to(dtype)
-    keep = torch.ones(sq, sk, dtype=torch.bool, device=device).tril()[None, None] if causal else None  # (1,1,Sq,Sk)
+
+    def causal_keep():  # (1, 1, Sq, Sk), True = attend
+        return torch.ones(sq, sk, dtype=torch.bool, device=device).tril()[None, None]
+
     if key_padding_mask is not None:
-        kpm = key_padding_mask[:, None, None, :]  # (B, 1, 1, Sk)
-        keep = kpm if keep is None else keep & kpm
         mask = None
         if on_cpu:  # the finite fast path's mask
+            keep = key_padding_mask[:, None, None, :]  # (B, 1, 1, Sk)
+            if causal:
+                keep = keep & causal_keep()
             mask = keep.expand(-1, -1, sq, sk) if bias is None else bias.masked_fill(~keep, float("-inf"))
         return SdpaMask(mask, False, (key_padding_mask, bias, causal))
     if bias is None:
         return SdpaMask(None, causal)
-    if keep is not None:
-        bias = bias.masked_fill(~keep, float("-inf"))
+    if causal:
+        bias = bias.masked_fill(~causal_keep(), float("-inf"))
     return SdpaMask(bias, False)
 
 
@@ -111,14 +116,6 @@ def layer_norm_fp32(x, weight, bias, eps: float, residual=None):
     return torch.layer_norm(s, (s.shape[-1],), weight, bias, eps), s
 
 
-ACTIVATION_FNS = {  # fp32 activations as single expressions (the reference's formulas)
-    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
-    "gelu": F.gelu,
-    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "relu": torch.relu,
-}
-
-
 def linear_activation_fn(dtype: torch.dtype, activation: str):
     """act(x @ w^T + b) resolved for one dtype and activation: x, weight, bias -> output."""
     if dtype != torch.float32:
@@ -139,9 +136,7 @@ def bias_activation(x, bias, activation: str):
 
 def linear_activation(x, weight, bias, activation: str):
     """act(x @ weight^T + bias): the bias rides in the GEMM for fp32 (one op fewer), the reference otherwise."""
-    if x.dtype == torch.float32 and weight.dtype == torch.float32:
-        return activation_reference(F.linear(x, weight, bias), activation)
-    return bias_activation_reference(F.linear(x, weight), bias, activation=activation)
+    return linear_activation_fn(x.dtype, activation)(x, weight, bias)
 
 
 def gated_activation(gate, up, activation: str):

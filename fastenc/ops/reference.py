@@ -36,17 +36,20 @@ HF_ACTIVATIONS = {
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
 
+ACTIVATION_FNS = {  # each activation as one expression, in its input's dtype
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": torch.relu,
+}
+
+
 def activation_reference(x: torch.Tensor, activation: str) -> torch.Tensor:
     """The activation in fp32."""
-    if activation == "quick_gelu":
-        return x * torch.sigmoid(1.702 * x)
-    if activation == "gelu":
-        return F.gelu(x)
-    if activation == "gelu_tanh":
-        return F.gelu(x, approximate="tanh")
-    if activation == "relu":
-        return torch.relu(x)
-    raise InputError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    fn = ACTIVATION_FNS.get(activation)
+    if fn is None:
+        raise InputError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    return fn(x)
 
 
 def bias_activation_reference(x, bias=None, *, activation):
