@@ -201,26 +201,6 @@ def project(m, x: torch.Tensor) -> torch.Tensor:
     return m(x)
 
 
-def attention_with_probs(q, k, v, *, causal, key_padding_mask, scale, dropout_p=0.0, training=False):
-    """Eager attention that also returns the probabilities (output_attentions=True) and applies dropout (training).
-    Softmax in fp32, probabilities cast to q.dtype as transformers' eager path does."""
-    s = torch.matmul(q, k.transpose(-1, -2)).float() * scale  # (B, H, Sq, Sk)
-    keep = None
-    if causal:
-        keep = torch.ones(s.shape[-2:], dtype=torch.bool, device=q.device).tril()
-    if key_padding_mask is not None:
-        pad = key_padding_mask[:, None, None, :].bool()
-        keep = pad if keep is None else keep & pad
-    if keep is not None:
-        s = s.masked_fill(~keep, float("-inf"))
-    p = torch.softmax(s, dim=-1)
-    if keep is not None:  # rows with no visible key give 0, not NaN; a NaN in q, k or v still comes out as NaN
-        p = p.masked_fill(~keep.any(-1, keepdim=True), 0.0)
-    p = p.to(q.dtype)
-    pd = F.dropout(p, p=dropout_p, training=training) if dropout_p > 0 else p
-    return torch.matmul(pd, v), p
-
-
 def resolve_output_flags(config, output_attentions, output_hidden_states, return_dict):
     """transformers' defaults: a None option takes the config's value."""
     if output_attentions is None:
@@ -269,7 +249,6 @@ def norm_eps(module) -> float:
 
 __all__ = [
     "Runtime",
-    "attention_with_probs",
     "check_device",
     "check_no_extra_kwargs",
     "fuse_linears",

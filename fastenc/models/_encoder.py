@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from .. import ops
 from .._trace import record, tracing
 from ..errors import InputError, UnsupportedModelError
+from ..ops.reference import attention_with_probs
 from ._base import (
     Runtime,
-    attention_with_probs,
     check_device,
     check_no_extra_kwargs,
     fuse_linears,

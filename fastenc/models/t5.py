@@ -47,7 +47,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttenti
 from .. import ops
 from .._trace import record
 from ..errors import InputError, UnsupportedModelError
-from ..ops.attention import relative_bias_reference, relative_position_buckets
+from ..ops.reference import attention_with_probs, relative_position_buckets
 from ._base import (
     Runtime,
     check_device,
@@ -155,19 +155,6 @@ def _embed(stack, input_ids, attention_mask, inputs_embeds):
 # ------------------------------------------------------------------------------------------------------ tower
 
 
-def _attention_with_probs(q, k, v, table, lut, mask):
-    """Eager attention returning the probabilities (output_attentions=True): scale 1, relative bias materialised,
-    softmax in fp32, probabilities cast to q.dtype as transformers' eager path."""
-    s = torch.matmul(q.float(), k.float().transpose(-1, -2))  # (B, H, S, S)
-    s = s + relative_bias_reference(table.float(), lut, q.shape[2], k.shape[2])
-    if mask is not None:
-        s = s.masked_fill(~mask[:, None, None, :], float("-inf"))
-    p = torch.softmax(s, dim=-1)
-    if mask is not None:  # rows of a batch element with no real token give 0, not NaN (NaN inputs stay NaN)
-        p = p.masked_fill(~mask.any(-1)[:, None, None, None], 0.0)
-    return torch.matmul(p, v.float()).to(q.dtype), p.to(q.dtype)
-
-
 def t5_encoder_forward(
     model, rt: Runtime, input_ids, attention_mask, inputs_embeds, *, output_attentions, output_hidden_states
 ) -> BaseModelOutputWithPastAndCrossAttentions:
@@ -236,7 +223,7 @@ def t5_encoder_forward(
         if attns is not None:
             rt.fallback("attention", "output_attentions=True needs the probabilities")
             record("torch", "attention")
-            o, p = _attention_with_probs(q, k, v, table, lut, mask)
+            o, p = attention_with_probs(q, k, v, mask, None, table, lut, scale=1.0)
             attns.append(p)
         else:
             o = attention(q, k, v, amask, 1.0, table)  # (B, H, S, Dk), a view of (B, S, H, Dk)

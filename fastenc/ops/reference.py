@@ -3,6 +3,7 @@ backend's fast functions in `_torch.py`) is tested against, and what the torch b
 kernel has the same semantics. A leaf module: it imports torch and fastenc.errors only.
 
     attention_reference(q, k, v, key_padding_mask?, bias?, rel_bias_table?, rel_bias_lut?, *, causal, scale)
+    attention_with_probs(same, *, dropout_p, training) -> (out, probs): the one masked softmax (output_attentions)
     layer_norm_reference(x, weight, bias?, residual?, *, eps) / rms_norm_reference(x, weight, residual?, *, eps)
     activation_reference(x, activation), bias_activation_reference(x, bias?, *, activation),
     gated_activation_reference(gate, up, *, activation)
@@ -112,15 +113,23 @@ def relative_bias_reference(table: torch.Tensor, lut: torch.Tensor, sq: int, sk:
     return table[idx].permute(2, 0, 1).unsqueeze(0)
 
 
-def attention_reference(
-    q, k, v, key_padding_mask=None, bias=None, rel_bias_table=None, rel_bias_lut=None, *, causal=False, scale=None
+def attention_with_probs(
+    q,
+    k,
+    v,
+    key_padding_mask=None,
+    bias=None,
+    rel_bias_table=None,
+    rel_bias_lut=None,
+    *,
+    causal=False,
+    scale=None,
+    dropout_p=0.0,
+    training=False,
 ):
-    """Plain-torch attention, fp32 math. Rows whose scores are all -inf (every key masked by the masks or a -inf
-    bias) give 0; NaN / inf in q, k, v or the bias stay NaN / inf in the rows they reach, as in SDPA.
-
-    q: (B, H, Sq, D), k/v: (B, H, Sk, D), key_padding_mask: (B, Sk) bool, True = attend,
-    bias: broadcastable to (B, H, Sq, Sk). causal masks key j > query i (top-left aligned, as torch SDPA).
-    rel_bias_table / rel_bias_lut: see the module docstring (materialised here: this is the reference).
+    """`attention_reference` that also returns the probabilities: (out in q.dtype, probs (B, H, Sq, Sk) in q.dtype).
+    The one masked softmax of the package: the reference, the models' output_attentions=True path and their
+    attention-dropout path (dropout_p > 0 and training: dropout on the probabilities, as transformers) all run it.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale  # (B, H, Sq, Sk)
@@ -142,8 +151,25 @@ def attention_reference(
     # (the mask, a -inf bias, or -inf scores; torch's _safe_softmax rule, which the Triton kernel's l == 0 matches).
     dead = (s == float("-inf")).all(dim=-1, keepdim=True)  # (B, H, Sq, 1)
     p = torch.softmax(s, dim=-1).masked_fill(dead, 0.0)
-    o = torch.matmul(p, v.float()).masked_fill(dead, 0.0)  # 0, even where 0 * (NaN / inf in v) gave NaN
-    return o.to(q.dtype)
+    pd = F.dropout(p, p=dropout_p, training=True) if training and dropout_p > 0 else p
+    o = torch.matmul(pd, v.float()).masked_fill(dead, 0.0)  # 0, even where 0 * (NaN / inf in v) gave NaN
+    return o.to(q.dtype), p.to(q.dtype)
+
+
+def attention_reference(
+    q, k, v, key_padding_mask=None, bias=None, rel_bias_table=None, rel_bias_lut=None, *, causal=False, scale=None
+):
+    """Plain-torch attention, fp32 math. Rows whose scores are all -inf (every key masked by the masks or a -inf
+    bias) give 0; NaN / inf in q, k, v or the bias stay NaN / inf in the rows they reach, as in SDPA.
+
+    q: (B, H, Sq, D), k/v: (B, H, Sk, D), key_padding_mask: (B, Sk) bool, True = attend,
+    bias: broadcastable to (B, H, Sq, Sk). causal masks key j > query i (top-left aligned, as torch SDPA).
+    rel_bias_table / rel_bias_lut: see the module docstring (materialised here: this is the reference).
+    """
+    out, _ = attention_with_probs(
+        q, k, v, key_padding_mask, bias, rel_bias_table, rel_bias_lut, causal=causal, scale=scale
+    )
+    return out
 
 
 def cosine_similarity_reference(a, b, scale=1.0):
