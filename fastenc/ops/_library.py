@@ -1,6 +1,9 @@
 """torch.library registration of every fastenc Triton kernel: one custom op per kernel in the `fastenc` namespace.
 
     torch.ops.fastenc.attention(q, k, v, key_padding_mask?, bias?, rel_bias_table?, rel_bias_lut?, causal, scale)
+    torch.ops.fastenc.attention_fwd_stats(same)                              -> (out, stats (B, H, 2, Sq) fp32)
+    torch.ops.fastenc.attention_backward(dout, q, k, v, out, stats, key_padding_mask?, bias?, rel_bias_table?,
+        rel_bias_lut?, causal, scale, bias_grad, table_grad)                 -> [dq, dk, dv, dbias?, dtable?]
     torch.ops.fastenc.layer_norm(x, weight, bias?, residual?, eps)           -> [y] or [y, x + residual]
     torch.ops.fastenc.rms_norm(x, weight, residual?, eps)                   -> [y] or [y, x + residual]
     torch.ops.fastenc.bias_activation(x, bias?, activation)
@@ -13,6 +16,13 @@ Each op has an explicit fake (shape/dtype/stride) implementation, so `torch.comp
 `torch.export` see one node per kernel, and a backward that differentiates the op's plain-torch reference with
 `torch.func.vjp` on the saved inputs (exact gradients of the reference formula; the kernels are forward-only). The
 contrastive ops are the loss's own forward/backward pieces and carry no autograd formula.
+
+Attention is the exception: its backward is the fused Triton kernel pair (kernels/attention.py, "Backward"), never
+the reference. `attention_fwd_stats` saves its (out, stats) and its backward calls `attention_backward`;
+`fastenc::attention` (what the inference path and direct op users call) saves only its inputs and recomputes (out,
+stats) with `attention_fwd_stats` in its backward, so a forward under no autograd pays nothing. `fastenc.ops.attention`
+calls `attention_fwd_stats` when a gradient will be needed. The CUDA extension's `fastenc_cuda::attention` uses the
+same recompute backward on Triton. `attention_backward` itself has no autograd formula (no double backward).
 
 On CUDA the ops are `torch.library.triton_op`s whose launchers call kernels through `wrap_triton`, so Inductor sees
 the Triton kernels themselves. Under TRITON_INTERPRET=1 they are plain `custom_op`s: torch's `wrap_triton` cannot
@@ -75,6 +85,94 @@ def register_reference_autograd(op, reference: Callable[..., Tensor | Sequence[T
     torch.library.register_autograd(op, backward, setup_context=setup_context)
 
 
+# ------------------------------------------------------------------------------------------ attention autograd
+
+_ATTN_INPUTS = ("q", "k", "v", "key_padding_mask", "bias", "rel_bias_table", "rel_bias_lut", "causal", "scale")
+
+
+def _attention_grads(args, needs, dout, out=None, stats=None) -> tuple:
+    """The nine input gradients of attention(*args) for output gradient `dout`, by the fused Triton backward:
+    `out` / `stats` from `attention_fwd_stats` (recomputed here when None: one forward, O(S) memory)."""
+    q, k, v, kpm, bias, table, lut, causal, scale = args
+    if dout is None or not any(needs):
+        return (None,) * len(_ATTN_INPUTS)
+    if out is None:
+        out, stats = fastenc_op("attention_fwd_stats")(q, k, v, kpm, bias, table, lut, causal, scale)
+    bias_grad = bias is not None and needs[4]
+    table_grad = table is not None and needs[5]
+    grads = fastenc_op("attention_backward")(
+        dout, q, k, v, out, stats, kpm, bias, table, lut, causal, scale, bias_grad, table_grad
+    )
+    from .._trace import record
+
+    record("triton", "attention_backward")  # this thread's trace(); CUDA runs backward on its own device thread
+    dq, dk, dv, *rest = grads
+    dbias = rest.pop(0) if bias_grad else None
+    dtable = rest.pop(0) if table_grad else None
+    return (dq if needs[0] else None, dk if needs[1] else None, dv if needs[2] else None, None, dbias, dtable,
+            None, None, None)  # fmt: skip
+
+
+def _register_attention_saved_autograd(op) -> None:
+    """attention_fwd_stats: save (inputs, out, stats); stats is not differentiable."""
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, kpm, bias, table, lut, causal, scale = inputs
+        out, stats = output
+        ctx.mark_non_differentiable(stats)
+        ctx.save_for_backward(q, k, v, kpm, bias, table, lut, out, stats)
+        ctx.causal, ctx.scale = causal, scale
+
+    def backward(ctx, dout, _dstats):
+        q, k, v, kpm, bias, table, lut, out, stats = ctx.saved_tensors
+        args = (q, k, v, kpm, bias, table, lut, ctx.causal, ctx.scale)
+        return _attention_grads(args, ctx.needs_input_grad, dout, out, stats)
+
+    torch.library.register_autograd(op, backward, setup_context=setup_context)
+
+
+def _register_attention_recompute_autograd(op, fallback: Callable[..., Tensor] | None = None) -> None:
+    """fastenc::attention / fastenc_cuda::attention: save the inputs only, recompute (out, stats) in backward.
+    `fallback` (a reference with the op's signature) runs through torch.func.vjp where Triton cannot."""
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, kpm, bias, table, lut, causal, scale = inputs
+        ctx.save_for_backward(q, k, v, kpm, bias, table, lut)
+        ctx.causal, ctx.scale = causal, scale
+
+    def backward(ctx, dout):
+        q, k, v, kpm, bias, table, lut = ctx.saved_tensors
+        args = (q, k, v, kpm, bias, table, lut, ctx.causal, ctx.scale)
+        needs = ctx.needs_input_grad
+        if fallback is not None:
+            from .._dispatch import kernel_module
+
+            reason = kernel_module("attention").attention_unsupported_reason(q, k, v, bias, table)
+            if reason is not None:
+                diff = [i for i in (0, 1, 2, 4, 5) if args[i] is not None and needs[i]]
+
+                def f(*leaves):
+                    a = list(args)
+                    for i, t in zip(diff, leaves, strict=True):
+                        a[i] = t
+                    return fallback(*a)
+
+                _, vjp_fn = torch.func.vjp(f, *[args[i].detach() for i in diff])
+                result: list = [None] * len(_ATTN_INPUTS)
+                for i, g in zip(diff, vjp_fn(dout), strict=True):
+                    result[i] = g
+                return tuple(result)
+        return _attention_grads(args, needs, dout)
+
+    torch.library.register_autograd(op, backward, setup_context=setup_context)
+
+
+FUSED_AUTOGRAD = {
+    "attention": _register_attention_recompute_autograd,
+    "attention_fwd_stats": _register_attention_saved_autograd,
+}
+
+
 # ------------------------------------------------------------------------------------------ fakes
 
 
@@ -86,6 +184,30 @@ def _empty_like_shape(t: Tensor, dtype: torch.dtype | None = None) -> Tensor:
 def _attention_fake(q, k, v, key_padding_mask, bias, rel_bias_table, rel_bias_lut, causal, scale):
     b, h, sq, d = q.shape
     return torch.empty(b, sq, h, d, dtype=q.dtype, device=q.device).transpose(1, 2)  # (B, H, Sq, D) view
+
+
+def _attention_fwd_stats_fake(q, k, v, key_padding_mask, bias, rel_bias_table, rel_bias_lut, causal, scale):
+    b, h, sq, d = q.shape
+    out = torch.empty(b, sq, h, d, dtype=q.dtype, device=q.device).transpose(1, 2)  # (B, H, Sq, D) view
+    return out, torch.empty(b, h, 2, sq, dtype=torch.float32, device=q.device)
+
+
+def _attention_backward_fake(
+    dout, q, k, v, out, stats, key_padding_mask, bias, rel_bias_table, rel_bias_lut, causal, scale, bias_grad,
+    table_grad,
+):  # fmt: skip
+    b, h, sq, d = q.shape
+    sk = k.shape[2]
+    grads = [
+        torch.empty(b, h, sq, d, dtype=q.dtype, device=q.device),
+        torch.empty(b, h, sk, d, dtype=k.dtype, device=q.device),
+        torch.empty(b, h, sk, d, dtype=v.dtype, device=q.device),
+    ]
+    if bias_grad and bias is not None:
+        grads.append(torch.empty(bias.shape, dtype=bias.dtype, device=q.device))
+    if table_grad and rel_bias_table is not None:
+        grads.append(torch.empty(rel_bias_table.shape, dtype=rel_bias_table.dtype, device=q.device))
+    return grads
 
 
 def _layer_norm_fake(x, weight, bias, residual, eps):
@@ -186,6 +308,45 @@ def _launchers():
             rel_bias_lut=rel_bias_lut,
         )
 
+    def attention_fwd_stats_op(
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        key_padding_mask: Tensor | None,
+        bias: Tensor | None,
+        rel_bias_table: Tensor | None,
+        rel_bias_lut: Tensor | None,
+        causal: bool,
+        scale: float,
+    ) -> tuple[Tensor, Tensor]:
+        out, stats = k_attention.attention_forward(
+            q, k, v, causal=causal, key_padding_mask=key_padding_mask, bias=bias, scale=scale,
+            rel_bias_table=rel_bias_table, rel_bias_lut=rel_bias_lut, return_stats=True,
+        )  # fmt: skip
+        return out, stats
+
+    def attention_backward_op(
+        dout: Tensor,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        out: Tensor,
+        stats: Tensor,
+        key_padding_mask: Tensor | None,
+        bias: Tensor | None,
+        rel_bias_table: Tensor | None,
+        rel_bias_lut: Tensor | None,
+        causal: bool,
+        scale: float,
+        bias_grad: bool,
+        table_grad: bool,
+    ) -> list[Tensor]:
+        dq, dk, dv, dbias, dtable = k_attention.attention_backward(
+            dout, q, k, v, out, stats, causal=causal, key_padding_mask=key_padding_mask, bias=bias, scale=scale,
+            rel_bias_table=rel_bias_table, rel_bias_lut=rel_bias_lut, bias_grad=bias_grad, table_grad=table_grad,
+        )  # fmt: skip
+        return [dq, dk, dv] + [g for g in (dbias, dtable) if g is not None]
+
     def layer_norm_op(
         x: Tensor, weight: Tensor, bias: Tensor | None, residual: Tensor | None, eps: float
     ) -> list[Tensor]:
@@ -226,6 +387,8 @@ def _launchers():
 
     return {
         "attention": (attention_op, _attention_fake),
+        "attention_fwd_stats": (attention_fwd_stats_op, _attention_fwd_stats_fake),
+        "attention_backward": (attention_backward_op, _attention_backward_fake),
         "layer_norm": (layer_norm_op, _layer_norm_fake),
         "rms_norm": (rms_norm_op, _rms_norm_fake),
         "bias_activation": (bias_activation_op, _bias_activation_fake),
@@ -238,6 +401,8 @@ def _launchers():
 
 TRITON_OPS = (
     "attention",
+    "attention_fwd_stats",
+    "attention_backward",
     "layer_norm",
     "rms_norm",
     "bias_activation",
@@ -268,7 +433,9 @@ def register_triton_ops() -> tuple[str, ...]:
     for name, (fn, fake) in _launchers().items():
         op = make(f"{NAMESPACE}::{name}", fn, mutates_args=())
         op.register_fake(fake)
-        if name in refs:
+        if name in FUSED_AUTOGRAD:
+            FUSED_AUTOGRAD[name](op)
+        elif name in refs:
             register_reference_autograd(op, refs[name])
     _registered = True
     return TRITON_OPS
@@ -299,7 +466,10 @@ def register_cuda_autograd() -> None:
     """Backward formulas (vjp of the reference) for the CUDA extension's ops; run by `fastenc._cuda` once, right
     after loading the extension and registering its fakes (hooked in below: `_cuda` imports nothing from ops)."""
     for name, ref in _cuda_references().items():
-        register_reference_autograd(f"fastenc_cuda::{name}", ref)
+        if name == "attention":  # the fused Triton backward where Triton runs (CUDA tensors), else the reference
+            _register_attention_recompute_autograd(f"fastenc_cuda::{name}", fallback=ref)
+        else:
+            register_reference_autograd(f"fastenc_cuda::{name}", ref)
 
 
 _cuda.on_load(register_cuda_autograd)

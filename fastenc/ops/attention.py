@@ -5,6 +5,13 @@ Relative-position bias (T5, UMT5) is passed as two small tensors instead of an (
     rel_bias_lut:   (Sq + Sk - 1,) int32/int64, bucket id of each relative distance d = j - i, at index d + Sq - 1
 and the score of (h, i, j) gains rel_bias_table[rel_bias_lut[j - i + Sq - 1], h]. `relative_position_buckets`
 builds the lut with transformers' exact formula (fp32 log on the host), so buckets match bit for bit.
+
+Gradients (Triton backend): when autograd will need them, the op runs `torch.ops.fastenc.attention_fwd_stats`, the
+forward kernel that also writes two fp32 statistics per query row (the base-2 row max m and 1 / l); its backward is
+the fused Triton backward (kernels/attention.py, "Backward"): dQ, dK, dV, the additive bias's gradient when the bias
+requires grad, and the T5 table's gradient accumulated per distance in-kernel, with O(S) extra memory (no (Sq, Sk)
+tensor except a dense bias's own gradient). Otherwise it runs `torch.ops.fastenc.attention`, whose own backward
+(for direct op users) recomputes the statistics first. The torch backend differentiates SDPA / the reference.
 """
 
 from __future__ import annotations
@@ -112,5 +119,8 @@ def attention(
     if which == "cuda":  # short sequences, fp16/bf16, no bias: everything else took Triton above
         kpm = key_padding_mask
         return _cuda.attention_forward(q, k, v, causal=causal, key_padding_mask=kpm, bias=None, scale=scale)
-    op = fastenc_op("attention")
-    return op(q, k, v, key_padding_mask, bias, rel_bias_table, rel_bias_lut, bool(causal), scale)
+    args = (q, k, v, key_padding_mask, bias, rel_bias_table, rel_bias_lut, bool(causal), scale)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, bias, rel_bias_table)):
+        out, _stats = fastenc_op("attention_fwd_stats")(*args)  # saves the O(S) row statistics for the backward
+        return out
+    return fastenc_op("attention")(*args)
