@@ -8,11 +8,24 @@ are exact two-pass fp32 sums over the row and x is read from memory once:
     rms_norm:   y = w * (s * rsqrt(mean(s^2) + eps))                   no mean subtraction, no bias (T5LayerNorm);
                 half w: the normalised value is rounded to w.dtype before the multiply, as transformers does
 
+Backward (one kernel per norm, Liger-Kernel's two-stage weight-gradient scheme): each program takes a contiguous
+range of rows, recomputes the row statistics from the saved s (exactly the forward's fp32 sums, so no statistics are
+stored), writes dx for its rows and accumulates dweight (and dbias) over them in fp32 registers; the (programs, N)
+partial sums are then added by one torch .sum(0). With xhat = (s - mean) * rstd (LayerNorm) or s * rstd (RMSNorm)
+and g = dy * w:
+
+    layer_norm: ds = rstd * (g - mean(g) - xhat * mean(g * xhat)),  dw = sum_rows(dy * xhat),  db = sum_rows(dy)
+    rms_norm:   ds = rstd * (g - xhat * mean(g * xhat)),             dw = sum_rows(dy * xhat)  (half w: xhat rounded
+                                                                     to w.dtype first, the value the forward multiplied)
+    dx = dresidual = ds + d(s output)       the gradient of the returned x + residual adds in before the one rounding
+
 x may be any (..., N) tensor whose rows flatten to a 2-D view with unit column stride (a slice x[..., :N] of a
 wider tensor is read in place through its row stride); anything else is copied to contiguous first.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -26,6 +39,14 @@ from ._common import _round_to, on_device, traceable
 # and RMSNorm + residual 0 / 56 B; 16384 columns (16 warps) and below: 0 B in every dtype, weight dtype and residual
 # variant under both versions.
 MAX_FUSED_N = 16384
+
+# Widest row the backward kernels take; wider rows (no supported model: the widest, T5-XXL, is 4096) differentiate the
+# torch reference instead. NOTE: the backward holds s / xhat, dy, w, g and the dw (and db) accumulators per column, two
+# to three rows more than the forward. Measured on sm_90a (Triton 3.9, `python -m fastenc.benchmark.static --only
+# norm_bwd`-style compiles): 8192 columns at 16 warps 114-128 registers, 0 B stack in every dtype; 16384 columns spilled
+# at 16 warps (fp32 LayerNorm 608 B) and at 32 warps (64-304 B), and still 16-208 B with the partial sums accumulated
+# in memory instead of registers.
+MAX_FUSED_BWD_N = 8192
 
 # (smallest BLOCK_N, num_warps) on CUDA, first match from the top wins.
 _NUM_WARPS_BY_BLOCK_N = ((32768, 32), (8192, 16), (2048, 8), (0, 4))
@@ -100,6 +121,85 @@ def _rms_norm_fwd_kernel(
     tl.store(Y + row * stride_y + cols, _round_to(w * h, Y.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _store_ds(DS, DX, DRES, row, stride_ds, N, cols, mask, ds, HAS_DS: tl.constexpr, STORE_DRES: tl.constexpr):
+    """dx (and dresidual) of one row: ds (fp32) plus the incoming gradient of the s output, rounded once."""
+    if HAS_DS:
+        ds += tl.load(DS + row * stride_ds + cols, mask=mask, other=0.0).to(tl.float32)
+    ds_low = _round_to(ds, DX.dtype.element_ty)
+    tl.store(DX + row * N + cols, ds_low, mask=mask)
+    if STORE_DRES:
+        tl.store(DRES + row * N + cols, ds_low, mask=mask)
+
+
+@triton.jit
+def _layer_norm_bwd_kernel(
+    DY, DS, S, W, DX, DRES, DW, DB,  # DY: (M, N) y's dtype; DS, S: (M, N) s's dtype; W: (N,); DX, DRES: (M, N)
+    stride_dy, stride_ds, stride_s,  # contiguous, s's dtype; DW, DB: (programs, N) fp32 partial sums. Row strides.
+    M, N, rows_per_program, eps,
+    HAS_DS: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_DRES: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """LayerNorm backward over rows [pid * rows_per_program, ...): dx per row, dw / db partial sums per program."""
+    pid = tl.program_id(0)
+    row_start = pid.to(tl.int64) * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, M)
+    cols = tl.arange(0, BLOCK_N)
+    mask = cols < N
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    dw = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    db = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for row in range(row_start, row_end):
+        s = tl.load(S + row * stride_s + cols, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.sum(s, axis=0) / N
+        centered = tl.where(mask, s - mean, 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=0) / N + eps)  # the forward's statistics, recomputed
+        xhat = centered * rstd
+        dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+        dw += dy * xhat
+        if HAS_BIAS:
+            db += dy
+        g = dy * w
+        c1 = tl.sum(g, axis=0) / N
+        c2 = tl.sum(g * xhat, axis=0) / N
+        _store_ds(DS, DX, DRES, row, stride_ds, N, cols, mask, (g - c1 - xhat * c2) * rstd, HAS_DS, STORE_DRES)
+    tl.store(DW + pid * N + cols, dw, mask=mask)
+    if HAS_BIAS:
+        tl.store(DB + pid * N + cols, db, mask=mask)
+
+
+@triton.jit
+def _rms_norm_bwd_kernel(
+    DY, DS, S, W, DX, DRES, DW,  # DY: (M, N) y's dtype; DS, S: (M, N) s's dtype; W: (N,); DX, DRES: (M, N)
+    stride_dy, stride_ds, stride_s,  # contiguous, s's dtype; DW: (programs, N) fp32 partial sums. Row strides.
+    M, N, rows_per_program, eps,
+    HAS_DS: tl.constexpr, HALF_WEIGHT: tl.constexpr, STORE_DRES: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """RMSNorm backward over rows [pid * rows_per_program, ...): dx per row, dw partial sums per program.
+
+    HALF_WEIGHT: dw sums dy * xhat rounded to w's dtype (what the forward multiplied w by); ds differentiates through
+    that rounding as the identity, as autograd does through the reference's `.to(weight.dtype)`."""
+    pid = tl.program_id(0)
+    row_start = pid.to(tl.int64) * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, M)
+    cols = tl.arange(0, BLOCK_N)
+    mask = cols < N
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    dw = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for row in range(row_start, row_end):
+        s = tl.load(S + row * stride_s + cols, mask=mask, other=0.0).to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(s * s, axis=0) / N + eps)  # the forward's statistic, recomputed
+        xhat = s * rstd
+        dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+        if HALF_WEIGHT:
+            dw += dy * _round_to(xhat, W.dtype.element_ty).to(tl.float32)
+        else:
+            dw += dy * xhat
+        g = dy * w
+        c2 = tl.sum(g * xhat, axis=0) / N
+        _store_ds(DS, DX, DRES, row, stride_ds, N, cols, mask, (g - xhat * c2) * rstd, HAS_DS, STORE_DRES)
+    tl.store(DW + pid * N + cols, dw, mask=mask)
+
+
 def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
     """t (..., n) as a (rows, n) view with unit column stride; copies only when no such view exists."""
     if t.stride(-1) != 1:
@@ -112,6 +212,14 @@ def norm_unsupported_reason(x: torch.Tensor) -> str | None:
     n = x.shape[-1] if x.dim() else 1
     if n > MAX_FUSED_N:
         return f"hidden size {n} exceeds the {MAX_FUSED_N} columns one Triton norm program holds in registers"
+    return None
+
+
+def norm_backward_unsupported_reason(s: torch.Tensor) -> str | None:
+    """None if the norm backward kernels can run on rows like s (..., N), else why not."""
+    n = s.shape[-1] if s.dim() else 1
+    if n > MAX_FUSED_BWD_N:
+        return f"hidden size {n} exceeds the {MAX_FUSED_BWD_N} columns one Triton norm backward program holds"
     return None
 
 
@@ -164,3 +272,96 @@ def rms_norm_forward(
     half_weight = weight.dtype in (torch.float16, torch.bfloat16)
     y_dtype = weight.dtype if half_weight else x.dtype
     return _launch(_rms_norm_fwd_kernel, x, residual, (weight,), y_dtype, eps, HALF_WEIGHT=half_weight)
+
+
+# ---------------------------------------------------------------------------------------------------- backward
+
+# Backward programs on CUDA: one per SM (Liger-Kernel's choice), each looping over a contiguous range of rows, so the
+# weight-gradient partial sums are (SMs, N) fp32 whatever the row count. Under the interpreter a few programs, so CPU
+# tests cover several partial sums and an uneven last range.
+INTERPRETER_PROGRAMS = 4
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def reduction_programs(device: torch.device) -> int:
+    """How many programs a backward kernel with per-program partial sums launches (at most) on `device`."""
+    if device.type == "cuda":
+        return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return INTERPRETER_PROGRAMS
+
+
+def _row_split(m: int, device: torch.device) -> tuple[int, int]:
+    """(programs, rows_per_program) covering m >= 1 rows, every program with at least one row."""
+    rows_per_program = triton.cdiv(m, min(m, reduction_programs(device)))
+    return triton.cdiv(m, rows_per_program), rows_per_program
+
+
+def _launch_bwd(kernel, dy, ds, s, weight, eps, dresidual, partial_slots, n_partials, **flags):
+    """Shared backward launcher: (dx, dresidual or None, [n_partials (programs, N) fp32 partial sums]).
+
+    dy: (..., N) in y's dtype; ds: like s or None; s: (..., N), the saved input of the norm (x + residual or x).
+    partial_slots: the kernel's partial-sum pointer arguments; slots past n_partials get the first buffer again (a
+    dummy its flag keeps unwritten)."""
+    n = s.shape[-1]
+    dx = torch.empty(s.shape, dtype=s.dtype, device=s.device)
+    dres = torch.empty(s.shape, dtype=s.dtype, device=s.device) if dresidual else None
+    s2 = _rows(s, n)
+    m = s2.shape[0]
+    if m == 0:
+        return dx, dres, [torch.zeros(1, n, dtype=torch.float32, device=s.device) for _ in range(n_partials)]
+    programs, rows_per_program = _row_split(m, s.device)
+    partials = [torch.empty(programs, n, dtype=torch.float32, device=s.device) for _ in range(n_partials)]
+    slots = partials + partials[:1] * (partial_slots - n_partials)
+    dy2 = _rows(dy, n)
+    ds2 = dy2 if ds is None else _rows(ds, n)  # a dummy when there is no s gradient (never read)
+    dx2 = dx.view(-1, n)
+    dres2 = dx2 if dres is None else dres.view(-1, n)  # a dummy when dresidual is not wanted (never written)
+    block_n, num_warps = _norm_config(n)
+    with on_device(s):
+        traceable(kernel)[(programs,)](
+            dy2, ds2, s2, weight, dx2, dres2, *slots,
+            dy2.stride(0), ds2.stride(0), s2.stride(0),
+            m, n, rows_per_program, eps,
+            HAS_DS=ds is not None, STORE_DRES=dres is not None, BLOCK_N=block_n, num_warps=num_warps, **flags,
+        )  # fmt: skip
+    return dx, dres, partials
+
+
+def layer_norm_backward(
+    dy: torch.Tensor,
+    ds: torch.Tensor | None,
+    s: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    eps: float,
+    dresidual: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+    """(dx, dresidual, dweight, dbias) of `layer_norm_forward`: dresidual (== dx, its own tensor) only if asked for,
+    dbias only with a bias. dy: (..., N) in y's dtype; ds: the gradient of the returned x + residual (like s) or None;
+    s: the normalised input (x + residual as the forward returned it, or x). dx in s's dtype; dweight / dbias summed
+    in fp32, returned in weight's / bias's dtype."""
+    weight = weight.contiguous()
+    has_bias = bias is not None
+    dx, dres, partials = _launch_bwd(
+        _layer_norm_bwd_kernel, dy, ds, s, weight, eps, dresidual, 2, 2 if has_bias else 1, HAS_BIAS=has_bias
+    )
+    dweight = partials[0].sum(0).to(weight.dtype)
+    dbias = partials[1].sum(0).to(bias.dtype) if has_bias else None
+    return dx, dres, dweight, dbias
+
+
+def rms_norm_backward(
+    dy: torch.Tensor, ds: torch.Tensor | None, s: torch.Tensor, weight: torch.Tensor, eps: float, dresidual: bool
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(dx, dresidual, dweight) of `rms_norm_forward`, arguments and dtypes as `layer_norm_backward` (dy is in y's
+    dtype: weight's for a half weight)."""
+    weight = weight.contiguous()
+    half_weight = weight.dtype in (torch.float16, torch.bfloat16)
+    dx, dres, partials = _launch_bwd(
+        _rms_norm_bwd_kernel, dy, ds, s, weight, eps, dresidual, 1, 1, HALF_WEIGHT=half_weight
+    )
+    return dx, dres, partials[0].sum(0).to(weight.dtype)

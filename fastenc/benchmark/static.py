@@ -364,6 +364,36 @@ def _rms_norm_case(dtype, weight_dtype, n, residual):
     return Case("rms_norm", label, dtype, launch, f"N={n}", 0.3)
 
 
+def _layer_norm_bwd_case(dtype, n, residual, has_bias=True):
+    import torch
+
+    from fastenc.kernels import norm as K
+
+    def launch():
+        dt = _torch_dtype(dtype)
+        s = torch.zeros(20, n, dtype=dt)  # 20 rows: 4 programs of 5 (off the GPU), so rows_per_program is not 1
+        K.layer_norm_backward(s.clone(), s.clone() if residual else None, s, torch.ones(n, dtype=dt),
+                              torch.zeros(n, dtype=dt) if has_bias else None, 1e-5, residual)  # fmt: skip
+
+    label = f"{dtype}{' +residual' if residual else ''}{'' if has_bias else ' no-bias'}"
+    return Case("layer_norm_bwd", label, dtype, launch, f"N={n}", 0.4)
+
+
+def _rms_norm_bwd_case(dtype, weight_dtype, n, residual):
+    import torch
+
+    from fastenc.kernels import norm as K
+
+    def launch():
+        s = torch.zeros(20, n, dtype=_torch_dtype(dtype))
+        w = torch.ones(n, dtype=_torch_dtype(weight_dtype))
+        K.rms_norm_backward(s.to(w.dtype if w.dtype != torch.float32 else s.dtype), s.clone() if residual else None,
+                            s, w, 1e-6, residual)  # fmt: skip
+
+    label = f"{dtype} w:{weight_dtype}{' +residual' if residual else ''}"
+    return Case("rms_norm_bwd", label, dtype, launch, f"N={n}", 0.4)
+
+
 def _bias_activation_case(dtype, act, n, has_bias=True):
     import torch
 
@@ -484,6 +514,18 @@ def build_cases(matrix: str) -> list[Case]:
             if dtype == "fp32":  # fp16 / bf16 T5 keeps its residual stream in fp32: fp32 x + residual, half weight
                 for wd in ("fp16", "bf16") if full else ("fp16",):
                     cases.append(_rms_norm_case(dtype, wd, n, True))
+    # norm backward (training): the forward's widths, residual variants and weight dtypes, up to MAX_FUSED_BWD_N
+    for dtype in norm_dtypes:
+        for n in hidden + [N.MAX_FUSED_BWD_N]:
+            for residual in (False, True):
+                cases.append(_layer_norm_bwd_case(dtype, n, residual))
+        cases.append(_layer_norm_bwd_case(dtype, hidden[0], False, has_bias=False))
+        for n in t5_d + [N.MAX_FUSED_BWD_N]:
+            for residual in (False, True):
+                cases.append(_rms_norm_bwd_case(dtype, dtype, n, residual))
+            if dtype == "fp32":
+                for wd in ("fp16", "bf16") if full else ("fp16",):
+                    cases.append(_rms_norm_bwd_case(dtype, wd, n, True))
     for dtype in norm_dtypes:
         for act in A.ACTIVATIONS:
             for n in ffn:
