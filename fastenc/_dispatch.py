@@ -33,6 +33,7 @@ from .errors import InputError
 
 BACKENDS = ("torch", "triton", "cuda")
 _REQUESTABLE = ("auto", *BACKENDS)
+MODEL_BACKENDS = ("onnxruntime",)  # run a whole model (fastenc.optimize; see fastenc/runtime.py), not one op
 ENV_BACKEND = "FASTENC_BACKEND"
 
 
@@ -69,22 +70,42 @@ def available_backends() -> list[str]:
     return out
 
 
-def check_backend_name(backend: str | None, arg: str = "backend") -> str:
+def check_backend_name(backend: str | None, arg: str = "backend", *, model_level: bool = False) -> str:
+    """model_level: also accept the backends that run a whole model ("onnxruntime": fastenc.optimize only)."""
     if backend is None:
         return "auto"
-    if not isinstance(backend, str) or backend not in _REQUESTABLE:
-        raise InputError(f"{arg} must be one of {_REQUESTABLE}, got {backend!r}")
+    names = _REQUESTABLE + (MODEL_BACKENDS if model_level else ())
+    if not isinstance(backend, str) or backend not in names:
+        raise InputError(f"{arg} must be one of {names}, got {backend!r}")
     return backend
 
 
 def requested_backend(backend: str | None) -> str:
-    """Apply the FASTENC_BACKEND override to "auto"; explicit names win over the env var."""
+    """Apply the FASTENC_BACKEND override to "auto"; explicit names win over the env var. For one op, a model-level
+    value of the variable ("onnxruntime") means "auto": ops of a model ONNX Runtime cannot serve pick as usual."""
     backend = check_backend_name(backend)
     if backend == "auto":
         env = os.environ.get(ENV_BACKEND, "").strip().lower()
         if env:
-            return check_backend_name(env, arg=f"${ENV_BACKEND}")
+            env = check_backend_name(env, arg=f"${ENV_BACKEND}", model_level=True)
+            return "auto" if env in MODEL_BACKENDS else env
     return backend
+
+
+def onnxruntime_installed() -> bool:
+    return importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnx") is not None
+
+
+def auto_model_backend() -> str | None:
+    """The whole-model backend `fastenc.optimize(backend="auto")` picks, or None for the per-op choice:
+    "onnxruntime" when $FASTENC_BACKEND says so, or, with the variable unset, on a CPU-only machine (no CUDA device,
+    not under Triton's interpreter) where onnx and onnxruntime are installed."""
+    env = os.environ.get(ENV_BACKEND, "").strip().lower()
+    if env:
+        return env if env in MODEL_BACKENDS else None
+    if torch.cuda.is_available() or triton_interpret() or not onnxruntime_installed():
+        return None
+    return "onnxruntime"
 
 
 def _triton_can_run(device: torch.device) -> str | None:

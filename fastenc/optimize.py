@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ._dispatch import check_backend_name
+from ._dispatch import auto_model_backend, check_backend_name
+from ._trace import fall_back
 from .errors import InputError, UnsupportedModelError
 from .graphs import GraphConfig, GraphRunner, graph_config, graphed_class
 from .models import FUSED_CLASSES, check_config
@@ -25,6 +26,8 @@ def optimize(
     *,
     cuda_graphs: bool | GraphConfig = False,
     prompt_cache=None,
+    quantize: str | None = None,
+    threads: int | None = None,
 ) -> torch.nn.Module:
     """Return a model with the same forward signature and ModelOutput fields whose towers run fastenc's fused ops.
 
@@ -41,6 +44,15 @@ def optimize(
     A diffusers `DiffusionPipeline` is optimized in place and returned (every supported encoder component swapped,
     denoiser untouched; `prompt_cache=True` or a `fastenc.PromptCache` caches encoder outputs per prompt): see
     fastenc/pipelines.py.
+
+    backend="onnxruntime" (CPU): the forward runs the model's ONNX export through ONNX Runtime (exported on the first
+    call it can serve, into a cache keyed by the weights' content and the export options: $FASTENC_CACHE or
+    ~/.cache/fastenc); calls the graph does not compute (autograd, training, output_attentions / hidden states, CUDA
+    tensors, arguments the graph lacks, non-fp32 weights) run the fused torch path, recorded as a fall-back. It is
+    what "auto" picks on a CPU-only machine (no CUDA, not under TRITON_INTERPRET=1) with onnxruntime installed, for
+    models whose fp32 weights fit one ONNX file (< 1.8 GB). quantize="int8-dynamic" exports int8 linear layers (see
+    fastenc.export.quantize); threads: ONNX Runtime's intra-op threads (default torch.get_num_threads()). See
+    fastenc/runtime.py.
     """
     from .pipelines import is_pipeline  # diffusers itself is never imported here
 
@@ -50,10 +62,22 @@ def optimize(
         return optimize_pipeline(model, backend, strict, cuda_graphs=cuda_graphs, prompt_cache=prompt_cache)
     if prompt_cache is not None:
         raise InputError("prompt_cache applies to diffusers pipelines; for one encoder use fastenc.PromptCache.attach")
-    backend = check_backend_name(backend)
+    backend = check_backend_name(backend, model_level=True)
     if not isinstance(strict, bool):
         raise TypeError(f"strict must be a bool, got {type(strict).__name__}")
     graphs = graph_config(cuda_graphs)
+    explicit_ort = backend == "onnxruntime"
+    if quantize is not None and not explicit_ort:
+        raise InputError(f"quantize={quantize!r} applies to backend='onnxruntime', got backend={backend!r}")
+    if explicit_ort and graphs is not None:
+        raise InputError("cuda_graphs applies to the CUDA backends, not backend='onnxruntime'")
+    if quantize is not None:
+        from .export.quantize import QUANTIZE_MODES
+
+        if quantize not in QUANTIZE_MODES:
+            raise InputError(f"quantize must be None or one of {QUANTIZE_MODES}, got {quantize!r}")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise InputError(f"threads must be None or an int >= 1, got {threads!r}")
     if isinstance(model, FastencModelMixin):  # re-optimize: new settings, same weights
         base = model._fastenc_base
     else:
@@ -68,11 +92,42 @@ def optimize(
     if not dtypes <= set(_DTYPES):
         raise UnsupportedModelError(f"model parameters must be fp32/fp16/bf16, got {sorted(map(str, dtypes))}")
     check_config(model)
-    new = shallow_copy_as(model, fused if graphs is None else graphed_class(fused, base))
+    use_ort = explicit_ort or (backend == "auto" and graphs is None and auto_model_backend() == "onnxruntime"
+                               and _ort_by_default(model, base))  # fmt: skip
+    if use_ort:
+        from .export.towers import _classes
+
+        if base not in _classes():
+            fall_back(f"optimize({base.__name__})", "onnxruntime", "torch",
+                      f"fastenc.export has no ONNX export for {base.__name__}", strict=strict and explicit_ort)
+            use_ort = False
+    cls = fused if graphs is None else graphed_class(fused, base)
+    if use_ort:
+        from .runtime import ort_class
+
+        cls = ort_class(fused, base)
+    new = shallow_copy_as(model, cls)
     new.__dict__.pop("_fastenc_graphs", None)  # re-optimizing a graphed model: never share its graphs
+    new.__dict__.pop("_fastenc_ort", None)  # nor its ONNX Runtime session
+    if use_ort:
+        from .runtime import OrtState
+
+        new._fastenc_ort = OrtState(explicit=explicit_ort, strict=strict, quantize=quantize, threads=threads)
+        backend = "torch"  # the calls ONNX Runtime does not serve run the fused torch path
     new._fastenc = rt = Runtime(backend=backend, strict=strict)
     prefuse(rt, model)  # q/k/v (and T5's wi_0/wi_1) become row blocks of one buffer, shared with `model`
     new._fastenc_base = base
     if graphs is not None:
         new._fastenc_graphs = GraphRunner(graphs)
     return new
+
+
+def _ort_by_default(model: torch.nn.Module, base: type) -> bool:
+    """"auto" exports to ONNX only fp32 models whose weights fit one ONNX file (no multi-GB trace on first call)."""
+    from .export.onnx_export import LARGE_BYTES
+    from .export.towers import _classes
+
+    params = list(model.parameters())
+    if base not in _classes() or any(p.dtype != torch.float32 for p in params):
+        return False
+    return sum(p.numel() for p in params) * 4 <= LARGE_BYTES

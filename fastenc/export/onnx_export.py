@@ -86,6 +86,8 @@ class ExportReport:
     files: list[str] = field(default_factory=list)
     external_data: bool = False
     seconds: float = 0.0
+    quantize: str | None = None  # "int8-dynamic": the linear layers' MatMuls run in int8 (ORT dynamic quantization)
+    quantization: dict | None = None  # QuantizationReport.to_dict(): int8 vs fp32 on the probe set
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -102,6 +104,11 @@ class ExportReport:
             lines.append("  ORT optimizer not run (plain ONNX ops)")
         if self.external_data:
             lines.append(f"  weights in external data: {', '.join(self.files[1:])}")
+        if self.quantization:
+            q = self.quantization
+            lines.append(f"  {self.quantize}: {q['quantized_matmuls']} MatMuls in int8; vs fp32 on {q['probe']}: "
+                         f"cosine min {q['cosine_min']:.6f} mean {q['cosine_mean']:.6f}, top-1 agreement "
+                         f"{q['top1_agreement']:.3f}")  # fmt: skip
         return "\n".join(lines)
 
 
@@ -437,8 +444,17 @@ def export_onnx(
     exporter: str = "torchscript",
     attention_mask: bool | None = None,
     progress: Callable[[str], None] | None = None,
+    quantize: str | None = None,
+    min_cosine: float | None = None,
 ) -> ExportReport:
-    """Export `model` to ONNX at `path` and return what was written (see the module docstring)."""
+    """Export `model` to ONNX at `path` and return what was written (see the module docstring).
+
+    quantize="int8-dynamic": the linear layers' MatMuls get int8 weights (ORT dynamic quantization, CPU); the
+    report's `quantization` holds the int8-vs-fp32 accuracy on a fixed probe set, and the export is refused
+    (InputError, nothing written) when the pooled-embedding cosine falls below `min_cosine` (default 0.99); see
+    fastenc/export/quantize.py."""
+    from .quantize import MIN_COSINE, check_quantize, quantization_report, quantize_int8_dynamic
+
     t0 = time.perf_counter()
     say = progress or (lambda msg: None)
     if exporter not in EXPORTERS:
@@ -451,6 +467,11 @@ def export_onnx(
     onnx = _need("onnx")
     model_dtype = next(tower.module.parameters()).dtype
     out_dtype = check_dtype(dtype, model_dtype)
+    quantize = check_quantize(quantize, out_dtype, optimize, tower.kind)
+    if min_cosine is None:
+        min_cosine = MIN_COSINE
+    if isinstance(min_cosine, bool) or not isinstance(min_cosine, (int, float)) or not -1.0 <= min_cosine <= 1.0:
+        raise InputError(f"min_cosine must be a number in [-1, 1], got {min_cosine!r}")
     if model_dtype != torch.float32:
         say(f"copying the {model_dtype} model to fp32 for tracing")
         tower.module = copy.deepcopy(tower.module).float()
@@ -466,15 +487,36 @@ def export_onnx(
         proto = onnx.load(str(traced), load_external_data=True)
         _name_axes(proto, tower)
         proto.doc_string = f"{tower.class_name} exported by fastenc.export"
-        meta = {"fastenc.class": tower.class_name, "fastenc.kind": tower.kind, "fastenc.exporter": exporter}
+        meta = {"fastenc.class": tower.class_name, "fastenc.kind": tower.kind, "fastenc.exporter": exporter,
+                "fastenc.output_class": tower.output_class, "fastenc.outputs": ",".join(tower.outputs),
+                "fastenc.inputs": ",".join(tower.inputs)}  # fmt: skip
+        if quantize:
+            meta["fastenc.quantize"] = quantize
         if tower.max_sequence:
             meta["fastenc.max_sequence"] = str(tower.max_sequence)
         for k, v in meta.items():
             proto.metadata_props.add(key=k, value=v)
         final = tmp / "final" / out_path.name
         final.parent.mkdir()
-        fusions = {}
-        if optimize:
+        fusions, quant = {}, None
+        if quantize:
+            plain = tmp / "plain" / out_path.name
+            plain.parent.mkdir()
+            _save(proto, plain, external_fp32)
+            del proto
+            say("onnx.checker (fp32 graph)")
+            onnx.checker.check_model(str(plain))
+            say(f"quantizing the linear layers ({quantize})")
+            n, staged = quantize_int8_dynamic(plain, final, external)
+            say("int8 vs fp32 on the probe set")
+            quant = quantization_report(tower, plain, final, min_cosine=float(min_cosine), quantized_matmuls=n)
+            if not quant.ok:
+                raise InputError(
+                    f"quantize={quantize!r} breaks parity for this {tower.class_name}: pooled-embedding cosine vs "
+                    f"fp32 min {quant.cosine_min:.5f} < min_cosine {min_cosine} (mean {quant.cosine_mean:.5f}, "
+                    f"top-1 agreement {quant.top1_agreement:.3f} on {quant.probe}); nothing was written"
+                )
+        elif optimize:
             plain = tmp / "plain" / out_path.name
             plain.parent.mkdir()
             _save(proto, plain, external_fp32)
@@ -514,6 +556,8 @@ def export_onnx(
         files=[str(f) for f in written],
         external_data=external,
         seconds=time.perf_counter() - t0,
+        quantize=quantize,
+        quantization=quant.to_dict() if quant is not None else None,
     )
 
 
@@ -526,6 +570,7 @@ def to_onnx(
     optimize: bool = False,
     exporter="torchscript",
     attention_mask: bool | None = None,
+    quantize: str | None = None,
 ):
     """Export `model` (a supported transformers tower, or its fastenc-optimized twin) to ONNX; returns the Path.
 
@@ -536,9 +581,11 @@ def to_onnx(
     False -> the mask is / is not an input. opset: default 18, at least 17 (18 for exporter="dynamo").
     dtype: None (the model's: fp16 stays fp16, anything else fp32), torch.float32 or torch.float16.
     optimize: run ONNX Runtime's transformer fusions (the graph then needs ONNX Runtime). `export_onnx` takes the
-    same arguments and returns an ExportReport (fusions fired, inputs / outputs, files written)."""
+    same arguments and returns an ExportReport (fusions fired, inputs / outputs, files written).
+    quantize="int8-dynamic": int8 linear layers for ONNX Runtime on CPU (see `export_onnx`)."""
     report = export_onnx(
-        model, path, opset=opset, dtype=dtype, optimize=optimize, exporter=exporter, attention_mask=attention_mask
+        model, path, opset=opset, dtype=dtype, optimize=optimize, exporter=exporter, attention_mask=attention_mask,
+        quantize=quantize,
     )
     return Path(report.path)
 

@@ -13,7 +13,8 @@ Fixed dimensions must be given as themselves. None: one profile from the default
 The graph must hold plain ONNX ops: export with optimize=False (ORT's fused com.microsoft ops do not parse).
 fp16 / bf16 set the builder flags that let TensorRT pick half-precision kernels per layer (weights stay as in the
 file; an fp32 ONNX file is the usual input). The timing cache (a file path) is read if it exists and written back,
-so rebuilding for the same GPU skips kernel timing. The engine file is written atomically.
+so rebuilding for the same GPU skips kernel timing. The engine file is written atomically, with
+`<engine>.fastenc.json` beside it (the model class, output class and axis names `fastenc.runtime.load` reads).
 """
 
 from __future__ import annotations
@@ -175,9 +176,21 @@ def to_tensorrt(
     if engine is None:
         raise InputError(f"onnx_path {str(onnx_path)!r}: TensorRT could not build an engine (see its log above)")
     _write_atomic(out, bytes(engine))
+    _write_atomic(out.with_name(out.name + ".fastenc.json"), _sidecar(onnx_path).encode())
     if cache_path is not None:
         _write_atomic(cache_path, bytes(config.get_timing_cache().serialize()))
     return out
+
+
+def _sidecar(onnx_path) -> str:
+    """What fastenc.runtime.load needs to run the engine as the exported model (the engine keeps no metadata): the
+    ONNX file's fastenc metadata and each input's named axes (dim index -> axis name)."""
+    import json
+
+    meta = {k: v for k, v in _metadata(onnx_path).items() if k.startswith("fastenc.")}
+    inputs, _ = read_io(onnx_path)
+    meta["input_axes"] = {i.name: {str(d): a for d, a in enumerate(i.dims) if isinstance(a, str)} for i in inputs}
+    return json.dumps(meta, indent=1)
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

@@ -89,6 +89,7 @@ class Tower:
     outputs: list[str] = field(default_factory=list)
     output_axes: dict[str, dict[int, str]] = field(default_factory=dict)
     output_shapes: dict[str, tuple] = field(default_factory=dict)  # at the example sizes
+    output_class: str = ""  # "module:qualname" of the ModelOutput the module returns (recorded in the ONNX metadata)
 
     @property
     def class_name(self) -> str:
@@ -166,6 +167,8 @@ class Tower:
         """The module's tensor outputs by field name (no grad)."""
         with torch.no_grad():
             out = self.module(**inputs, return_dict=True)
+        cls = type(out)
+        self.output_class = f"{cls.__module__}:{cls.__qualname__}"
         return {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
 
     def infer_outputs(self) -> None:
