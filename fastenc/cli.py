@@ -69,6 +69,9 @@ def _parser() -> argparse.ArgumentParser:
     from .pipelines_cli import add_encode_parser
 
     add_encode_parser(sub)
+    from .embed.cli import add_embed_parsers  # fastenc embed / fastenc search
+
+    add_embed_parsers(sub)
     return p
 
 

@@ -1,0 +1,15 @@
+"""Dataset-scale embedding and search: `fastenc embed` / `fastenc search` (see README, "Embedding a dataset and
+searching it").
+
+    from fastenc.embed import EmbedConfig, embed, search
+    embed(EmbedConfig(model="ckpt/", input="shards/", out="emb/", tower="both"))
+    hits = search("emb/", text=["a red cat"], k=10)
+
+reader.py: input sources and the per-sample work of loader workers; shards.py: the output layout (atomic shards,
+resume, manifest); pipeline.py: the single-machine run; ray_backend.py: the same pipeline on Ray Data; search.py:
+exact streamed top-k (and FAISS); cli.py: the two subcommands.
+"""
+
+from .pipeline import EmbedConfig, EmbedReport, embed
+
+__all__ = ["EmbedConfig", "EmbedReport", "embed"]

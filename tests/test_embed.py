@@ -1,0 +1,317 @@
+"""fastenc embed: preprocessing parity with the image processors, embeddings equal to the towers called directly,
+every input format, corrupt inputs, resume after kill -9 (byte-identical output), the CLI.
+
+Everything is built here: a tiny random-weight CLIP (and SigLIP) saved with save_pretrained next to a locally built
+tokenizer and a PIL image processor config, generated PNG / JPEG files, WebDataset tars, Parquet / CSV tables."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fastenc.embed import EmbedConfig, embed
+from fastenc.embed.reader import ImagePreprocessor, list_samples
+from fastenc.errors import InputError
+from tests.tokenizer_utils import build_clip_tokenizer
+from tests.utils import FP32, assert_close
+
+PIL = pytest.importorskip("PIL")
+from PIL import Image  # noqa: E402
+
+pa = pytest.importorskip("pyarrow", reason="fastenc embed writes Parquet metadata: pip install 'fastenc[embed]'")
+import pyarrow.parquet as pq  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+CAPTIONS = ["a red cat", "a blue dog on a table", "two birds in the sky", "a tall tree", "an old house at night"]
+
+
+def _pil_processor(cls_name: str):
+    """The PIL-backed image processor class of transformers (5.x: <Name>Pil; older: the slow class itself)."""
+    import transformers
+
+    return getattr(transformers, cls_name + "Pil", None) or getattr(transformers, cls_name)
+
+
+def make_image(seed: int, size=(40, 30), mode="RGB") -> Image.Image:
+    rng = np.random.default_rng(seed)
+    channels = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
+    a = rng.integers(0, 256, size=(size[1], size[0], channels), dtype=np.uint8)
+    return Image.fromarray(a[..., 0] if channels == 1 else a, mode)
+
+
+def image_bytes(img: Image.Image, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    """A tiny CLIPModel checkpoint with tokenizer and PIL CLIP image processor (shortest edge 32, crop 32)."""
+    from transformers import CLIPConfig, CLIPModel
+
+    root = tmp_path_factory.mktemp("clip")
+    tok = build_clip_tokenizer(root)
+    vocab = len(tok)
+    cfg = CLIPConfig(
+        text_config=dict(hidden_size=32, num_attention_heads=2, num_hidden_layers=2, intermediate_size=64,
+                         max_position_embeddings=77, vocab_size=vocab, eos_token_id=tok.eos_token_id,
+                         bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id),
+        vision_config=dict(hidden_size=32, num_attention_heads=2, num_hidden_layers=2, intermediate_size=64,
+                           image_size=32, patch_size=8),
+        projection_dim=24,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model_dir = root / "model"
+    CLIPModel(cfg).eval().save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    _pil_processor("CLIPImageProcessor")(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        model_dir
+    )
+    return str(model_dir)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """Seven images (PNG / JPEG, RGB / RGBA / grayscale, several aspect ratios), captions for most, one corrupt."""
+    root = tmp_path_factory.mktemp("images")
+    (root / "sub").mkdir()
+    specs = [("a.png", "PNG", "RGB", (40, 30)), ("b.jpg", "JPEG", "RGB", (30, 50)), ("c.png", "PNG", "RGBA", (33, 33)),
+             ("sub/d.jpg", "JPEG", "L", (64, 20)), ("sub/e.png", "PNG", "RGB", (16, 16)), ("f.jpg", "JPEG", "RGB", (45, 45))]  # fmt: skip
+    for k, (name, fmt, mode, size) in enumerate(specs):
+        (root / name).write_bytes(image_bytes(make_image(k, size, mode), fmt))
+        if k < len(CAPTIONS):
+            (root / name).with_suffix(".txt").write_text(CAPTIONS[k] + "\n")
+    (root / "broken.jpg").write_bytes(image_bytes(make_image(9), "JPEG")[:60])  # truncated: a corrupt image
+    (root / "broken.txt").write_text("a broken image")
+    (root / "notes.md").write_text("not an image")
+    return str(root)
+
+
+def reference_embeddings(model_dir, images=None, captions=None):
+    """The towers called directly on the processors' own output (fp32, untouched transformers model)."""
+    from transformers import AutoTokenizer, CLIPModel
+
+    model = CLIPModel.from_pretrained(model_dir).eval()
+    out = {}
+    with torch.no_grad():
+        if images is not None:
+            proc = _pil_processor("CLIPImageProcessor").from_pretrained(model_dir)
+            px = proc(images=images, return_tensors="pt")["pixel_values"]
+            out["image"] = model.get_image_features(pixel_values=px).pooler_output
+        if captions is not None:
+            tok = AutoTokenizer.from_pretrained(model_dir)
+            enc = tok(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+            out["text"] = model.get_text_features(**enc).pooler_output
+    return out
+
+
+def read_meta(out_dir) -> dict:
+    tables = [pq.read_table(os.path.join(out_dir, f)) for f in sorted(os.listdir(out_dir)) if f.startswith("meta-")]
+    return pa.concat_tables(tables).to_pydict()
+
+
+def stacked(out_dir, tower) -> np.ndarray:
+    files = sorted(f for f in os.listdir(out_dir) if f.startswith(tower + "-") and f.endswith(".npy"))
+    return np.concatenate([np.load(os.path.join(out_dir, f)) for f in files])
+
+
+def tree_bytes(out_dir) -> dict[str, bytes]:
+    return {f: Path(out_dir, f).read_bytes() for f in sorted(os.listdir(out_dir))}
+
+
+# ------------------------------------------------------------------------------------------------ preprocessing
+
+
+@pytest.mark.parametrize("mode,size", [("RGB", (40, 30)), ("RGB", (30, 50)), ("RGBA", (33, 33)), ("L", (64, 20)),
+                                       ("RGB", (16, 16))])  # fmt: skip
+def test_clip_preprocessing_equals_processor(mode, size):
+    proc = _pil_processor("CLIPImageProcessor")(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    mine = ImagePreprocessor.from_settings(proc.to_dict())
+    img = make_image(3, size, mode)
+    expected = proc(images=[img], return_tensors="np")["pixel_values"][0]
+    assert_close(torch.from_numpy(mine(img)), torch.from_numpy(expected), atol=1e-6, rtol=0, name="pixel_values")
+
+
+def test_siglip_preprocessing_equals_processor():
+    proc = _pil_processor("SiglipImageProcessor")(size={"height": 24, "width": 24})
+    mine = ImagePreprocessor.from_settings(proc.to_dict())
+    assert mine.crop is None and mine.out_hw == (24, 24)
+    for k, (mode, size) in enumerate([("RGB", (40, 30)), ("RGBA", (17, 50))]):
+        img = make_image(k, size, mode)
+        expected = proc(images=[img], return_tensors="np")["pixel_values"][0]
+        assert_close(torch.from_numpy(mine(img)), torch.from_numpy(expected), atol=1e-6, rtol=0, name="pixel_values")
+
+
+# ------------------------------------------------------------------------------------------------- embeddings
+
+
+def run_embed(model_dir, src, out, **kw):
+    kw = dict(tower="both", batch=4, shard_size=3, store="fp32", backend="torch", device="cpu", workers=0,
+              progress=False) | kw  # fmt: skip
+    return embed(EmbedConfig(model=model_dir, input=src, out=str(out), **kw))
+
+
+@pytest.mark.parametrize("workers,backend", [(0, "torch"), (2, "torch"), (0, "triton")])
+def test_folder_embeddings_equal_towers(clip_dir, folder, tmp_path, workers, backend):
+    report = run_embed(clip_dir, folder, tmp_path / "out", workers=workers, backend=backend)
+    meta = read_meta(tmp_path / "out")
+    ids = meta["id"]
+    assert ids == sorted(ids) and len(ids) == 7 and meta["index"] == list(range(7))
+    err = dict(zip(ids, meta["error"], strict=True))
+    assert "broken.jpg" in ids and err["broken.jpg"] is not None  # truncated JPEG
+    assert err["f.jpg"] == "ValueError: no caption"  # --tower both needs a caption
+    ok = [i for i, e in zip(ids, meta["error"], strict=True) if e is None]
+    assert report.errors == 2 and report.rows == len(ok) == 5
+    assert [r for r in meta["row"] if r >= 0] == [0, 1, 0, 1, 0]  # rows restart per shard (shard_size 3)
+    images = [Image.open(os.path.join(folder, i)) for i in ok]
+    captions = [Path(folder, i).with_suffix(".txt").read_text().strip() for i in ok]
+    ref = reference_embeddings(clip_dir, images, captions)
+    for tower in ("image", "text"):
+        assert_close(torch.from_numpy(stacked(tmp_path / "out", tower)), ref[tower], **FP32, name=tower)
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["rows"] == 5 and manifest["errors"] == 2 and len(manifest["shards"]) == 3
+    errors = [json.loads(x) for x in (tmp_path / "out" / "errors.jsonl").read_text().splitlines()]
+    assert [e["id"] for e in errors] == ["broken.jpg", "f.jpg"]
+
+
+def write_tars(root: Path, n_tars=2, per_tar=3) -> list[tuple[Image.Image, str]]:
+    """img2dataset layout: NNNNN.tar with <key>.jpg / .txt / .json; one member corrupt."""
+    root.mkdir(parents=True, exist_ok=True)
+    samples = []
+    for t in range(n_tars):
+        with tarfile.open(root / f"{t:05d}.tar", "w") as tf:
+            for j in range(per_tar):
+                key = f"{t:05d}{j:04d}"
+                img = make_image(100 + 10 * t + j, (36 + j, 30))
+                data = image_bytes(img, "PNG")
+                if (t, j) == (1, 1):
+                    data = b"\x89PNG not really"
+                caption = f"{CAPTIONS[j]} number {t}"
+                for name, payload in ((f"{key}.jpg", data), (f"{key}.txt", caption.encode()),
+                                      (f"{key}.json", json.dumps({"key": key}).encode())):  # fmt: skip
+                    info = tarfile.TarInfo(name)
+                    info.size = len(payload)
+                    tf.addfile(info, io.BytesIO(payload))
+                samples.append((key, img, caption, (t, j) != (1, 1)))
+    return samples
+
+
+def test_webdataset_tars(clip_dir, tmp_path):
+    samples = write_tars(tmp_path / "tars")
+    report = run_embed(clip_dir, str(tmp_path / "tars"), tmp_path / "out", tower="image", shard_size=4, workers=2)
+    meta = read_meta(tmp_path / "out")
+    assert meta["id"] == [s[0] for s in samples]
+    assert meta["caption"] == [s[2] for s in samples]
+    assert meta["path"][0] == "00000.tar/000000000.jpg"
+    assert report.errors == 1 and meta["error"][4] is not None and meta["row"][4] == -1
+    ref = reference_embeddings(clip_dir, [s[1] for s in samples if s[3]])
+    assert_close(torch.from_numpy(stacked(tmp_path / "out", "image")), ref["image"], **FP32, name="image")
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv"])
+def test_tables(clip_dir, folder, tmp_path, fmt):
+    """Parquet with image bytes (HF datasets structs) / CSV with relative paths; captions and ids from columns."""
+    names = ["a.png", "b.jpg", "sub/e.png"]
+    caps = ["first caption", "second one", "third"]
+    if fmt == "parquet":
+        imgs = [{"bytes": Path(folder, n).read_bytes(), "path": n} for n in names]
+        pq.write_table(pa.table({"key": ["k0", "k1", "k2"], "image": imgs, "caption": caps}), tmp_path / "t.parquet")
+        src = tmp_path / "t.parquet"
+    else:
+        src = Path(folder) / "t.csv"
+        src.write_text("key,image,caption\n" + "".join(f"k{i},{n},{c}\n" for i, (n, c) in enumerate(zip(names, caps))))
+    out = tmp_path / f"out-{fmt}"
+    run_embed(clip_dir, str(src), out, format="parquet")
+    if fmt == "csv":
+        src.unlink()
+    meta = read_meta(out)
+    assert meta["id"] == ["k0", "k1", "k2"] and meta["caption"] == caps and meta["error"] == [None] * 3
+    ref = reference_embeddings(clip_dir, [Image.open(Path(folder, n)) for n in names], caps)
+    for tower in ("image", "text"):
+        t = pa.concat_tables([pq.read_table(out / f) for f in sorted(os.listdir(out)) if f.startswith(tower + "-")])
+        assert t.column("id").to_pylist() == ["k0", "k1", "k2"]
+        got = np.stack(t.column("embedding").to_pylist()).astype(np.float32)
+        assert_close(torch.from_numpy(got), ref[tower], **FP32, name=tower)
+
+
+def test_fp16_store_and_rerun_skips(clip_dir, folder, tmp_path):
+    out = tmp_path / "out"
+    first = run_embed(clip_dir, folder, out, tower="image", store="fp16")
+    assert stacked(out, "image").dtype == np.float16
+    before = tree_bytes(out)
+    again = run_embed(clip_dir, folder, out, tower="image", store="fp16")
+    assert again.shards_skipped == first.shards == 3 and again.samples_run == 0
+    assert tree_bytes(out) == before
+    with pytest.raises(InputError, match="differs in: batch"):
+        run_embed(clip_dir, folder, out, tower="image", store="fp16", batch=2)
+
+
+def test_bad_input(clip_dir, folder, tmp_path):
+    with pytest.raises(InputError, match="--input"):
+        run_embed(clip_dir, str(tmp_path / "missing"), tmp_path / "o")
+    with pytest.raises(InputError, match="--batch"):
+        run_embed(clip_dir, folder, tmp_path / "o", batch=0)
+    with pytest.raises(InputError, match="--tower"):
+        run_embed(clip_dir, folder, tmp_path / "o", tower="audio")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="no samples"):
+        run_embed(clip_dir, str(tmp_path / "empty"), tmp_path / "o")
+    with pytest.raises(InputError, match="--caption-col"):
+        list_samples(str(Path(folder) / "t.csv") if (Path(folder) / "t.csv").exists() else _csv(tmp_path),
+                     caption_col="nope")  # fmt: skip
+
+
+def _csv(tmp_path) -> str:
+    p = tmp_path / "x.csv"
+    p.write_text("id,caption\n1,a cat\n")
+    return str(p)
+
+
+# ------------------------------------------------------------------------------------- kill -9 and resume (CLI)
+
+
+def cli(*args, env=None, check=True):
+    env = dict(os.environ, **(env or {}))
+    r = subprocess.run([sys.executable, "-m", "fastenc.cli", *args], capture_output=True, text=True, env=env,
+                       cwd=REPO, timeout=240)  # fmt: skip
+    if check:
+        assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+@pytest.mark.parametrize("fault", ["kill-after-shards:1", "kill-before-meta:2"])
+def test_kill9_then_resume_is_byte_identical(clip_dir, folder, tmp_path, fault):
+    common = ["embed", "--model", clip_dir, "--input", folder, "--tower", "both", "--batch", "2", "--shard-size", "3",
+              "--backend", "torch", "--device", "cpu", "--workers", "1", "--quiet"]  # fmt: skip
+    clean = tmp_path / "clean"
+    cli(*common, "--out", str(clean))
+    killed = tmp_path / "killed"
+    r = cli(*common, "--out", str(killed), env={"FASTENC_EMBED_FAULT": fault}, check=False)
+    assert r.returncode == -9, (r.returncode, r.stderr[-2000:])
+    left = sorted(os.listdir(killed))
+    assert "manifest.json" not in left and "meta-00000.parquet" in left
+    if fault.startswith("kill-before-meta"):  # shard 1's embeddings are written, its meta is not: not done
+        assert "image-00001.npy" in left and "meta-00001.parquet" not in left
+    (killed / ".tmp-meta-00001.parquet.12345").write_bytes(b"half a file")  # as a kill mid-write leaves it
+    r = cli(*common, "--out", str(killed), "--json")
+    report = json.loads(r.stdout)
+    assert report["shards_skipped"] == 1 and report["samples_run"] == 4
+    assert tree_bytes(killed) == tree_bytes(clean)
+
+
+def test_cli_errors_are_one_line(clip_dir, tmp_path):
+    r = cli("embed", "--model", clip_dir, "--input", str(tmp_path / "nothing"), "--out", str(tmp_path / "o"),
+            check=False)  # fmt: skip
+    assert r.returncode == 2 and r.stderr.startswith("fastenc embed: error: --input") and "Traceback" not in r.stderr
+    r = cli("search", "--index", str(tmp_path), "--text", "a cat", check=False)
+    assert r.returncode == 2 and "manifest.json" in r.stderr
