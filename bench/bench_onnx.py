@@ -1,6 +1,7 @@
 """ONNX Runtime (CPU) vs eager PyTorch on this machine's CPU, for exported CLIP text / vision towers and a T5 encoder.
 
     python bench/bench_onnx.py --out onnx_cpu.json                                 # the committed run (idle machine)
+    python bench/bench_onnx.py --threads 2 --out onnx_runtime_cpu.json              # fastenc ORT / int8 vs transformers
     python bench/bench_onnx.py --clip-shape tiny --t5-shape t5-tiny --iters 5 --batch 1 --out /tmp/smoke.json
 
 Providers, same random-weight model (fastenc.models.configs shapes; nothing downloaded), same inputs:
@@ -8,10 +9,16 @@ Providers, same random-weight model (fastenc.models.configs shapes; nothing down
     torch-sdpa   transformers with attn_implementation="sdpa"
     ort          fastenc.export.to_onnx graph (plain ONNX ops), ONNX Runtime CPUExecutionProvider
     ort-opt      the same export with ORT's transformer fusions (optimize=True)
-Per row: p50 / p90 latency over --iters timed calls (time.perf_counter around one call, after --warmup calls), the
-raw samples, the max relative error of the provider's first output against torch-eager, the CPU model (from
-/proc/cpuinfo), thread count, versions and git commit. Rows are appended to --out (a bare file name goes to
-bench/results/). Runs without a GPU; timings are only meaningful on an otherwise idle machine.
+    fastenc-ort  fastenc.optimize(model, backend="onnxruntime"): the drop-in module (export cache, IO binding,
+                 argument checks, the per-call weight check) returning transformers' ModelOutput
+    fastenc-ort-int8  the same with quantize="int8-dynamic"
+Timing is interleaved: after --warmup calls of each provider, each of the --iters rounds calls every provider once
+(time.perf_counter around one call), so load from other processes hits all providers alike and the ratios of one
+run are comparable even on a shared machine. Per row: p50 / p90 latency, the raw samples, `speedup_vs_sdpa`
+(torch-sdpa p50 / this p50, same run), the max relative error of the provider's first output against torch-eager,
+for every provider the min cosine of its pooled embedding (first output; T5: masked mean of last_hidden_state)
+against torch-eager's, the CPU model (from /proc/cpuinfo), thread count, versions and git commit. Rows are appended
+to --out (a bare file name goes to bench/results/). Runs without a GPU.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from pathlib import Path
 
 from _common import RESULTS, append_rows, git_commit, percentile
 
-PROVIDERS = ("torch-eager", "torch-sdpa", "ort", "ort-opt")
+PROVIDERS = ("torch-eager", "torch-sdpa", "ort", "ort-opt", "fastenc-ort", "fastenc-ort-int8")
 T5_SHAPES = {  # d_model, d_kv, heads, d_ff, layers (default), vocab
     "t5-tiny": (32, 16, 2, 64, 2, 1000),
     "t5-base": (768, 64, 12, 2048, 12, 32128),
@@ -92,15 +99,29 @@ def build_models(args):
     return [(label, m.eval(), info, sizes) for label, m, info, sizes in out]
 
 
-def time_calls(fn, warmup: int, iters: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    samples = []
+def time_interleaved(calls: dict, warmup: int, iters: int) -> dict[str, list[float]]:
+    """provider -> ms per call; every round calls each provider once (see the module docstring)."""
+    for fn in calls.values():
+        for _ in range(warmup):
+            fn()
+    samples = {k: [] for k in calls}
     for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - t0) * 1e3)
+        for k, fn in calls.items():
+            t0 = time.perf_counter()
+            fn()
+            samples[k].append((time.perf_counter() - t0) * 1e3)
     return samples
+
+
+def pooled(label: str, out, mask):
+    """(N, D) pooled embedding: the first output, or for T5 the masked mean of last_hidden_state."""
+    import torch
+
+    x = torch.as_tensor(out).float()
+    if label == "t5-encoder":
+        m = mask.float()[..., None]
+        return (x * m).sum(1) / m.sum(1).clamp_min(1.0)
+    return x.reshape(x.shape[0], -1)
 
 
 def main(argv=None) -> int:
@@ -116,6 +137,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     p.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
     p.add_argument("--threads", type=int, default=None, help="torch and ORT intra-op threads (default: all cores)")
+    p.add_argument("--t5-mask", action="store_true", help="T5 with attention_mask (padded rows)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--out", default=None, help="append rows to this JSON file (bare name: bench/results/NAME)")
@@ -125,6 +147,7 @@ def main(argv=None) -> int:
     import onnxruntime as ort
     import torch
 
+    import fastenc
     from fastenc.export import export_onnx
     from fastenc.export.towers import tower_of
 
@@ -135,9 +158,10 @@ def main(argv=None) -> int:
           f"commit {env['commit']}")  # fmt: skip
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
+        os.environ["FASTENC_CACHE"] = str(Path(tmp) / "cache")  # the fastenc providers export into a fresh cache
         for label, model, info, sizes in build_models(args):
             tower = tower_of(model)
-            sessions = {}
+            sessions, fast = {}, {}
             for prov in ("ort", "ort-opt"):
                 if prov in args.providers:
                     rep = export_onnx(model, Path(tmp) / f"{label}-{prov}.onnx", optimize=prov == "ort-opt")
@@ -145,50 +169,81 @@ def main(argv=None) -> int:
                     opts.intra_op_num_threads = threads
                     opts.log_severity_level = 3
                     sessions[prov] = (ort.InferenceSession(rep.path, opts, providers=["CPUExecutionProvider"]), rep)
+            for prov, quant in (("fastenc-ort", None), ("fastenc-ort-int8", "int8-dynamic")):
+                if prov in args.providers:
+                    fast[prov] = fastenc.optimize(model, backend="onnxruntime", quantize=quant, threads=threads,
+                                                  strict=True)  # fmt: skip
             for batch, seq in sizes:
                 inputs = tower.make_inputs(batch, seq or 8, seed=batch)
                 feed = {k: v.numpy() for k, v in inputs.items()}
+                mask = inputs.get("attention_mask", torch.ones(batch, seq or 1, dtype=torch.long))
                 model.set_attn_implementation("eager")  # the reference every provider is compared with
                 with torch.inference_mode():
                     ref = tower.run(inputs)
                 first = next(iter(ref))
                 ref0 = ref[first].float().numpy()
+                ref_pool = pooled(label, ref[first], mask)
+                calls, firsts = {}, {}
                 for prov in args.providers:
                     if prov.startswith("torch"):
-                        model.set_attn_implementation(prov.split("-")[1])
+                        impl = prov.split("-")[1]
 
-                        def call(model=model, inputs=inputs):
+                        def call(model=model, inputs=inputs, impl=impl):
+                            model.set_attn_implementation(impl)
                             with torch.inference_mode():
                                 return model(**inputs)
 
                         got = call()[first].float().numpy()
+                    elif prov.startswith("fastenc"):
+
+                        def call(m=fast[prov], inputs=inputs):
+                            with torch.inference_mode():
+                                return m(**inputs)
+
+                        with fastenc.trace() as t:
+                            got = call()[first].float().numpy()
+                        assert t.counts.get("onnxruntime.forward") == 1 and not t.fallbacks, (t.counts, t.fallbacks)
                     else:
                         sess, rep = sessions[prov]
-
                         names = [o.name for o in sess.get_outputs()]
 
                         def call(sess=sess, feed=feed):
                             return sess.run(None, feed)  # every output, as torch computes them all
 
                         got = call()[names.index(first)]
+                    calls[prov] = call
+                    firsts[prov] = got
+                samples = time_interleaved(calls, args.warmup, args.iters)
+                sdpa = percentile(samples["torch-sdpa"], 50) if "torch-sdpa" in samples else None
+                for prov in args.providers:
+                    got = firsts[prov]
                     err = float(np.abs(got - ref0).max() / max(np.abs(ref0).max(), 1e-12))
-                    samples = time_calls(call, args.warmup, args.iters)
+                    cos = torch.nn.functional.cosine_similarity(pooled(label, got, mask), ref_pool, dim=-1)
+                    p50 = percentile(samples[prov], 50)
                     row = {
                         "bench": "onnx_cpu",
                         "model": label,
                         "provider": prov,
-                        "config": {**info, "batch": batch, "seq": seq or None, "dtype": "fp32"},
-                        "p50_ms": percentile(samples, 50),
-                        "p90_ms": percentile(samples, 90),
+                        "config": {**info, "batch": batch, "seq": seq or None,
+                                   "dtype": "int8-dynamic" if prov.endswith("int8") else "fp32"},  # fmt: skip
+                        "p50_ms": p50,
+                        "p90_ms": percentile(samples[prov], 90),
+                        "speedup_vs_sdpa": (sdpa / p50) if sdpa else None,
                         "max_rel_err_vs_eager": err,
-                        "samples_ms": samples,
+                        "pooled_cosine_min_vs_eager": float(cos.min()),
+                        "samples_ms": samples[prov],
+                        "timing": "interleaved",
                         **env,
                     }
-                    if prov.startswith("ort"):
+                    if prov in sessions:
                         row["fusions"] = sessions[prov][1].fusions
+                    if prov == "fastenc-ort-int8":
+                        row["quantization"] = fast[prov]._fastenc_ort.encoder.metadata.get("fastenc.quantize")
                     rows.append(row)
-                    print(f"{label:<12} {prov:<12} b={batch:<3} s={seq or '-':<4} p50 {row['p50_ms']:9.3f} ms  "
-                          f"p90 {row['p90_ms']:9.3f} ms  rel err {err:.1e}")  # fmt: skip
+                    ratio = f"{row['speedup_vs_sdpa']:5.2f}x sdpa" if sdpa else ""
+                    print(f"{label:<12} {prov:<17} b={batch:<3} s={seq or '-':<4} p50 {p50:9.3f} ms  "
+                          f"p90 {row['p90_ms']:9.3f} ms  {ratio}  rel err {err:.1e}  cos {float(cos.min()):.6f}",
+                          flush=True)  # fmt: skip
     if args.out:
         path = Path(args.out)
         if path.parent == Path("."):

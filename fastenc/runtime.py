@@ -582,12 +582,21 @@ class OrtState:
         self.lock = threading.Lock()
 
     def __getstate__(self):
-        return {"explicit": self.explicit, "strict": self.strict, "quantize": self.quantize, "threads": self.threads,
-                "encoder": None, "key": None, "fingerprint": None, "failed": None, "exports": 0}  # fmt: skip
+        state = dict.fromkeys(("encoder", "key", "fingerprint", "failed", "_tensors"))
+        return {**state, "explicit": self.explicit, "strict": self.strict, "quantize": self.quantize,
+                "threads": self.threads, "exports": 0}  # fmt: skip
 
     def __setstate__(self, state):
         self.__dict__.update(state)
         self.lock = threading.Lock()
+
+    def tensors(self, model) -> list[tuple[str, torch.Tensor]]:
+        """The model's parameters and buffers, walked again only when something was registered somewhere."""
+        generation = structure_generation()
+        cached = getattr(self, "_tensors", None)
+        if cached is None or cached[0] != generation:
+            cached = self._tensors = (generation, _tensors(model))
+        return cached[1]
 
     def cache_key(self, model, fingerprint: str) -> str:
         import onnx
@@ -618,20 +627,22 @@ class OrtState:
         values of every weight (`.data` edits, fused optimizers). An edit that keeps all of those (a few values of a
         large weight through `.data`) is not seen: call `fastenc.runtime.refresh(model)` after such edits."""
         key = self.key
-        generation = structure_generation()
-        if self.encoder is not None and key is not None and key[0] == generation:
-            tensors, views, pointers, sample = key[1:]
-            if _pointer_key(tensors) == pointers and _sample(views) == sample:
+        tensors = self.tensors(model)
+        if self.encoder is not None and key is not None and key[0] is tensors:
+            if _pointer_key(tensors) == key[2] and _sample(key[1]) == key[3]:
+                return self.encoder
+        if self.encoder is not None and key is not None and [id(t) for _, t in tensors] == [id(t) for _, t in key[0]]:
+            if _pointer_key(tensors) == key[2] and _sample(key[1]) == key[3]:  # re-walked: the same tensors
+                self.key = (tensors, *key[1:])
                 return self.encoder
         with self.lock:
-            tensors = _tensors(model)
             views = _sample_views(tensors)
             pointers, sample = _pointer_key(tensors), _sample(views)
             fingerprint = weights_fingerprint(model)
             if self.encoder is None or fingerprint != self.fingerprint:
                 self.encoder = self._load(model, fingerprint)
                 self.fingerprint = fingerprint
-            self.key = (generation, tensors, views, pointers, sample)
+            self.key = (tensors, views, pointers, sample)
             return self.encoder
 
     def _load(self, model, fingerprint: str) -> Encoder:
@@ -666,14 +677,14 @@ def why_not_ort(model, bound: dict) -> str | None:
     if model.training:
         return "the model is in training mode (the graph has no dropout)"
     tensors = [v for v in bound.values() if isinstance(v, torch.Tensor)]
-    if torch.is_grad_enabled() and (any(t.requires_grad for t in tensors)
-                                    or any(p.requires_grad for p in model.parameters())):  # fmt: skip
+    weights = [t for _, t in state.tensors(model)]
+    if torch.is_grad_enabled() and (any(t.requires_grad for t in tensors) or any(w.requires_grad for w in weights)):
         return "autograd is recording (call under torch.no_grad() or torch.inference_mode())"
     if any(t.device.type != "cpu" for t in tensors):
         return "inputs are not on the CPU (optimize's ONNX Runtime backend runs on the CPU provider)"
-    if any(p.device.type != "cpu" for p in model.parameters()):
+    if any(w.device.type != "cpu" for w in weights):
         return "the weights are not on the CPU (optimize's ONNX Runtime backend runs on the CPU provider)"
-    dtypes = {p.dtype for p in model.parameters()}
+    dtypes = {w.dtype for w in weights if w.is_floating_point()}
     if dtypes != {torch.float32}:
         return f"ONNX Runtime runs fp32 models here; the weights are {sorted(map(str, dtypes))}"
     cfg = model.config
