@@ -120,6 +120,7 @@ def _register_attention_saved_autograd(op) -> None:
         q, k, v, kpm, bias, table, lut, causal, scale = inputs
         out, stats = output
         ctx.mark_non_differentiable(stats)
+        ctx.set_materialize_grads(False)  # no zeros for the stats' (absent) gradient
         ctx.save_for_backward(q, k, v, kpm, bias, table, lut, out, stats)
         ctx.causal, ctx.scale = causal, scale
 
