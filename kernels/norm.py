@@ -41,21 +41,23 @@ from ._common import _round_to, on_device, traceable
 MAX_FUSED_N = 16384
 
 # Widest row the backward kernels take; wider rows (no supported model: the widest, T5-XXL, is 4096) differentiate the
-# torch reference instead. NOTE: the backward holds s / xhat, dy, w, g and the dw (and db) accumulators per column, two
-# to three rows more than the forward. Measured on sm_90a (Triton 3.9, `python -m fastenc.benchmark.static --only
-# norm_bwd`-style compiles): 8192 columns at 16 warps 114-128 registers, 0 B stack in every dtype; 16384 columns spilled
-# at 16 warps (fp32 LayerNorm 608 B) and at 32 warps (64-304 B), and still 16-208 B with the partial sums accumulated
-# in memory instead of registers.
+# torch reference instead. NOTE: 16384 columns spilled in every variant tried on sm_90a (Triton 3.9): 608 B (fp32
+# LayerNorm) at 16 warps, 64-304 B at 32 warps, 16-208 B with the partial sums accumulated in memory, not registers.
 MAX_FUSED_BWD_N = 8192
 
 # (smallest BLOCK_N, num_warps) on CUDA, first match from the top wins.
 _NUM_WARPS_BY_BLOCK_N = ((32768, 32), (8192, 16), (2048, 8), (0, 4))
+# Backward: s / xhat, dy, w, g and the dw (and db) accumulators are live per column, more than in the forward, so wide
+# rows get more warps. NOTE: with this table every report width compiles with 0 B stack on sm_90a and sm_80 under
+# Triton 3.9 and 3.6 (`python -m fastenc.benchmark.static --only norm_bwd`); RMSNorm spilled 8 B at 4096 columns with
+# 8 or 16 warps (Triton 3.6) and at 8192 with 16 warps (fp32 + residual, Triton 3.9).
+_NUM_WARPS_BY_BLOCK_N_BWD = ((4096, 32), (2048, 8), (0, 4))
 
 
-def _norm_config(n: int) -> tuple[int, int]:
+def _norm_config(n: int, table=_NUM_WARPS_BY_BLOCK_N) -> tuple[int, int]:
     """(BLOCK_N, num_warps) for rows of n columns: the whole row in one block, warps scaled with its width."""
     block_n = triton.next_power_of_2(n)
-    num_warps = next(w for lo, w in _NUM_WARPS_BY_BLOCK_N if block_n >= lo)
+    num_warps = next(w for lo, w in table if block_n >= lo)
     return block_n, num_warps
 
 
@@ -320,7 +322,7 @@ def _launch_bwd(kernel, dy, ds, s, weight, eps, dresidual, partial_slots, n_part
     ds2 = dy2 if ds is None else _rows(ds, n)  # a dummy when there is no s gradient (never read)
     dx2 = dx.view(-1, n)
     dres2 = dx2 if dres is None else dres.view(-1, n)  # a dummy when dresidual is not wanted (never written)
-    block_n, num_warps = _norm_config(n)
+    block_n, num_warps = _norm_config(n, _NUM_WARPS_BY_BLOCK_N_BWD)
     with on_device(s):
         traceable(kernel)[(programs,)](
             dy2, ds2, s2, weight, dx2, dres2, *slots,

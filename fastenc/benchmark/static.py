@@ -317,6 +317,41 @@ def _attention_case(dtype, hd, variant, seq=None, cost=1.0, archs=None):
     return Case("attention", f"{dtype} hd{hd} {variant}", dtype, launch, f"S={s}", cost, archs)
 
 
+def _attention_bwd_case(dtype, hd, variant, seq=None, cost=2.0, archs=None, stats_forward=False):
+    """The training path of one attention variant: family "attention_bwd" launches `attention_backward` (delta, dK / dV
+    and dQ kernels; T5 with the table gradient, an additive bias with its gradient), "attention_fwd_stats" the
+    forward that also writes the row statistics (STORE_STATS)."""
+    import torch
+
+    from fastenc.kernels import attention as K
+
+    causal, kpm, bias, relbias = ATTN_VARIANTS[variant]
+    s = seq or (77 if causal else 512 if relbias else 257)
+
+    def launch():
+        dt = _torch_dtype(dtype)
+        b, h = 1, 2
+        q = torch.zeros(b, h, s, hd, dtype=dt)
+        kw = dict(causal=causal, key_padding_mask=None, bias=None, scale=hd**-0.5)
+        if kpm:
+            kw["key_padding_mask"] = torch.ones(b, s, dtype=torch.bool)
+        if bias:
+            kw["bias"] = torch.zeros(b, 1, s, s, dtype=dt)  # broadcast over heads: dbias by atomic adds
+        if relbias:
+            kw["rel_bias_table"] = torch.zeros(32, h, dtype=dt)
+            kw["rel_bias_lut"] = torch.zeros(2 * s - 1, dtype=torch.int32)
+        with _matmul_precision(dtype):
+            if stats_forward:
+                K.attention_forward(q, q.clone(), q.clone(), return_stats=True, **kw)
+            else:
+                stats = torch.zeros(b, h, 2, s, dtype=torch.float32)
+                K.attention_backward(q.clone(), q, q.clone(), q.clone(), q.clone(), stats, bias_grad=bias,
+                                     table_grad=relbias, **kw)  # fmt: skip
+
+    family = "attention_fwd_stats" if stats_forward else "attention_bwd"
+    return Case(family, f"{dtype} hd{hd} {variant}", dtype, launch, f"S={s}", cost, archs)
+
+
 def _model_widths():
     """(hidden widths, FFN widths, T5 d_model, T5 d_ff) of the supported model shapes (tiny test shapes left out)."""
     from fastenc.benchmark.matrix import SIGLIP_SHAPES, T5_SHAPES
@@ -419,6 +454,32 @@ def _gated_activation_case(dtype, act, n):
     return Case("gated_activation", f"{dtype} {act}", dtype, launch, f"N={n}", 0.2)
 
 
+def _bias_activation_bwd_case(dtype, act, n, has_bias=True):
+    import torch
+
+    from fastenc.kernels import activation as K
+
+    def launch():
+        dt = _torch_dtype(dtype)
+        x = torch.zeros(40, n, dtype=dt)  # with a bias: row-block loops of more than one block per program
+        K.bias_activation_backward(x.clone(), x, torch.zeros(n, dtype=dt) if has_bias else None, act)
+
+    label = f"{dtype} {act}{'' if has_bias else ' no-bias'}"
+    return Case("bias_activation_bwd", label, dtype, launch, f"N={n}", 0.3)
+
+
+def _gated_activation_bwd_case(dtype, act, n):
+    import torch
+
+    from fastenc.kernels import activation as K
+
+    def launch():
+        gu = torch.zeros(2, 2 * n, dtype=_torch_dtype(dtype))  # T5's fused wi_0 / wi_1 output, halves as views
+        K.gated_activation_backward(gu[:, :n].clone(), gu[:, :n], gu[:, n:], act)
+
+    return Case("gated_activation_bwd", f"{dtype} {act}", dtype, launch, f"N={n}", 0.3)
+
+
 def _cosine_case(dtype, d=768):
     import torch
 
@@ -470,6 +531,10 @@ def build_cases(matrix: str) -> list[Case]:
         cases.append(_rms_norm_case("fp16", "fp16", 4096, True))
         cases.append(_bias_activation_case("fp16", "quick_gelu", 3072))
         cases.append(_gated_activation_case("fp16", "gelu_tanh", 2048))
+        cases.append(_layer_norm_bwd_case("fp16", 768, True))
+        cases.append(_rms_norm_bwd_case("fp16", "fp16", 4096, True))
+        cases.append(_bias_activation_bwd_case("fp16", "quick_gelu", 3072))
+        cases.append(_gated_activation_bwd_case("fp16", "gelu_tanh", 2048))
         return cases
 
     full = matrix == "full"
@@ -499,6 +564,24 @@ def build_cases(matrix: str) -> list[Case]:
                     cost = fp32_cost * (1.5 if hd >= 128 else 1.0) * (1.5 if "relbias" in variant else 1.0)
                     archs = (90,) if dtype == "fp32" and not full else None
                     cases.append(_attention_case(dtype, hd, variant, cost=cost, archs=archs))
+
+    # attention training path: fp16 at every head-dim class with CLIP text, vision and T5 flags (T5: table gradient),
+    # fp16 additive bias with its gradient at hd 64, bf16 CLIP text at hd 64; full: every dtype x head dim x variant
+    for dtype in DTYPE_LABELS:
+        for hd in HEAD_DIMS + MODEL_ODD_HEAD_DIMS:
+            for variant in ATTN_VARIANTS:
+                if full:
+                    keep = True
+                elif dtype == "fp16":
+                    keep = (hd in (64, 80, 128) and variant in ("plain", "causal+kpm", "kpm+relbias")) or (
+                        hd == 64 and variant == "kpm+bias"
+                    )
+                else:
+                    keep = dtype == "bf16" and hd == 64 and variant == "causal+kpm"
+                if keep:
+                    cost = 2.0 * (12.0 if dtype == "fp32" else 1.0) * (1.5 if hd >= 128 else 1.0)
+                    cases.append(_attention_bwd_case(dtype, hd, variant, cost=cost))
+                    cases.append(_attention_bwd_case(dtype, hd, variant, cost=cost / 2, stats_forward=True))
 
     # norms at every supported model width (the same BLOCK_N / warps compile once; rows list the widths), plus the
     # widest row the kernel accepts (MAX_FUSED_N); activations at every FFN width
@@ -534,6 +617,12 @@ def build_cases(matrix: str) -> list[Case]:
                 cases.append(_bias_activation_case(dtype, act, ffn[0], has_bias=False))
             for n in t5_ff:
                 cases.append(_gated_activation_case(dtype, act, n))
+            for n in ffn:
+                cases.append(_bias_activation_bwd_case(dtype, act, n))
+            if full or dtype == "fp16":
+                cases.append(_bias_activation_bwd_case(dtype, act, ffn[0], has_bias=False))
+            for n in t5_ff:
+                cases.append(_gated_activation_bwd_case(dtype, act, n))
     for dtype in DTYPE_LABELS:
         cases.append(_cosine_case(dtype))
         for kind in ("clip", "siglip"):
