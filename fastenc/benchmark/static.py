@@ -565,22 +565,19 @@ def build_cases(matrix: str) -> list[Case]:
                     archs = (90,) if dtype == "fp32" and not full else None
                     cases.append(_attention_case(dtype, hd, variant, cost=cost, archs=archs))
 
-    # attention training path: fp16 at every head-dim class with CLIP text, vision and T5 flags (T5: table gradient),
-    # fp16 additive bias with its gradient at hd 64, bf16 CLIP text at hd 64; full: every dtype x head dim x variant
+    # attention training path (backward; forward with STORE_STATS). report: fp16 hd 64 vision / CLIP text / T5 (table
+    # gradient) / additive bias with its gradient, hd 80 vision, hd 128 CLIP text, bf16 CLIP text hd 64; the
+    # statistics-writing forward for CLIP text and T5 at hd 64. full: every dtype x head dim x variant, both.
+    report_bwd = {("fp16", 64, v) for v in ("plain", "causal+kpm", "kpm+relbias", "kpm+bias")}
+    report_bwd |= {("fp16", 80, "plain"), ("fp16", 128, "causal+kpm"), ("bf16", 64, "causal+kpm")}
+    report_stats = {("fp16", 64, "causal+kpm"), ("fp16", 64, "kpm+relbias")}
     for dtype in DTYPE_LABELS:
         for hd in HEAD_DIMS + MODEL_ODD_HEAD_DIMS:
             for variant in ATTN_VARIANTS:
-                if full:
-                    keep = True
-                elif dtype == "fp16":
-                    keep = (hd in (64, 80, 128) and variant in ("plain", "causal+kpm", "kpm+relbias")) or (
-                        hd == 64 and variant == "kpm+bias"
-                    )
-                else:
-                    keep = dtype == "bf16" and hd == 64 and variant == "causal+kpm"
-                if keep:
-                    cost = 2.0 * (12.0 if dtype == "fp32" else 1.0) * (1.5 if hd >= 128 else 1.0)
+                cost = 2.0 * (12.0 if dtype == "fp32" else 1.0) * (1.5 if hd >= 128 else 1.0)
+                if full or (dtype, hd, variant) in report_bwd:
                     cases.append(_attention_bwd_case(dtype, hd, variant, cost=cost))
+                if full or (dtype, hd, variant) in report_stats:
                     cases.append(_attention_bwd_case(dtype, hd, variant, cost=cost / 2, stats_forward=True))
 
     # norms at every supported model width (the same BLOCK_N / warps compile once; rows list the widths), plus the

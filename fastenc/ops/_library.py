@@ -22,7 +22,7 @@ the reference. `attention_fwd_stats` saves its (out, stats) and its backward cal
 `fastenc::attention` (what the inference path and direct op users call) saves only its inputs and recomputes (out,
 stats) with `attention_fwd_stats` in its backward, so a forward under no autograd pays nothing. `fastenc.ops.attention`
 calls `attention_fwd_stats` when a gradient will be needed. The CUDA extension's `fastenc_cuda::attention` uses the
-same recompute backward on Triton. `attention_backward` itself has no autograd formula (no double backward).
+same recompute backward on Triton. Differentiating `attention_backward` raises DoubleBackwardError.
 
 On CUDA the ops are `torch.library.triton_op`s whose launchers call kernels through `wrap_triton`, so Inductor sees
 the Triton kernels themselves. Under TRITON_INTERPRET=1 they are plain `custom_op`s: torch's `wrap_triton` cannot
@@ -168,9 +168,24 @@ def _register_attention_recompute_autograd(op, fallback: Callable[..., Tensor] |
     torch.library.register_autograd(op, backward, setup_context=setup_context)
 
 
+def _register_attention_no_double_backward(op) -> None:
+    """attention_backward: gradients taken with create_graph=True are right; differentiating them raises."""
+
+    def backward(ctx, *grads):
+        from ..errors import DoubleBackwardError
+
+        raise DoubleBackwardError(
+            "fastenc attention's fused backward is not differentiable (create_graph=True gives the gradients; a "
+            "second derivative needs the torch backend, backend='torch')"
+        )
+
+    torch.library.register_autograd(op, backward, setup_context=lambda ctx, inputs, output: None)
+
+
 FUSED_AUTOGRAD = {
     "attention": _register_attention_recompute_autograd,
     "attention_fwd_stats": _register_attention_saved_autograd,
+    "attention_backward": _register_attention_no_double_backward,
 }
 
 
