@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+from fastenc.cli import main
 from fastenc.embed import EmbedConfig, embed
 from fastenc.embed.reader import ImagePreprocessor, list_samples
 from fastenc.errors import InputError
@@ -74,9 +75,9 @@ def clip_dir(tmp_path_factory):
     model_dir = root / "model"
     CLIPModel(cfg).eval().save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
-    _pil_processor("CLIPImageProcessor")(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
-        model_dir
-    )
+    _pil_processor("CLIPImageProcessor")(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+    ).save_pretrained(model_dir)
     return str(model_dir)
 
 
@@ -85,8 +86,9 @@ def folder(tmp_path_factory):
     """Seven images (PNG / JPEG, RGB / RGBA / grayscale, several aspect ratios), captions for most, one corrupt."""
     root = tmp_path_factory.mktemp("images")
     (root / "sub").mkdir()
-    specs = [("a.png", "PNG", "RGB", (40, 30)), ("b.jpg", "JPEG", "RGB", (30, 50)), ("c.png", "PNG", "RGBA", (33, 33)),
-             ("sub/d.jpg", "JPEG", "L", (64, 20)), ("sub/e.png", "PNG", "RGB", (16, 16)), ("f.jpg", "JPEG", "RGB", (45, 45))]  # fmt: skip
+    specs = [("a.png", "PNG", "RGB", (40, 30)), ("b.jpg", "JPEG", "RGB", (30, 50)),
+             ("c.png", "PNG", "RGBA", (33, 33)), ("sub/d.jpg", "JPEG", "L", (64, 20)),
+             ("sub/e.png", "PNG", "RGB", (16, 16)), ("f.jpg", "JPEG", "RGB", (45, 45))]  # fmt: skip
     for k, (name, fmt, mode, size) in enumerate(specs):
         (root / name).write_bytes(image_bytes(make_image(k, size, mode), fmt))
         if k < len(CAPTIONS):
@@ -161,27 +163,30 @@ def run_embed(model_dir, src, out, **kw):
     return embed(EmbedConfig(model=model_dir, input=src, out=str(out), **kw))
 
 
-@pytest.mark.parametrize("workers,backend", [(0, "torch"), (2, "torch"), (0, "triton")])
-def test_folder_embeddings_equal_towers(clip_dir, folder, tmp_path, workers, backend):
-    report = run_embed(clip_dir, folder, tmp_path / "out", workers=workers, backend=backend)
+@pytest.mark.parametrize("workers,backend,tower", [(0, "torch", "both"), (2, "torch", "both"), (0, "triton", "image")])
+def test_folder_embeddings_equal_towers(clip_dir, folder, tmp_path, workers, backend, tower):
+    """The towers called directly on the processors' output; on Triton (the interpreter: slow) the image tower only."""
+    report = run_embed(clip_dir, folder, tmp_path / "out", workers=workers, backend=backend, tower=tower, batch=3)
     meta = read_meta(tmp_path / "out")
     ids = meta["id"]
     assert ids == sorted(ids) and len(ids) == 7 and meta["index"] == list(range(7))
     err = dict(zip(ids, meta["error"], strict=True))
     assert "broken.jpg" in ids and err["broken.jpg"] is not None  # truncated JPEG
-    assert err["f.jpg"] == "ValueError: no caption"  # --tower both needs a caption
+    if tower == "both":
+        assert err["f.jpg"] == "ValueError: no caption"  # --tower both needs a caption
     ok = [i for i, e in zip(ids, meta["error"], strict=True) if e is None]
-    assert report.errors == 2 and report.rows == len(ok) == 5
-    assert [r for r in meta["row"] if r >= 0] == [0, 1, 0, 1, 0]  # rows restart per shard (shard_size 3)
+    assert report.errors == 7 - len(ok) == (2 if tower == "both" else 1) and report.rows == len(ok)
+    rows = [r for r in meta["row"] if r >= 0]  # rows restart per shard (shard_size 3)
+    assert rows == ([0, 1, 0, 1, 0] if tower == "both" else [0, 1, 0, 1, 2, 0])
     images = [Image.open(os.path.join(folder, i)) for i in ok]
-    captions = [Path(folder, i).with_suffix(".txt").read_text().strip() for i in ok]
+    captions = [Path(folder, i).with_suffix(".txt").read_text().strip() for i in ok] if tower == "both" else None
     ref = reference_embeddings(clip_dir, images, captions)
-    for tower in ("image", "text"):
-        assert_close(torch.from_numpy(stacked(tmp_path / "out", tower)), ref[tower], **FP32, name=tower)
+    for t in ref:
+        assert_close(torch.from_numpy(stacked(tmp_path / "out", t)), ref[t], **FP32, name=t)
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    assert manifest["rows"] == 5 and manifest["errors"] == 2 and len(manifest["shards"]) == 3
+    assert manifest["rows"] == len(ok) and manifest["errors"] == 7 - len(ok) and len(manifest["shards"]) == 3
     errors = [json.loads(x) for x in (tmp_path / "out" / "errors.jsonl").read_text().splitlines()]
-    assert [e["id"] for e in errors] == ["broken.jpg", "f.jpg"]
+    assert [e["id"] for e in errors] == (["broken.jpg", "f.jpg"] if tower == "both" else ["broken.jpg"])
 
 
 def write_tars(root: Path, n_tars=2, per_tar=3) -> list[tuple[Image.Image, str]]:
@@ -229,7 +234,9 @@ def test_tables(clip_dir, folder, tmp_path, fmt):
         src = tmp_path / "t.parquet"
     else:
         src = Path(folder) / "t.csv"
-        src.write_text("key,image,caption\n" + "".join(f"k{i},{n},{c}\n" for i, (n, c) in enumerate(zip(names, caps))))
+        src.write_text(
+            "key,image,caption\n" + "".join(f"k{i},{n},{c}\n" for i, (n, c) in enumerate(zip(names, caps, strict=True)))
+        )
     out = tmp_path / f"out-{fmt}"
     run_embed(clip_dir, str(src), out, format="parquet")
     if fmt == "csv":
@@ -289,29 +296,31 @@ def cli(*args, env=None, check=True):
     return r
 
 
-@pytest.mark.parametrize("fault", ["kill-after-shards:1", "kill-before-meta:2"])
-def test_kill9_then_resume_is_byte_identical(clip_dir, folder, tmp_path, fault):
+def test_kill9_then_resume_is_byte_identical(clip_dir, folder, tmp_path, capsys):
+    """The run is SIGKILLed in shard 1 after its embedding files and before its metadata (the shard's commit
+    point); the rerun skips shard 0, redoes shard 1, removes the temporaries, and the folder equals a clean run's."""
     common = ["embed", "--model", clip_dir, "--input", folder, "--tower", "both", "--batch", "2", "--shard-size", "3",
               "--backend", "torch", "--device", "cpu", "--workers", "1", "--quiet"]  # fmt: skip
-    clean = tmp_path / "clean"
-    cli(*common, "--out", str(clean))
     killed = tmp_path / "killed"
-    r = cli(*common, "--out", str(killed), env={"FASTENC_EMBED_FAULT": fault}, check=False)
+    r = cli(*common, "--out", str(killed), env={"FASTENC_EMBED_FAULT": "kill-before-meta:2"}, check=False)
     assert r.returncode == -9, (r.returncode, r.stderr[-2000:])
     left = sorted(os.listdir(killed))
     assert "manifest.json" not in left and "meta-00000.parquet" in left
-    if fault.startswith("kill-before-meta"):  # shard 1's embeddings are written, its meta is not: not done
-        assert "image-00001.npy" in left and "meta-00001.parquet" not in left
+    assert "image-00001.npy" in left and "meta-00001.parquet" not in left  # embeddings written, shard not done
     (killed / ".tmp-meta-00001.parquet.12345").write_bytes(b"half a file")  # as a kill mid-write leaves it
-    r = cli(*common, "--out", str(killed), "--json")
-    report = json.loads(r.stdout)
-    assert report["shards_skipped"] == 1 and report["samples_run"] == 4
+    assert main([*common, "--out", str(killed), "--json"]) == 0
+    clean = tmp_path / "clean"
+    assert main([*common, "--out", str(clean)]) == 0
     assert tree_bytes(killed) == tree_bytes(clean)
+    capsys.readouterr()
+    assert main([*common, "--out", str(killed), "--json"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["shards_skipped"] == 3 and again["samples_run"] == 0
 
 
-def test_cli_errors_are_one_line(clip_dir, tmp_path):
-    r = cli("embed", "--model", clip_dir, "--input", str(tmp_path / "nothing"), "--out", str(tmp_path / "o"),
-            check=False)  # fmt: skip
-    assert r.returncode == 2 and r.stderr.startswith("fastenc embed: error: --input") and "Traceback" not in r.stderr
-    r = cli("search", "--index", str(tmp_path), "--text", "a cat", check=False)
-    assert r.returncode == 2 and "manifest.json" in r.stderr
+def test_cli_errors_are_one_line(clip_dir, tmp_path, capsys):
+    assert main(["embed", "--model", clip_dir, "--input", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastenc embed: error: --input") and "Traceback" not in err
+    assert main(["search", "--index", str(tmp_path), "--text", "a cat"]) == 2
+    assert "manifest.json" in capsys.readouterr().err

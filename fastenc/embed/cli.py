@@ -46,7 +46,9 @@ def add_embed_parsers(sub) -> None:
     g.add_argument("--ids", help="file with one indexed sample id per line: their neighbours")
     q.add_argument("--k", type=int, default=10)
     q.add_argument("--tower", default=None, choices=["image", "text"], help="embeddings searched (default image)")
-    q.add_argument("--model", default=None, help="checkpoint for the queries (default: the one the index was made with)")
+    q.add_argument(
+        "--model", default=None, help="checkpoint for the queries (default: the one the index was made with)"
+    )
     q.add_argument("--faiss", default=None, metavar="SPEC", help="FAISS index: IVF-PQ or an index_factory string")
     q.add_argument("--nprobe", type=int, default=None, help="FAISS IVF lists probed")
     q.add_argument("--device", default=None)

@@ -386,8 +386,13 @@ def embed(cfg: EmbedConfig) -> EmbedReport:
         pin_memory=cuda,
         prefetch_factor=cfg.prefetch if workers else None,
     )
-    report = EmbedReport(samples=len(source.table), shards=len(shards), shards_skipped=len(shards) - len(todo),
-                         device=str(runner.device), out=cfg.out)
+    report = EmbedReport(
+        samples=len(source.table),
+        shards=len(shards),
+        shards_skipped=len(shards) - len(todo),
+        device=str(runner.device),
+        out=cfg.out,
+    )
     bar = _progress(cfg, sum(b - a for _, a, b in batches))
     pending = None
 

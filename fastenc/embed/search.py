@@ -6,8 +6,8 @@ ties included - equals topk_cosine over all shards concatenated. Memory: one sha
 (Q, N) similarity matrix. Global row r is the r-th successful sample in index order (shard by shard).
 
 FAISS (optional, `pip install 'fastenc[faiss]'`): `build_faiss_index` trains an index_factory index (inner product
-over L2-normalised rows, e.g. "IVF-PQ" = IVF{~4 sqrt N},PQ{dim/4}) from the shards and saves it in the folder;
-`search(..., faiss=spec)` uses it (approximate for IVF / PQ specs; "Flat" is exact).
+over L2-normalised rows, e.g. "IVF-PQ" = IVF{~4 sqrt N},PQ{dim/4}, 4-bit codes below ~10k rows) from the shards and
+saves it in the folder; `search(..., faiss=spec)` uses it (approximate for IVF / PQ specs; "Flat" is exact).
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ def exact_topk(index: EmbeddingIndex, queries, k: int, tower: str, *, backend: s
         n = index.rows[i]
         if n == 0:
             continue
-        g = torch.from_numpy(np.asarray(index.shard_embeddings(tower, i), dtype=np.float32))
+        g = torch.from_numpy(np.array(index.shard_embeddings(tower, i), dtype=np.float32))  # one shard in memory
         v, idx = topk_cosine(q, g, min(k, n), backend=backend)
         idx = idx + int(index.offsets[i])
         if best_v is not None:  # running top-k first: a stable sort keeps ties in ascending global row
@@ -135,7 +135,8 @@ def faiss_spec(spec: str, n: int, dim: int) -> str:
         return spec
     nlist = max(1, min(65536, int(4 * math.sqrt(n)), n // 39))
     m = next(m for m in (dim // 4, dim // 8, 16, 8, 4, 2, 1) if m >= 1 and dim % m == 0)
-    return f"IVF{nlist},PQ{m}"
+    bits = "" if n >= 39 * 256 else "x4"  # 8-bit codebooks want >= 39 x 256 training rows (faiss's own rule)
+    return f"IVF{nlist},PQ{m}{bits}"
 
 
 def _faiss():
@@ -162,7 +163,8 @@ def build_faiss_index(index: EmbeddingIndex, tower: str, spec: str) -> str:
     try:
         fi = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as e:
-        raise InputError(f"--faiss {spec!r} ({factory}): faiss cannot build it: {str(e).strip().splitlines()[-1]}")
+        why = str(e).strip().splitlines()[-1]
+        raise InputError(f"--faiss {spec!r} ({factory}): faiss cannot build it: {why}") from None
     if not fi.is_trained:
         fi.train(x)
     fi.add(x)
@@ -256,4 +258,3 @@ def encode_queries(index: EmbeddingIndex, model: str | None, *, text=None, image
         batch = {"pixel_values": torch.from_numpy(np.stack(px))}
     out = runner.run(batch)[tower]
     return out.float().cpu().numpy()
-

@@ -61,7 +61,9 @@ def _pa():
         import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError:
-        raise InputError("fastenc embed writes Parquet metadata and needs pyarrow: pip install 'fastenc[embed]'") from None
+        raise InputError(
+            "fastenc embed writes Parquet metadata and needs pyarrow: pip install 'fastenc[embed]'"
+        ) from None
     return pa, pq
 
 
@@ -191,12 +193,18 @@ class ShardWriter:
             rows = sum(1 for r in meta["row"] if r >= 0)
             errs = [i for i, e in enumerate(meta["error"]) if e is not None]
             for i in errs:
-                line = {"index": meta["index"][i], "id": meta["id"][i], "path": meta["path"][i], "error": meta["error"][i]}
+                line = {
+                    "index": meta["index"][i],
+                    "id": meta["id"][i],
+                    "path": meta["path"][i],
+                    "error": meta["error"][i],
+                }
                 err_lines.append(json.dumps(line, sort_keys=True))
             for t in self.towers:
                 dims[t] = embedding_dim(os.path.join(self.out, files[t]))
-            entries.append({"shard": s.index, "start": s.start, "stop": s.stop, "rows": rows, "errors": len(errs),
-                            "files": files})
+            entries.append(
+                {"shard": s.index, "start": s.start, "stop": s.stop, "rows": rows, "errors": len(errs), "files": files}
+            )
             total_rows += rows
         _write_bytes(os.path.join(self.out, ERRORS), "".join(x + "\n" for x in err_lines).encode())
         manifest = {
