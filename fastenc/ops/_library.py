@@ -8,14 +8,25 @@
     torch.ops.fastenc.rms_norm(x, weight, residual?, eps)                   -> [y] or [y, x + residual]
     torch.ops.fastenc.bias_activation(x, bias?, activation)
     torch.ops.fastenc.gated_activation(gate, up, activation)
+    torch.ops.fastenc.layer_norm_backward(dy, ds?, s, weight, bias?, eps, dresidual) -> [dx, dw, db?, dresidual?]
+    torch.ops.fastenc.rms_norm_backward(dy, ds?, s, weight, eps, dresidual)           -> [dx, dw, dresidual?]
+    torch.ops.fastenc.bias_activation_backward(dy, x, bias?, activation)            -> [dx, dbias?]
+    torch.ops.fastenc.gated_activation_backward(dy, gate, up, activation)           -> [dgate, dup]
     torch.ops.fastenc.cosine_similarity_matrix(a, b, scale, fp32_out)
     torch.ops.fastenc.contrastive_row_stats(kind, a, b, scale, bias, offset)
     torch.ops.fastenc.contrastive_row_grads(kind, a, b, stat_a?, stat_b?, scale, bias, offset, coef) -> [dA, ds, db]
 
 Each op has an explicit fake (shape/dtype/stride) implementation, so `torch.compile(..., fullgraph=True)` and
-`torch.export` see one node per kernel, and a backward that differentiates the op's plain-torch reference with
-`torch.func.vjp` on the saved inputs (exact gradients of the reference formula; the kernels are forward-only). The
-contrastive ops are the loss's own forward/backward pieces and carry no autograd formula.
+`torch.export` see one node per kernel, and a backward: for cosine_similarity_matrix the op's plain-torch reference
+differentiated with `torch.func.vjp` on the saved inputs (exact gradients of the reference formula), for the others
+fused kernels (below). The contrastive ops are the loss's own forward/backward pieces and carry no autograd formula.
+
+Norms and activations have fused backwards (kernels/norm.py, kernels/activation.py, "Backward"): the forward op
+saves its input (for a norm with residual, the x + residual it returned, so statistics are recomputed from exactly
+what was normalised) and its backward calls the matching `*_backward` op; where Triton cannot run it (no CUDA and no
+interpreter; norm rows wider than MAX_FUSED_BWD_N) the reference's vjp runs instead, warned and recorded as a
+fall-back. The `*_backward` ops raise DoubleBackwardError if differentiated. The CUDA extension's norm and
+activation ops use the same backwards.
 
 Attention is the exception: its backward is the fused Triton kernel pair (kernels/attention.py, "Backward"), never
 the reference. `attention_fwd_stats` saves its (out, stats) and its backward calls `attention_backward`;
@@ -182,10 +193,151 @@ def _register_attention_no_double_backward(op) -> None:
     torch.library.register_autograd(op, backward, setup_context=lambda ctx, inputs, output: None)
 
 
+# ------------------------------------------------------------------------------------------ norm / activation autograd
+
+
+def _vjp_grads(reference, args, diff, out_grads) -> list:
+    """Gradients of reference(*args) w.r.t. args[i] for i in diff (torch.func.vjp on detached inputs; a None output
+    gradient counts as zeros), as a list over all args (None where not in diff)."""
+
+    def f(*leaves):
+        a = list(args)
+        for i, t in zip(diff, leaves, strict=True):
+            a[i] = t
+        out = reference(*a)
+        return tuple(out) if isinstance(out, (list, tuple)) else (out,)
+
+    outs, vjp_fn = torch.func.vjp(f, *[args[i].detach() for i in diff])
+    cot = tuple(torch.zeros_like(o) if g is None else g for o, g in zip(outs, out_grads, strict=True))
+    result: list = [None] * len(args)
+    for i, g in zip(diff, vjp_fn(cot), strict=True):
+        result[i] = g
+    return result
+
+
+def _fused_backward_reason(t: Tensor, family: str, check: str | None = None) -> str | None:
+    """None if the Triton backward kernels of `family` can run on tensors like t, else why not."""
+    from .._dispatch import _triton_can_run, kernel_module
+
+    why = _triton_can_run(t.device)
+    if why is None and check is not None:
+        why = getattr(kernel_module(family), check)(t)
+    return why
+
+
+def _register_norm_autograd(op, kind: str) -> None:
+    """layer_norm / rms_norm, in the fastenc and fastenc_cuda namespaces: save the normalised input s (x, or the
+    returned x + residual) and the weights; backward by the fused fastenc::<kind>_backward kernel, where Triton
+    runs and the row fits MAX_FUSED_BWD_N, else (warned, recorded in fastenc.trace()) the vjp of the reference on s.
+    The s output's gradient adds into dx and dresidual, which are equal."""
+    layer = kind == "layer_norm"
+    i_res = 3 if layer else 2  # position of residual among the op's inputs; eps follows it
+
+    def setup_context(ctx, inputs, output):
+        x, weight, residual, eps = inputs[0], inputs[1], inputs[i_res], inputs[i_res + 1]
+        bias = inputs[2] if layer else None
+        ctx.set_materialize_grads(False)  # an unused output (often the s of the last layer) sends no zeros
+        ctx.save_for_backward(x if residual is None else output[1], weight, bias)
+        ctx.eps, ctx.has_residual = eps, residual is not None
+
+    def backward(ctx, grads):
+        s, weight, bias = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        dy = grads[0]
+        ds = grads[1] if ctx.has_residual else None
+        need_x, need_r = needs[0], ctx.has_residual and needs[i_res]
+        need_w, need_b = needs[1], layer and bias is not None and needs[2]
+        dx = dres = dweight = dbias = None
+        if dy is None:  # only the x + residual output has a gradient: it passes straight to x and residual
+            dx, dres = ds, (ds.clone() if need_x and need_r and ds is not None else ds)
+        elif need_x or need_r or need_w or need_b:
+            why = _fused_backward_reason(s, "norm", "norm_backward_unsupported_reason")
+            if why is None:
+                both = bool(need_x and need_r)
+                if layer:
+                    out = fastenc_op("layer_norm_backward")(dy, ds, s, weight, bias, ctx.eps, both)
+                else:
+                    out = fastenc_op("rms_norm_backward")(dy, ds, s, weight, ctx.eps, both)
+                dx, dweight = out[0], out[1]
+                dbias = out[2] if layer and bias is not None else None
+                dres = out[-1] if both else dx
+            else:
+                from .._trace import warn_fallback
+
+                warn_fallback(f"{kind}_backward", "triton", "torch", why)
+                ref = _references()[kind]
+                args = (s, weight, bias, None, ctx.eps) if layer else (s, weight, None, ctx.eps)
+                diff = [0] + [i for i, t in ((1, weight), (2, bias)) if t is not None and t.is_floating_point()]
+                g = _vjp_grads(ref, args, diff, [dy])
+                dx, dweight, dbias = g[0], g[1], g[2] if layer else None
+                if ds is not None:
+                    dx = dx + ds
+                dres = dx.clone() if need_x and need_r else dx
+        grads_in = [dx if need_x else None, dweight if need_w else None]
+        if layer:
+            grads_in.append(dbias if need_b else None)
+        return (*grads_in, dres if need_r else None, None)
+
+    torch.library.register_autograd(op, backward, setup_context=setup_context)
+
+
+def _register_activation_autograd(op, kind: str) -> None:
+    """bias_activation / gated_activation, in the fastenc and fastenc_cuda namespaces: save the inputs; backward by
+    the fused fastenc::<kind>_backward kernel where Triton runs, else (warned, recorded) the reference's vjp."""
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0], inputs[1])
+        ctx.activation = inputs[2]
+
+    def backward(ctx, dy):
+        a, b = ctx.saved_tensors  # (x, bias) or (gate, up)
+        needs = ctx.needs_input_grad
+        if not (needs[0] or needs[1]):
+            return None, None, None
+        why = _fused_backward_reason(a, "activation")
+        if why is None:
+            out = fastenc_op(f"{kind}_backward")(dy, a, b, ctx.activation)
+            ga, gb = out[0], (out[1] if len(out) > 1 else None)
+        else:
+            from .._trace import warn_fallback
+
+            warn_fallback(f"{kind}_backward", "triton", "torch", why)
+            args = (a, b, ctx.activation)
+            g = _vjp_grads(_references()[kind], args, [i for i in (0, 1) if args[i] is not None], [dy])
+            ga, gb = g[0], g[1]
+        return ga if needs[0] else None, gb if needs[1] else None, None
+
+    torch.library.register_autograd(op, backward, setup_context=setup_context)
+
+
+def _register_no_double_backward(op) -> None:
+    """The fused backward ops are not differentiable themselves: a second derivative raises DoubleBackwardError."""
+
+    name = getattr(op, "_qualname", op)  # a CustomOpDef or "namespace::name"
+
+    def backward(ctx, *grads):
+        from ..errors import DoubleBackwardError
+
+        raise DoubleBackwardError(
+            f"{name}: fastenc's fused norm / activation backward is not differentiable (create_graph=True gives the "
+            "gradients; a second derivative needs the torch backend, backend='torch')"
+        )
+
+    torch.library.register_autograd(op, backward, setup_context=lambda ctx, inputs, output: None)
+
+
 FUSED_AUTOGRAD = {
     "attention": _register_attention_recompute_autograd,
     "attention_fwd_stats": _register_attention_saved_autograd,
     "attention_backward": _register_attention_no_double_backward,
+    "layer_norm": lambda op: _register_norm_autograd(op, "layer_norm"),
+    "rms_norm": lambda op: _register_norm_autograd(op, "rms_norm"),
+    "bias_activation": lambda op: _register_activation_autograd(op, "bias_activation"),
+    "gated_activation": lambda op: _register_activation_autograd(op, "gated_activation"),
+    "layer_norm_backward": _register_no_double_backward,
+    "rms_norm_backward": _register_no_double_backward,
+    "bias_activation_backward": _register_no_double_backward,
+    "gated_activation_backward": _register_no_double_backward,
 }
 
 
@@ -243,6 +395,23 @@ def _bias_activation_fake(x, bias, activation):
 
 def _gated_activation_fake(gate, up, activation):
     return _empty_like_shape(gate)
+
+
+def _layer_norm_backward_fake(dy, ds, s, weight, bias, eps, dresidual):
+    grads = [_empty_like_shape(s), _empty_like_shape(weight)] + ([] if bias is None else [_empty_like_shape(bias)])
+    return grads + ([_empty_like_shape(s)] if dresidual else [])
+
+
+def _rms_norm_backward_fake(dy, ds, s, weight, eps, dresidual):
+    return [_empty_like_shape(s), _empty_like_shape(weight)] + ([_empty_like_shape(s)] if dresidual else [])
+
+
+def _bias_activation_backward_fake(dy, x, bias, activation):
+    return [_empty_like_shape(x)] + ([] if bias is None else [_empty_like_shape(bias)])
+
+
+def _gated_activation_backward_fake(dy, gate, up, activation):
+    return [_empty_like_shape(gate), _empty_like_shape(gate)]
 
 
 def _cosine_fake(a, b, scale, fp32_out):
@@ -379,6 +548,25 @@ def _launchers():
     def gated_activation_op(gate: Tensor, up: Tensor, activation: str) -> Tensor:
         return k_activation.gated_activation_forward(gate, up, activation)
 
+    def layer_norm_backward_op(
+        dy: Tensor, ds: Tensor | None, s: Tensor, weight: Tensor, bias: Tensor | None, eps: float, dresidual: bool
+    ) -> list[Tensor]:
+        dx, dres, dweight, dbias = k_norm.layer_norm_backward(dy, ds, s, weight, bias, eps, dresidual)
+        return [g for g in (dx, dweight, dbias, dres) if g is not None]
+
+    def rms_norm_backward_op(
+        dy: Tensor, ds: Tensor | None, s: Tensor, weight: Tensor, eps: float, dresidual: bool
+    ) -> list[Tensor]:
+        dx, dres, dweight = k_norm.rms_norm_backward(dy, ds, s, weight, eps, dresidual)
+        return [g for g in (dx, dweight, dres) if g is not None]
+
+    def bias_activation_backward_op(dy: Tensor, x: Tensor, bias: Tensor | None, activation: str) -> list[Tensor]:
+        dx, dbias = k_activation.bias_activation_backward(dy, x, bias, activation)
+        return [dx] if dbias is None else [dx, dbias]
+
+    def gated_activation_backward_op(dy: Tensor, gate: Tensor, up: Tensor, activation: str) -> list[Tensor]:
+        return list(k_activation.gated_activation_backward(dy, gate, up, activation))
+
     def cosine_op(a: Tensor, b: Tensor, scale: float, fp32_out: bool) -> Tensor:
         return k_cosine.cosine_similarity_forward(a, b, scale=scale, out_dtype=torch.float32 if fp32_out else None)
 
@@ -409,6 +597,10 @@ def _launchers():
         "rms_norm": (rms_norm_op, _rms_norm_fake),
         "bias_activation": (bias_activation_op, _bias_activation_fake),
         "gated_activation": (gated_activation_op, _gated_activation_fake),
+        "layer_norm_backward": (layer_norm_backward_op, _layer_norm_backward_fake),
+        "rms_norm_backward": (rms_norm_backward_op, _rms_norm_backward_fake),
+        "bias_activation_backward": (bias_activation_backward_op, _bias_activation_backward_fake),
+        "gated_activation_backward": (gated_activation_backward_op, _gated_activation_backward_fake),
         "cosine_similarity_matrix": (cosine_op, _cosine_fake),
         "contrastive_row_stats": (row_stats_op, _row_stats_fake),
         "contrastive_row_grads": (row_grads_op, _row_grads_fake),
@@ -423,6 +615,10 @@ TRITON_OPS = (
     "rms_norm",
     "bias_activation",
     "gated_activation",
+    "layer_norm_backward",
+    "rms_norm_backward",
+    "bias_activation_backward",
+    "gated_activation_backward",
     "cosine_similarity_matrix",
     "contrastive_row_stats",
     "contrastive_row_grads",
@@ -484,6 +680,8 @@ def register_cuda_autograd() -> None:
     for name, ref in _cuda_references().items():
         if name == "attention":  # the fused Triton backward where Triton runs (CUDA tensors), else the reference
             _register_attention_recompute_autograd(f"fastenc_cuda::{name}", fallback=ref)
+        elif name in FUSED_AUTOGRAD:  # norms, activations: the fused Triton backward where it runs, else the reference
+            FUSED_AUTOGRAD[name](f"fastenc_cuda::{name}")
         else:
             register_reference_autograd(f"fastenc_cuda::{name}", ref)
 
