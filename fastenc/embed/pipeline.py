@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -25,6 +26,7 @@ from ..errors import InputError, UnsupportedModelError
 from .reader import ImagePreprocessor, SampleTable, decode_image, list_samples
 from .shards import Shard, ShardWriter, plan
 
+_ADDRESS = re.compile(r" (?:object )?at 0x[0-9a-fA-F]+")
 TOWERS = {"image": ("image",), "text": ("text",), "both": ("image", "text")}
 
 
@@ -150,7 +152,7 @@ class SampleSource:
                     if px.shape[0] != 3:
                         raise ValueError(f"decoded to {px.shape[0]} channels, expected 3")
             except Exception as e:  # noqa: BLE001 - any failure of one sample is recorded, never fatal
-                errors[i] = f"{type(e).__name__}: {e}"[:500]
+                errors[i] = _ADDRESS.sub("", f"{type(e).__name__}: {e}")[:500]  # no object addresses: reruns match
                 continue
             ok.append(i)
             if "image" in self.towers:
