@@ -223,6 +223,15 @@ class Encoder(torch.nn.Module):
         return tuple(shape)
 
     def pack(self, outs: dict[str, torch.Tensor], return_dict: bool):
+        nested: dict[str, dict] = {}
+        for name in [n for n in outs if "." in n]:
+            head, _, tail = name.partition(".")
+            nested.setdefault(head, {})[tail] = outs.pop(name)
+        if nested:
+            listed = self.metadata.get("fastenc.nested_classes", "").split(",")
+            spec = dict(item.split("=", 1) for item in listed if item)
+            for head, fields in nested.items():
+                outs[head] = _output_class(spec.get(head, ""), list(fields))(**fields)
         result = self.output_class(**outs)
         return result if return_dict else result.to_tuple()
 
@@ -606,9 +615,9 @@ class OrtState:
         from . import __version__
 
         parts = {"class": model._fastenc_base.__name__, "weights": fingerprint, "quantize": self.quantize,
-                 "mask": self._mask(model), "opset": 18, "torch": torch.__version__, "onnx": onnx.__version__,
-                 "onnxruntime": onnxruntime.__version__, "transformers": transformers.__version__,
-                 "fastenc": __version__}  # fmt: skip
+                 "mask": self._mask(model), "opset": 18, "nested": True, "torch": torch.__version__,
+                 "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+                 "transformers": transformers.__version__, "fastenc": __version__}  # fmt: skip
         return hashlib.blake2b(json.dumps(parts, sort_keys=True).encode(), digest_size=12).hexdigest()
 
     @staticmethod
@@ -647,13 +656,16 @@ class OrtState:
 
     def _load(self, model, fingerprint: str) -> Encoder:
         from .export import export_onnx
+        from .export.towers import _classes
 
+        nested = _classes().get(model._fastenc_base) in ("clip", "siglip")  # complete CLIPOutput / SiglipOutput
         folder = cache_dir() / "onnx" / f"{model._fastenc_base.__name__}-{self.cache_key(model, fingerprint)}"
         file = folder / "model.onnx"
         if not file.is_file():
             folder.mkdir(parents=True, exist_ok=True)
             with torch.inference_mode(False):
-                export_onnx(model, file, attention_mask=self._mask(model), quantize=self.quantize)
+                export_onnx(model, file, attention_mask=self._mask(model), quantize=self.quantize,
+                            nested_outputs=nested)  # fmt: skip
             self.exports += 1
             record("onnxruntime", "export")
         return load(file, "cpu", threads=self.threads, optimized_model_cache=True)

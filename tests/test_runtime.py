@@ -20,6 +20,7 @@ from fastenc.errors import BackendUnavailableError, InputError  # noqa: E402
 from fastenc.export import export_onnx, onnx_parity, to_onnx  # noqa: E402
 from fastenc.export.onnx_export import FP32_TOLERANCE  # noqa: E402
 from fastenc.export.towers import tower_of  # noqa: E402
+from fastenc.parity import compare  # noqa: E402
 from tests.test_export import clip_config, siglip_config, t5_config  # noqa: E402
 
 
@@ -383,6 +384,13 @@ def test_joint_and_t5_models_through_optimize():
         assert t.counts["onnxruntime.forward"] == 1 and type(got) is type(ref)
         for f in fields:
             assert rel_err(got[f], ref[f]) < FP32_TOLERANCE, f
+        report = compare(model, fast, kwargs)  # every field, the joint model's nested outputs included
+        assert report.ok and report.ops.get("onnxruntime.forward") == 1, report.table()
+    nested = fastenc.optimize(clip, backend="onnxruntime")
+    with torch.no_grad():
+        out, ref = nested(input_ids=ids, pixel_values=px), clip(input_ids=ids, pixel_values=px)
+    assert type(out.text_model_output) is type(ref.text_model_output)
+    assert rel_err(out.vision_model_output.pooler_output, ref.vision_model_output.pooler_output) < FP32_TOLERANCE
 
 
 def test_export_records_what_the_runtime_needs(tmp_path):

@@ -284,6 +284,13 @@ def _param_bytes(module: torch.nn.Module, dtype: torch.dtype) -> int:
     return n
 
 
+def _field(out, name: str):
+    """out["a.b"] -> out["a"]["b"] (nested outputs of the joint models)."""
+    for part in name.split("."):
+        out = out[part]
+    return out
+
+
 class _Wrapper(torch.nn.Module):
     """Positional inputs -> the tower's output fields as a tuple, in `outputs` order."""
 
@@ -293,7 +300,7 @@ class _Wrapper(torch.nn.Module):
 
     def forward(self, *args):
         out = self.module(**dict(zip(self.input_names, args, strict=True)), return_dict=True)
-        return tuple(out[k] for k in self.output_names)
+        return tuple(_field(out, k) for k in self.output_names)
 
 
 def _trace(tower: Tower, file: Path, opset: int, exporter: str, external: bool) -> None:
@@ -446,13 +453,16 @@ def export_onnx(
     progress: Callable[[str], None] | None = None,
     quantize: str | None = None,
     min_cosine: float | None = None,
+    nested_outputs: bool = False,
 ) -> ExportReport:
     """Export `model` to ONNX at `path` and return what was written (see the module docstring).
 
     quantize="int8-dynamic": the linear layers' MatMuls get int8 weights (ORT dynamic quantization, CPU); the
     report's `quantization` holds the int8-vs-fp32 accuracy on a fixed probe set, and the export is refused
     (InputError, nothing written) when the pooled-embedding cosine falls below `min_cosine` (default 0.99); see
-    fastenc/export/quantize.py."""
+    fastenc/export/quantize.py. nested_outputs=True (joint CLIP / SigLIP models): the nested text_model_output /
+    vision_model_output tensors become outputs too, named "text_model_output.pooler_output" and so on (what
+    fastenc.runtime needs to return complete CLIPOutput / SiglipOutput objects)."""
     from .quantize import MIN_COSINE, check_quantize, quantization_report, quantize_int8_dynamic
 
     t0 = time.perf_counter()
@@ -463,6 +473,9 @@ def export_onnx(
         raise InputError(f"optimize must be a bool, got {type(optimize).__name__}")
     opset = check_opset(opset, exporter)
     tower = tower_of(model, attention_mask)
+    if not isinstance(nested_outputs, bool):
+        raise InputError(f"nested_outputs must be a bool, got {type(nested_outputs).__name__}")
+    tower.nested = nested_outputs
     out_path = check_output_path(path)
     onnx = _need("onnx")
     model_dtype = next(tower.module.parameters()).dtype
@@ -492,6 +505,8 @@ def export_onnx(
                 "fastenc.inputs": ",".join(tower.inputs)}  # fmt: skip
         if quantize:
             meta["fastenc.quantize"] = quantize
+        if tower.nested_classes:
+            meta["fastenc.nested_classes"] = ",".join(f"{k}={v}" for k, v in tower.nested_classes.items())
         if tower.max_sequence:
             meta["fastenc.max_sequence"] = str(tower.max_sequence)
         for k, v in meta.items():

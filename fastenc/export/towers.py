@@ -90,6 +90,8 @@ class Tower:
     output_axes: dict[str, dict[int, str]] = field(default_factory=dict)
     output_shapes: dict[str, tuple] = field(default_factory=dict)  # at the example sizes
     output_class: str = ""  # "module:qualname" of the ModelOutput the module returns (recorded in the ONNX metadata)
+    nested: bool = False  # joint models: also export the nested outputs' tensors ("text_model_output.pooler_output")
+    nested_classes: dict[str, str] = field(default_factory=dict)  # nested field -> "module:qualname"
 
     @property
     def class_name(self) -> str:
@@ -169,7 +171,15 @@ class Tower:
             out = self.module(**inputs, return_dict=True)
         cls = type(out)
         self.output_class = f"{cls.__module__}:{cls.__qualname__}"
-        return {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
+        res = {}
+        for k, v in out.items():
+            if isinstance(v, torch.Tensor):
+                res[k] = v
+            elif self.nested and hasattr(v, "items"):
+                sub = type(v)
+                self.nested_classes[k] = f"{sub.__module__}:{sub.__qualname__}"
+                res.update({f"{k}.{k2}": v2 for k2, v2 in v.items() if isinstance(v2, torch.Tensor)})
+        return res
 
     def infer_outputs(self) -> None:
         """Fill `outputs` and `output_axes` by running the module at the example sizes and once more per axis with
