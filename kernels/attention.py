@@ -915,6 +915,7 @@ def attention_backward(
 
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
     out, dout = _last_dim_contiguous(out), _last_dim_contiguous(dout)
+    stats = stats.contiguous()  # the kernels address row 1 of (2, Sq) at + Sq
     dummy = torch.zeros(1, dtype=torch.float32, device=dev)  # stands for unused pointers (zeroed by the autotuner)
     if key_padding_mask is not None:
         kpm = key_padding_mask.to(torch.bool).view(torch.uint8)  # (B, Sk)

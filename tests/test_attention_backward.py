@@ -383,8 +383,19 @@ def test_opcheck_backward_ops(case, device):
     bwd_args = (dout, q.detach(), k.detach(), v.detach(), out, stats, mask,
                 None if bias is None else bias.detach(), None if table is None else table.detach(), lut, causal,
                 d**-0.5, bias is not None, table is not None)  # fmt: skip
-    bwd_tests = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
-    torch.library.opcheck(_library.fastenc_op("attention_backward"), bwd_args, test_utils=bwd_tests)
+    torch.library.opcheck(_library.fastenc_op("attention_backward"), bwd_args, test_utils=OPCHECK_TESTS)
+
+
+def test_double_backward_raises(device):
+    """create_graph=True gives the right gradients; differentiating them raises DoubleBackwardError."""
+    tensors, _, _ = _inputs(1, 2, 9, 9, 16, device=device)
+    fast, ref = _leaves(tensors), _leaves(tensors)
+    out = fastenc.ops.attention(*fast[:3], backend="triton", strict=True)
+    (dq,) = torch.autograd.grad(out.square().sum(), fast[0], create_graph=True)
+    (want,) = torch.autograd.grad(attention_reference(*ref[:3]).square().sum(), ref[0])
+    assert_close(dq, want, name="dq", **FP32_TOL)
+    with pytest.raises(fastenc.DoubleBackwardError, match="not differentiable"):
+        dq.sum().backward()
 
 
 def test_compile_fullgraph_backward_matches_eager(device):
