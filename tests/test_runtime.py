@@ -401,3 +401,29 @@ def test_export_records_what_the_runtime_needs(tmp_path):
     assert meta["fastenc.output_class"].endswith(":CLIPTextModelOutput")
     assert meta["fastenc.outputs"] == "text_embeds,last_hidden_state"
     assert meta["fastenc.inputs"] == "input_ids"
+
+
+# ------------------------------------------------------------------------------------------------ demo speed line
+
+
+def test_demo_ends_with_a_measured_speed_line(capsys):
+    from fastenc import cli
+
+    argv = ["demo", "--shape", "tiny", "--layers", "1", "--batch", "2", "--backend", "torch", "--device", "cpu"]
+    assert cli.main([*argv, "--speed-calls", "2"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert "PASS" in "\n".join(out)
+    last = out[-1]
+    assert last.startswith("speed (CPU, ") and "p50 of 2 interleaved calls" in last, last
+    assert "transformers eager" in last and "SDPA" in last and "fastenc [onnxruntime]" in last, last
+    assert cli.main([*argv, "--speed-calls", "2", "--json"]) == 0
+    import json
+
+    speed = json.loads(capsys.readouterr().out)["speed"]
+    assert speed["best"] == "onnxruntime" and speed["calls"] == 2
+    assert set(speed["p50_ms"]) == {"transformers eager", "transformers sdpa", "fastenc onnxruntime"}
+    assert speed["speedup_vs_sdpa"] == pytest.approx(speed["p50_ms"]["transformers sdpa"] /
+                                                     speed["p50_ms"]["fastenc onnxruntime"])  # fmt: skip
+    assert cli.main([*argv, "--speed-calls", "0"]) == 0
+    assert "speed (" not in capsys.readouterr().out
+    assert cli.main([*argv, "--speed-calls", "-1"]) == 2
