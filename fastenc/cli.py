@@ -50,13 +50,16 @@ def _parser() -> argparse.ArgumentParser:
             help="named random-weight shape when no --model (default %(default)s)",
         )
         s.add_argument("--layers", type=int, default=None, help="reduce both towers to N layers (labelled in output)")
-        s.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "cuda"])
+        s.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "cuda", "onnxruntime"])
         s.add_argument("--strict", action="store_true", help="raise instead of falling back")
         s.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
         s.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
         s.add_argument("--batch", type=int, default=4)
         s.add_argument("--seq", type=int, default=None, help="text sequence length (default: the model's maximum)")
         s.add_argument("--json", action="store_true", help="print the report as JSON")
+        if name == "demo":
+            s.add_argument("--speed-calls", type=int, default=20, help="interleaved calls behind the closing speed "
+                           "line: transformers eager / SDPA vs fastenc's best backend (0: none)")  # fmt: skip
     from .benchmark.cli import add_bench_parser
     from .diagnostics.probe import add_probe_parser
     from .diagnostics.tokens import add_tokens_parser
@@ -101,6 +104,8 @@ def _check_parity_args(args):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise InputError(f"--{flag} must be >= 1, got {value}")
+    if getattr(args, "speed_calls", 0) < 0:
+        raise InputError(f"--speed-calls must be >= 0, got {args.speed_calls}")
     check_backend_env()
     return parse_device(args.device)
 
@@ -130,8 +135,22 @@ def cmd_parity(args) -> int:
     inputs = clip_inputs(model.config, args.batch, device=device, dtype=dtype, seq=args.seq)
     report = compare(model, fast, inputs)
     report.model = f"{type(model).__name__} ({label})"
+    speed = None
+    if getattr(args, "speed_calls", 0):  # demo: the speed half of the promise, measured here (fastenc/runtime.py)
+        from .runtime import speed_report
+
+        if not args.json:
+            print(f"fastenc {fastenc.__version__}; backends available here: {', '.join(fastenc.available_backends())}")
+            print(report.table(), flush=True)
+            print(f"timing {args.speed_calls} interleaved calls (the first fastenc call may export to ONNX)...",
+                  flush=True)  # fmt: skip
+        speed = speed_report(model, inputs, fast=fast, calls=args.speed_calls)
     if args.json:
-        print(json.dumps(report.to_dict(), indent=2))
+        print(json.dumps({**report.to_dict(), **({"speed": speed} if speed else {})}, indent=2))
+    elif speed:
+        from .runtime import speed_line
+
+        print(speed_line(speed))
     else:
         print(f"fastenc {fastenc.__version__}; backends available here: {', '.join(fastenc.available_backends())}")
         print(report.table())
