@@ -28,10 +28,11 @@ What one optimizer step computes (every rank, every micro-batch count gives the 
 Mixed precision (`precision` bf16 / fp16): with amp="autocast" the forward runs under torch.autocast (fp32 weights,
 what transformers models use); with amp="master" the towers are cast to the low dtype, AdamW updates fp32 master
 copies (logit_scale / logit_bias stay fp32 throughout) and gradients are accumulated into the masters in fp32.
-amp="auto" picks master weights for fastenc-optimized models, because the fused towers do not run under autocast
-yet (an autocast forward feeds a low-precision sub-layer output and the fp32 residual stream to one fused norm,
-which refuses the dtype mix: tests/test_train.py::test_fused_towers_under_autocast, strict xfail), and autocast
-for plain transformers models. fp16 uses a GradScaler on CUDA; on CPU fp16 runs without loss scaling.
+amp="auto" picks master weights for fastenc-optimized models, because the Triton towers do not run under autocast
+yet (an autocast forward feeds a bf16 sub-layer output and the fp32 residual stream to one fused norm, which
+refuses the dtype mix: tests/test_train.py::test_fused_towers_under_autocast, strict xfail; the torch backend
+runs), and autocast for plain transformers models. fp16 uses a GradScaler on CUDA; on CPU fp16 runs without loss
+scaling.
 
 Fused vs fall-back: `fastenc.optimize(model)` in train() mode runs the fused forward (and the ops' backward) when
 dropout is 0; attention dropout > 0 runs the eager attention with dropout, recorded as a fall-back. The first
@@ -418,7 +419,7 @@ class ContrastiveTrainer:
     def _loss(self, img, txt, keep_graph: bool):
         scale, bias = self._scale_bias(keep_graph)
         return contrastive_loss(
-            self.kind, img, txt, scale, bias, world_size=self.world, impl=self.cfg.loss_impl, backend=None
+            self.kind, img, txt, scale, bias, world_size=self.world, impl=self.cfg.loss_impl, backend=self.cfg.backend
         )
 
     def _backward(self, loss) -> None:
