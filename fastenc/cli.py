@@ -8,6 +8,7 @@ fastenc export --model PATH | --shape NAME  --out DIR [--tower text|vision|joint
 fastenc bench  [--quick] [--models ...] [--competitors ...] [--batch ...] [--dtype ...] [--out FILE.jsonl] [--list]
 fastenc bench  --pipeline DIR [--prompt ...]      encode_prompt of a diffusers pipeline: eager vs fastenc (+ graphs)
 fastenc encode --pipeline DIR --prompt "..." [--negative-prompt "..."] [--out embeds.safetensors] [--json]
+fastenc finetune --model DIR | --tiny [clip|siglip]  --data DIR | --synthetic N  [--steps ...] [--accum ...] [...]
 
 Exit status: 0 on success, 1 when a parity check fails (tokens: the prompt is truncated), 2 on bad input (one line on
 stderr, `fastenc <command>: error: ...`, no traceback).
@@ -75,6 +76,9 @@ def _parser() -> argparse.ArgumentParser:
     from .embed.cli import add_embed_parsers  # fastenc embed / fastenc search
 
     add_embed_parsers(sub)
+    from .train import add_finetune_parser  # fastenc finetune
+
+    add_finetune_parser(sub)
     return p
 
 
