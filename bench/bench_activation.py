@@ -3,12 +3,18 @@
     python bench/bench_activation.py                                    # quick_gelu, gelu, gelu_tanh; fp16
     python bench/bench_activation.py --activation gelu_tanh --gated     # T5 v1.1 gated-gelu: act(gate) * up
     python bench/bench_activation.py --shape 16384,2816 --no-bias --out act.json
+    python bench/bench_activation.py --backward                         # training: dx and dbias (dgate, dup)
 
-Shapes are ROWS,N with ROWS = batch * sequence and N the FFN width. Providers: fastenc (the op, backend="triton";
-not for --gated, which has no op yet), kernel (the launcher alone), torch (eager: act(x + bias) in the input dtype;
+Shapes are ROWS,N with ROWS = batch * sequence and N the FFN width. Providers: fastenc (the op, backend="triton"),
+kernel (the launcher alone), torch (eager: act(x + bias) in the input dtype;
 act(gate) * up), compile (torch.compile of the torch provider). Times are triton.testing.do_bench quantiles
 (p20/p50/p80, ms); GB/s = bytes() / p50, counting only the compulsory traffic. With --out, rows (provider, shape,
 config, timings, gpu, versions, git commit) are appended to a JSON list under bench/results/.
+
+--backward times the gradient of a forward taken once (retain_graph): fastenc / cuda (autograd through the op: the
+fused Triton backward), kernel (bias_activation_backward / gated_activation_backward alone), reference
+(torch.func.vjp of the reference formula: the op's backward before the fused kernels), torch (eager autograd).
+Bytes: read dy and x (gate, up), write dx (dgate, dup). The error column is dx's (dgate's) against fp32 autograd.
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ def providers(activation, x, bias, up, gated):
     if gated:
         eager = lambda x, up: activation_reference(x, activation) * up
         fns = {
+            "fastenc": lambda: fastenc.ops.gated_activation(x, up, activation, backend="triton", strict=True),
             "kernel": lambda: kernels.gated_activation_forward(x, up, activation),
             "cuda": lambda: fastenc.ops.gated_activation(x, up, activation, backend="cuda", strict=True),
             "cuda_kernel": lambda: _cuda.gated_activation_forward(x, up, activation),
@@ -72,6 +79,75 @@ def providers(activation, x, bias, up, gated):
     }
 
 
+BACKWARD_PROVIDERS = ("fastenc", "cuda", "kernel", "reference", "torch")
+
+
+def bytes_moved_backward(rows: int, n: int, dtype: torch.dtype, *, bias: bool, gated: bool) -> int:
+    """Compulsory traffic of the backward: read dy, x (gate, up); write dx (dgate, dup); the bias and its gradient."""
+    elt = torch.empty((), dtype=dtype).element_size()
+    return rows * n * elt * (5 if gated else 3) + (2 * n * 4 if bias and not gated else 0)
+
+
+def backward_providers(activation, x, bias, up, gated, dy):
+    """name -> maker of a callable returning the input gradients (dx / dgate first); forwards are taken once."""
+    import fastenc
+    from fastenc.kernels import activation as kernels
+    from fastenc.ops import _library
+    from fastenc.ops.activation import activation_reference
+
+    kind = "gated_activation" if gated else "bias_activation"
+    b = up if gated else bias
+    leaves = [t.detach().clone().requires_grad_() for t in (x, b) if t is not None]
+    bl = leaves[1] if b is not None else None
+
+    def through(backend):
+        op = fastenc.ops.gated_activation if gated else fastenc.ops.bias_activation
+        y = op(leaves[0], bl, activation, backend=backend, strict=True)
+        return lambda: torch.autograd.grad(y, leaves, dy, retain_graph=True)
+
+    def eager():
+        if gated:
+            y = activation_reference(leaves[0], activation) * bl
+        else:
+            y = activation_reference(leaves[0] if bl is None else leaves[0] + bl.to(x.dtype), activation)
+        return lambda: torch.autograd.grad(y, leaves, dy, retain_graph=True)
+
+    launcher = getattr(kernels, f"{kind}_backward")
+    args = (x, b, activation)
+    diff = [i for i in (0, 1) if args[i] is not None]
+    ref = _library._references()[kind]
+    return {
+        "fastenc": lambda: through("triton"),
+        "cuda": lambda: through("cuda"),
+        "kernel": lambda: lambda: launcher(dy, x, b, activation),
+        "reference": lambda: lambda: [g for g in _library._vjp_grads(ref, args, diff, [dy]) if g is not None],
+        "torch": eager,
+    }
+
+
+def fp32_reference_grad(activation, x, bias, up, gated, dy):
+    """dx (dgate when gated) of sum(y * dy) in fp32."""
+    xl = x.float().requires_grad_()
+    y = fp32_reference(activation, xl, bias, up, gated)
+    return torch.autograd.grad((y * dy.float()).sum(), xl)[0]
+
+
+def _lazy(maker):
+    """A provider built on its first call, so a provider that cannot run fails inside bench_provider's try."""
+    built = []
+
+    def fn():
+        if not built:
+            built.append(maker())
+        return built[0]()
+
+    return fn
+
+
+def first(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
 def fp32_reference(activation, x, bias, up, gated):
     from fastenc.ops.activation import activation_reference
 
@@ -89,8 +165,9 @@ def main(argv=None) -> int:
     p.add_argument("--shape", type=parse_shape, action="append", help="ROWS,N (repeatable); default: encoder FFNs")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp16")
     p.add_argument("--no-bias", action="store_true", help="activation only (bias already fused into the matmul)")
-    p.add_argument("--gated", action="store_true", help="time act(gate) * up (gated_activation_forward) instead")
-    p.add_argument("--providers", default=",".join(PROVIDERS), help=f"comma list from {PROVIDERS}")
+    p.add_argument("--gated", action="store_true", help="time act(gate) * up (gated_activation) instead")
+    p.add_argument("--backward", action="store_true", help="time the backward instead (see the module docstring)")
+    p.add_argument("--providers", default=None, help=f"comma list from {PROVIDERS}; --backward: {BACKWARD_PROVIDERS}")
     p.add_argument("--warmup", type=int, default=25, help="do_bench warmup, ms")
     p.add_argument("--rep", type=int, default=100, help="do_bench repetition time, ms")
     p.add_argument("--out", help="JSON file to append rows to (a bare name goes under bench/results/)")
@@ -101,15 +178,15 @@ def main(argv=None) -> int:
 
     from fastenc.kernels.activation import _elementwise_config
 
-    names = parse_providers(p, args.providers, PROVIDERS)
-    if args.gated and "fastenc" in names:
-        names.remove("fastenc")  # no op wraps gated_activation_forward yet
+    allowed = BACKWARD_PROVIDERS if args.backward else PROVIDERS
+    names = parse_providers(p, args.providers or ",".join(allowed), allowed)
+    mode = "backward" if args.backward else "forward"
     activations = args.activation or ["quick_gelu", "gelu", "gelu_tanh"]
     dtype = DTYPES[args.dtype]
     has_bias = not args.no_bias and not args.gated
     env = kernel_env()
     print_kernel_env(env)
-    print(f"# dtype {args.dtype}  bias {has_bias}  gated {args.gated}")
+    print(f"# {mode}  dtype {args.dtype}  bias {has_bias}  gated {args.gated}")
     header = f"{'activation':>10} {'ROWS,N':>12} {'provider':>9} {'p50 ms':>9} {'p20 ms':>9} {'p80 ms':>9}"
     print(f"{header} {'GB/s':>8} {'max err':>9}")
 
@@ -120,16 +197,23 @@ def main(argv=None) -> int:
             x = torch.randn(rows, n, dtype=dtype, device="cuda")
             up = torch.randn(rows, n, dtype=dtype, device="cuda") if args.gated else None
             bias = torch.randn(n, device="cuda") if has_bias else None  # fp32, as a Linear bias kept in fp32
-            fns = providers(activation, x, bias, up, args.gated)
-            ref = fp32_reference(activation, x, bias, up, args.gated)
-            nbytes = bytes_moved(rows, n, dtype, bias=has_bias, gated=args.gated)
+            if args.backward:
+                dy = torch.randn(rows, n, dtype=dtype, device="cuda")
+                makers = backward_providers(activation, x, bias, up, args.gated, dy)
+                fns = {k: _lazy(m) for k, m in makers.items()}
+                ref = fp32_reference_grad(activation, x, bias, up, args.gated, dy)
+                nbytes = bytes_moved_backward(rows, n, dtype, bias=has_bias, gated=args.gated)
+            else:
+                fns = providers(activation, x, bias, up, args.gated)
+                ref = fp32_reference(activation, x, bias, up, args.gated)
+                nbytes = bytes_moved(rows, n, dtype, bias=has_bias, gated=args.gated)
             block_m, block_n, num_warps = _elementwise_config(n)
             for name in names:
                 fn = fns[name]
                 shape = f"{rows},{n}"
                 got = bench_provider(
                     fn,
-                    lambda y, ref=ref: (y.float() - ref).abs().max().item(),
+                    lambda y, ref=ref: (first(y).float() - ref).abs().max().item(),
                     args.warmup,
                     args.rep,
                     f"{activation:>10} {shape:>12} {name:>9}",
@@ -147,7 +231,7 @@ def main(argv=None) -> int:
                         "op": "gated_activation" if args.gated else "bias_activation",
                         "activation": activation,
                         "provider": name,
-                        "mode": "forward",
+                        "mode": mode,
                         "shape": {"rows": rows, "N": n},
                         "dtype": args.dtype,
                         "bias": has_bias,
