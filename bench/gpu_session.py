@@ -17,6 +17,11 @@ Phases, in priority order (PHASES below; adding one is one entry there plus its 
              So400M vision, through fastenc.benchmark's runner: p50 latency, throughput, MFU vs the in-run GEMM peak
   losses     fastenc CLIP / SigLIP loss at N=65536, d=1024, fp16 / bf16 forward + backward: time and peak memory,
              against the materialised (open_clip-style) loss at the largest N that fits
+  embed      bench/bench_embed.py at ViT-L/14 b256 fp16 on synthetic JPEGs: model-only vs the fastenc embed
+             pipeline (busy share) vs a transformers + DataLoader loop, samples/s
+  training   bench/bench_training.py: one optimizer step of CLIP ViT-B/16 (both towers + contrastive loss, b128 bf16)
+             and a T5-XL 2-block encoder stack, fastenc vs transformers SDPA + open_clip's materialised loss:
+             samples/s or tokens/s, peak memory, speedup and memory ratio
 
 How it keeps a lease from being wasted: the parent process never touches CUDA. Each phase runs in its own child
 process with its own budget and the overall deadline (a crashed kernel or a poisoned CUDA context costs one phase
@@ -266,6 +271,21 @@ LOSS_STEPS = tuple(
     for dt in ("fp16", "bf16")
 )
 
+# fastenc embed (bench/bench_embed.py): ViT-L/14 b256 fp16 on synthetic 320x240 JPEGs, model-only vs the whole
+# pipeline vs transformers + DataLoader; the estimate counts building + saving ViT-L (random weights) and 2048 JPEGs
+EMBED_STEPS = (
+    Step("vit-l14-b256-fp16", 50, 12, dict(shape="ViT-L/14", images=2048, batch=256, dtype="fp16", iters=10)),
+)
+DRY_EMBED = dict(shape="tiny", images=48, batch=16, dtype="fp32", iters=1)
+
+# bench/bench_training.py: one optimizer step (forward + backward + AdamW), fastenc vs transformers SDPA; the first
+# step compiles / autotunes the backward kernels (untimed); then warm-up + timed steps
+TRAINING_STEPS = (
+    Step("clip-b16-b128-bf16", 38, 7, dict(case="clip", batch=128, dtype="bf16")),
+    Step("t5-xl-2l-b8-s256-bf16", 14, 4, dict(case="t5", layers=2, batch=8, seq=256, dtype="bf16")),
+)
+DRY_TRAINING = dict(batch=8, layers=2, t5_batch=2, seq=16, dtype="fp32")
+
 PHASES: tuple[Phase, ...] = (
     Phase(
         "env",
@@ -301,6 +321,20 @@ PHASES: tuple[Phase, ...] = (
         60,
         LOSS_STEPS,
         "phase_losses",
+    ),
+    Phase(
+        "embed",
+        "fastenc embed pipeline: ViT-L/14 b256 fp16 model-only vs pipeline vs transformers + DataLoader",
+        90,
+        EMBED_STEPS,
+        "phase_embed",
+    ),
+    Phase(
+        "training",
+        "one training step: CLIP ViT-B/16 b128 + loss, T5-XL 2 blocks; fastenc vs transformers SDPA + open_clip loss",
+        90,
+        TRAINING_STEPS,
+        "phase_training",
     ),
 )
 PHASES_BY_NAME = {p.name: p for p in PHASES}
@@ -1137,6 +1171,58 @@ def phase_losses(s: Session) -> None:
     s.run_steps(run)
 
 
+def phase_embed(s: Session) -> None:
+    """bench_embed.run in this child: rows "embed" (provider model-only / fastenc / hf-model-only / baseline)."""
+    s.setup_torch(load_cuda_ops=False)
+    import tempfile
+
+    import bench_embed as be
+
+    def run(s, step):
+        spec = dict(DRY_EMBED if s.dry else step.spec)
+        argv = ["--shape", spec["shape"], "--images", str(spec["images"]), "--batch", str(spec["batch"]),
+                "--dtype", spec["dtype"], "--iters", str(spec["iters"]), "--device", str(s.device)]  # fmt: skip
+        if s.dry:
+            argv += ["--workers", "1"]
+        with tempfile.TemporaryDirectory(prefix="gs-embed-") as work:
+            be.run(be.parser().parse_args([*argv, "--work", work]), sink=lambda row: s.row("embed", status="ok", **row))
+
+    s.run_steps(run)
+
+
+def phase_training(s: Session) -> None:
+    """bench_training.measure for both providers per step: rows "training" (samples/s or tokens/s, peak memory,
+    the first step's loss and fastenc.trace() counts; the fastenc row carries the ratios to transformers)."""
+    s.setup_torch(load_cuda_ops=False)
+    import bench_training as bt
+
+    iters, warmup = (1, 0) if s.dry else (5, 1)
+
+    def run(s, step):
+        spec, dry = step.spec, DRY_TRAINING
+        rows = []
+        for provider in bt.PROVIDERS:
+            if spec["case"] == "clip":
+                batch, dtype = (dry["batch"], dry["dtype"]) if s.dry else (spec["batch"], spec["dtype"])
+
+                def build(p=provider, batch=batch, dtype=dtype):
+                    return bt.clip_case(p, tiny=s.dry, batch=batch, dtype=dtype, device=s.device)
+            else:
+                shape = (dry["layers"], dry["t5_batch"], dry["seq"], dry["dtype"]) if s.dry else (
+                    spec["layers"], spec["batch"], spec["seq"], spec["dtype"])  # fmt: skip
+
+                def build(p=provider, shape=shape):
+                    layers, batch, seq, dtype = shape
+                    return bt.t5_case(p, tiny=s.dry, layers=layers, batch=batch, seq=seq, dtype=dtype, device=s.device)
+
+            rows.append(bt.measure(spec["case"], provider, build, device=s.device, iters=iters, warmup=warmup))
+        bt.add_ratios(rows)
+        for r in rows:
+            s.row("training", **r)
+
+    s.run_steps(run)
+
+
 # ---------------------------------------------------------------------------------------------------- parent side
 
 
@@ -1669,6 +1755,46 @@ def summary_text(rows: list[dict], session_id: str) -> str:
                     _f(r.get("peak_mem_delta_mb"), ".0f"),
                 ]
                 for r in loss
+            ],
+        ) + [""]
+
+    emb = [r for r in rows if r.get("kind") == "embed"]
+    if emb:
+        lines += ["## Embedding pipeline (bench/bench_embed.py; clip-retrieval: 312 samples/s per A100)", ""]
+        lines += _table(
+            ["shape", "batch", "dtype", "workers", "provider", "samples/s", "pipeline / model-only", "model busy"],
+            [
+                [
+                    r["shape"],
+                    str(r["batch"]),
+                    r["dtype"],
+                    str(r["workers"]),
+                    r["provider"],
+                    _f(r.get("samples_per_s"), ".0f"),
+                    _f(r.get("pipeline_over_model_only"), ".2f"),
+                    _f(r.get("model_busy"), ".2f"),
+                ]
+                for r in emb
+            ],
+        ) + [""]
+
+    train = [r for r in rows if r.get("kind") == "training"]
+    if train:
+        lines += ["## Training (bench/bench_training.py; goal: CLIP B/16 >= 1.3x transformers at <= its memory)", ""]
+        lines += _table(
+            ["case", "provider", "status", "p50 ms", "samples/s or tokens/s", "peak MiB", "speedup", "mem ratio"],
+            [
+                [
+                    (r.get("config") or {}).get("model", r["case"]),
+                    r["provider"],
+                    r["status"],
+                    _f(r.get("p50_ms"), ".1f"),
+                    _f(r.get("samples_per_s") or r.get("tokens_per_s"), ".0f"),
+                    _f(r.get("peak_mem_mb"), ".0f"),
+                    _f(r.get("speedup_vs_transformers"), ".2f"),
+                    _f(r.get("mem_ratio_vs_transformers"), ".2f"),
+                ]
+                for r in train
             ],
         ) + [""]
 

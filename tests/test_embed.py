@@ -32,6 +32,7 @@ pa = pytest.importorskip("pyarrow", reason="fastenc embed writes Parquet metadat
 import pyarrow.parquet as pq  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CAPTIONS = ["a red cat", "a blue dog on a table", "two birds in the sky", "a tall tree", "an old house at night"]
 
 
@@ -142,6 +143,17 @@ def test_clip_preprocessing_equals_processor(mode, size):
     img = make_image(3, size, mode)
     expected = proc(images=[img], return_tensors="np")["pixel_values"][0]
     assert_close(torch.from_numpy(mine(img)), torch.from_numpy(expected), atol=1e-6, rtol=0, name="pixel_values")
+
+
+def test_uint8_batches_normalized_on_device_equal_host_path():
+    """Workers ship resized uint8; normalize_torch on the model's device gives the host path's floats bit for bit."""
+    proc = _pil_processor("CLIPImageProcessor")(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    mine = ImagePreprocessor.from_settings(proc.to_dict())
+    raw = np.stack([mine.geometry(make_image(k, (40 + k, 30))) for k in range(3)])
+    assert raw.dtype == np.uint8 and raw.shape == (3, 3, 32, 32)
+    host = np.stack([mine.normalize(x) for x in raw])
+    dev = mine.normalize_torch(torch.from_numpy(raw).to(DEVICE)).cpu().numpy()
+    assert np.array_equal(dev, host)
 
 
 def test_siglip_preprocessing_equals_processor():
@@ -324,3 +336,36 @@ def test_cli_errors_are_one_line(clip_dir, tmp_path, capsys):
     assert err.startswith("fastenc embed: error: --input") and "Traceback" not in err
     assert main(["search", "--index", str(tmp_path), "--text", "a cat"]) == 2
     assert "manifest.json" in capsys.readouterr().err
+
+
+def test_siglip_checkpoint(folder, tmp_path):
+    """SiglipModel: fixed-size resize without crop, mean/std 0.5, text padded to the model's 16 positions."""
+    from transformers import AutoTokenizer, SiglipConfig, SiglipModel
+
+    tok = build_clip_tokenizer(tmp_path)
+    vocab = len(tok)
+    cfg = SiglipConfig(
+        text_config=dict(hidden_size=32, num_attention_heads=2, num_hidden_layers=1, intermediate_size=64,
+                         max_position_embeddings=16, vocab_size=vocab, eos_token_id=tok.eos_token_id,
+                         bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id),
+        vision_config=dict(hidden_size=32, num_attention_heads=2, num_hidden_layers=1, intermediate_size=64,
+                           image_size=24, patch_size=8),
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = SiglipModel(cfg).eval()
+    model_dir = tmp_path / "siglip"
+    model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    proc = _pil_processor("SiglipImageProcessor")(size={"height": 24, "width": 24})
+    proc.save_pretrained(model_dir)
+    run_embed(str(model_dir), folder, tmp_path / "out", batch=3)
+    meta = read_meta(tmp_path / "out")
+    ok = [i for i, e in zip(meta["id"], meta["error"], strict=True) if e is None]
+    caps = [c for c, e in zip(meta["caption"], meta["error"], strict=True) if e is None]
+    with torch.no_grad():
+        px = proc(images=[Image.open(os.path.join(folder, i)) for i in ok], return_tensors="pt")["pixel_values"]
+        enc = AutoTokenizer.from_pretrained(model_dir)(caps, padding="max_length", max_length=16, return_tensors="pt")
+        ref_img = model.get_image_features(pixel_values=px).pooler_output
+        ref_txt = model.get_text_features(**enc).pooler_output
+    assert_close(torch.from_numpy(stacked(tmp_path / "out", "image")), ref_img, **FP32, name="image")
+    assert_close(torch.from_numpy(stacked(tmp_path / "out", "text")), ref_txt, **FP32, name="text")

@@ -62,7 +62,8 @@ def test_plan_fits_one_device_call():
         assert p.est(True) < p.budget_s, p.name
         assert len({s.name for s in p.steps}) == len(p.steps), f"{p.name}: step names must be unique"
         assert callable(getattr(gs, p.run)), p.run
-    assert [p.name for p in gs.PHASES] == ["env", "tests", "attention", "towers", "losses"]  # priority order
+    order = ["env", "tests", "attention", "towers", "losses", "embed", "training"]
+    assert [p.name for p in gs.PHASES] == order  # priority order
     assert sum(p.est(True) for p in gs.PHASES) < 90  # the dry run's estimate on an idle 2-core host
 
 
@@ -179,6 +180,33 @@ def test_dry_run_rows_carry_what_the_results_commit_needs(dry):
         assert by[(x, "fastenc")] == pytest.approx(by[(x, "reference")], rel=1e-4)
 
 
+def test_dry_run_embed_rows(dry):
+    """The embed phase runs bench_embed end to end: model-only, the fastenc pipeline, transformers' tower and loop."""
+    _, rows, _ = dry
+    emb = {r["provider"]: r for r in rows if r.get("kind") == "embed"}
+    assert set(emb) == {"model-only", "fastenc", "hf-model-only", "baseline"}
+    for r in emb.values():
+        assert r["status"] == "ok" and r["samples_per_s"] > 0 and r["shape"] == "tiny", r
+    assert emb["fastenc"]["errors"] == 0 and emb["fastenc"]["pipeline_over_model_only"] > 0
+    assert emb["baseline"]["samples"] == gs.DRY_EMBED["images"]
+
+
+def test_dry_run_training_rows(dry):
+    """The training phase: fastenc and transformers, CLIP (both towers + loss) and T5, from the same weights."""
+    _, rows, _ = dry
+    train = {(r["case"], r["provider"]): r for r in rows if r.get("kind") == "training"}
+    assert set(train) == {(c, p) for c in ("clip", "t5") for p in ("transformers", "fastenc")}
+    for (case, provider), r in train.items():
+        assert r["status"] == "ok" and r["samples_ms"] and r["peak_mem_mb"] is not None, r
+        assert r["samples_per_s" if case == "clip" else "tokens_per_s"] > 0, r
+        if provider == "fastenc":
+            assert r["speedup_vs_transformers"] > 0 and not r["fallbacks"], r
+            assert r["trace"]["torch.attention"] > 0, r  # the fused towers ran (torch backend on the CPU)
+        base = train[(case, "transformers")]["loss_first"]
+        assert r["loss_first"] == pytest.approx(base, rel=1e-4)  # same weights and batch, fp32 in a dry run
+    assert train[("clip", "fastenc")]["trace"]["torch.clip_loss"] == 1
+
+
 def test_dry_run_summary_and_files(dry):
     out, rows, stdout = dry
     md = (out / gs.SUMMARY_FILE).read_text()
@@ -189,6 +217,7 @@ def test_dry_run_summary_and_files(dry):
         "## Towers",
         "## T5 finiteness",
         "## Losses",
+        "## Training",
         "## What failed",
     ):
         assert heading in md, heading

@@ -134,7 +134,8 @@ class SampleSource:
 
     def prepare(self, start: int, stop: int) -> dict:
         """Samples [start, stop) -> {"index": (B,) int64 (-1 = padding), "n": valid rows, "errors": {index: msg},
-        "pixel_values": (B, 3, H, W) float32, "input_ids" / "attention_mask": (B, L) int64}; failed samples are
+        "pixel_values": (B, 3, H, W) uint8 (resized and cropped; rescale / normalize run on the model's device, see
+        ImagePreprocessor.normalize_torch), "input_ids" / "attention_mask": (B, L) int64}; failed samples are
         dropped, the batch is padded to B with copies of its first row (rows are independent in every tower)."""
         ok, errors, pixels = [], {}, []
         captions = []
@@ -148,9 +149,9 @@ class SampleSource:
                     ref = self.table.image_refs[i]
                     if ref is None:
                         raise ValueError("no image")
-                    px = self.preprocess(decode_image(ref))
-                    if px.shape[0] != 3:
-                        raise ValueError(f"decoded to {px.shape[0]} channels, expected 3")
+                    px = self.preprocess.geometry(decode_image(ref))
+                    if px.shape[0] != 3 or px.dtype != np.uint8:
+                        raise ValueError(f"decoded to {px.shape[0]} channels of {px.dtype}, expected 3 of uint8")
             except Exception as e:  # noqa: BLE001 - any failure of one sample is recorded, never fatal
                 errors[i] = _ADDRESS.sub("", f"{type(e).__name__}: {e}")[:500]  # no object addresses: reruns match
                 continue
@@ -163,7 +164,7 @@ class SampleSource:
         out = {"index": np.array(ok + [-1] * (B - n), dtype=np.int64), "n": n, "errors": errors}
         if "image" in self.towers:
             h, w = self.preprocess.out_hw
-            x = np.zeros((B, 3, h, w), dtype=np.float32)
+            x = np.zeros((B, 3, h, w), dtype=np.uint8)
             if n:
                 x[:n] = np.stack(pixels)
                 x[n:] = x[0]
@@ -220,7 +221,9 @@ def text_length(config) -> int:
 class TowerRunner:
     """The optimized model on one device: run(batch) -> {tower: (B, dim) device tensor} at a fixed batch."""
 
-    def __init__(self, model_dir: str, towers, *, device=None, dtype=None, backend="auto", cuda_graphs=True):
+    def __init__(
+        self, model_dir: str, towers, *, device=None, dtype=None, backend="auto", cuda_graphs=True, preprocess=None
+    ):
         import torch
 
         import fastenc
@@ -243,6 +246,7 @@ class TowerRunner:
         graphs = cuda_graphs and self.device.type == "cuda"
         self.model = fastenc.optimize(model, backend=backend, cuda_graphs=graphs)
         self.towers = tuple(towers)
+        self.preprocess = preprocess  # normalizes uint8 pixel batches on the device
         self.model_s = 0.0
         self._events: list = []
 
@@ -258,7 +262,12 @@ class TowerRunner:
         out = {}
         with torch.inference_mode():
             if "image" in self.towers:
-                px = batch["pixel_values"].to(dev, non_blocking=True).to(self.dtype)
+                px = batch["pixel_values"].to(dev, non_blocking=True)
+                if px.dtype == torch.uint8:
+                    if self.preprocess is None:
+                        raise InputError("uint8 pixel_values need the ImagePreprocessor (TowerRunner(preprocess=...))")
+                    px = self.preprocess.normalize_torch(px)
+                px = px.to(self.dtype)
                 out["image"] = _features(self.model.get_image_features(pixel_values=px))
             if "text" in self.towers:
                 kw = {k: batch[k].to(dev, non_blocking=True) for k in ("input_ids", "attention_mask") if k in batch}
@@ -372,7 +381,13 @@ def embed(cfg: EmbedConfig) -> EmbedReport:
     t_start = time.perf_counter()
     source, run, writer, shards, todo = prepare_run(cfg)
     runner = TowerRunner(
-        cfg.model, source.towers, device=cfg.device, dtype=cfg.dtype, backend=cfg.backend, cuda_graphs=cfg.cuda_graphs
+        cfg.model,
+        source.towers,
+        device=cfg.device,
+        dtype=cfg.dtype,
+        backend=cfg.backend,
+        cuda_graphs=cfg.cuda_graphs,
+        preprocess=source.preprocess,
     )
     dims = _dims(runner, source)
     asm = ShardAssembler(writer, source.table, todo, source.towers, dims)

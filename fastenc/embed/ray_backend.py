@@ -53,12 +53,14 @@ class _Decode:
 class _Embed:
     """Model actor: prepared rows -> embeddings (float32, the whole padded batch)."""
 
-    def __init__(self, model, towers, device, dtype, backend, cuda_graphs):
+    def __init__(self, model, towers, device, dtype, backend, cuda_graphs, preprocess):
         import torch
 
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.runner = TowerRunner(model, towers, device=device, dtype=dtype, backend=backend, cuda_graphs=cuda_graphs)
+        self.runner = TowerRunner(
+            model, towers, device=device, dtype=dtype, backend=backend, cuda_graphs=cuda_graphs, preprocess=preprocess
+        )
         self.towers = towers
 
     def __call__(self, rows: dict) -> dict:
@@ -111,6 +113,7 @@ def embed_ray(
                 cfg.dtype,
                 cfg.backend,
                 cfg.cuda_graphs,
+                source.preprocess,
             ),  # fmt: skip
             batch_size=1,
             batch_format="numpy",
