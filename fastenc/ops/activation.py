@@ -1,4 +1,9 @@
-"""fastenc.ops.bias_activation: act(x + bias) in one pass over x."""
+"""fastenc.ops.bias_activation: act(x + bias) in one pass over x; fastenc.ops.gated_activation: act(gate) * up.
+
+Gradients: on the Triton and CUDA backends the op's registered backward is the fused Triton kernel
+(fastenc::bias_activation_backward: dx and the dbias partial sums in one pass; gated_activation_backward: dgate and
+dup), fp32 math rounded once to the inputs' dtypes. The torch backend is plain aten autograd.
+"""
 
 from __future__ import annotations
 

@@ -2,6 +2,12 @@
 
 With `residual`, both return (normed, summed) where summed = x + residual (rounded to x.dtype, as the eager
 `residual + hidden_states` is) and normed = norm(summed); the caller carries `summed` as the next residual.
+
+Gradients: on the Triton and CUDA backends the op's registered backward is the fused Triton kernel
+(fastenc::layer_norm_backward / rms_norm_backward, kernels/norm.py): statistics recomputed from the saved summed
+input, dx and dresidual in one pass (the gradient of `summed` added in), dweight / dbias as per-program fp32 partial
+sums. Rows wider than kernels.norm.MAX_FUSED_BWD_N differentiate the reference instead (a recorded fall-back). The
+torch backend is plain aten autograd.
 """
 
 from __future__ import annotations
