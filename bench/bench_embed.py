@@ -13,6 +13,7 @@ Rows (JSON lines, printed and appended to --out):
                (same workers, pinned), CLIPModel.get_image_features in the same dtype, embeddings kept in memory
                (no files written: favours the baseline)
   hf-model-only  the untouched transformers tower on the same batch (the baseline's ceiling)
+  ray-N-decode-actors  (--ray-actors 1,2) the same run on a local Ray cluster with N decode actors
 Synthetic images: smooth gradients plus noise at --px (default 320x240, web-image sized), saved as JPEG q90, random
 weights (nothing is downloaded). clip-retrieval's published figure for ViT-L/14 is 312 samples/s per A100.
 """
@@ -207,6 +208,24 @@ def run(args, sink=None) -> list[dict]:
         del hf
         b = baseline(str(model_dir), files, args.batch, workers, device, dtype)
         emit(provider="baseline", **b, fastenc_over_baseline=rep.samples_per_s / b["samples_per_s"])
+    if args.ray_actors:
+        import ray
+
+        from fastenc.embed.ray_backend import embed_ray
+
+        counts = [int(x) for x in args.ray_actors.split(",")]
+        if not ray.is_initialized():
+            ray.init(num_cpus=max(counts) + 1, include_dashboard=False, log_to_driver=False)
+        for n in counts:
+            ray_out = work / f"out-ray-{n}"
+            if ray_out.exists():
+                import shutil
+
+                shutil.rmtree(ray_out)
+            cfg.out = str(ray_out)
+            r = embed_ray(cfg, decode_actors=n)
+            emit(provider=f"ray-{n}-decode-actors", samples_per_s=r.samples_per_s, wall_s=r.wall_s,
+                 total_s=r.extra["total_s"], errors=r.errors)  # fmt: skip
     if args.out:
         with open(args.out, "a") as f:
             for r in rows:
@@ -228,6 +247,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--iters", type=int, default=10, help="model-only repetitions")
     p.add_argument("--no-cuda-graphs", action="store_true")
     p.add_argument("--no-baseline", action="store_true")
+    p.add_argument("--ray-actors", default=None, help="also run on a local Ray cluster with these decode actor counts")
     p.add_argument("--work", default=None, help="folder for the checkpoint, images and output (default: a temp dir)")
     p.add_argument("--out", default=None, help="append the rows to this JSONL file")
     return p
