@@ -248,8 +248,9 @@ def gated_activation_forward(gate: torch.Tensor, up: torch.Tensor, activation: s
 
 def _bias_grid(m: int, n: int, device: torch.device) -> tuple[tuple[int, int], int, int, int, int]:
     """(grid, blocks_per_program, BLOCK_M, BLOCK_N, num_warps) of the bias_activation backward with a bias: about
-    2 programs per SM in all (reduction_programs(device) on the interpreter), each over a contiguous range of row
-    blocks, so the dbias partial sums stay (programs on axis 0, N) whatever the row count."""
+    2 x reduction_programs(device) programs in all on CUDA (4-warp tiles; not tuned on a GPU yet), as many as
+    reduction_programs on the interpreter, each over a contiguous range of row blocks, so the dbias partial sums stay
+    (programs on axis 0, N) whatever the row count."""
     block_m, block_n, num_warps = _elementwise_config(n)
     m_blocks, n_blocks = triton.cdiv(m, block_m), triton.cdiv(n, block_n)
     budget = 2 * reduction_programs(device) if device.type == "cuda" else reduction_programs(device)

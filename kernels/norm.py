@@ -278,9 +278,12 @@ def rms_norm_forward(
 
 # ---------------------------------------------------------------------------------------------------- backward
 
-# Backward programs on CUDA: one per SM (Liger-Kernel's choice), each looping over a contiguous range of rows, so the
-# weight-gradient partial sums are (SMs, N) fp32 whatever the row count. Under the interpreter a few programs, so CPU
-# tests cover several partial sums and an uneven last range.
+# Backward programs on CUDA: PROGRAMS_PER_SM per SM (1: Liger-Kernel's choice), each looping over a contiguous range of
+# rows, so the weight-gradient partial sums are (programs, N) fp32 whatever the row count. More programs per SM keep
+# more warps resident (narrow rows run 4-warp programs) at the cost of a larger partial-sum buffer; the trade-off is
+# not measured yet (no GPU in the session that wrote this: `python bench/bench_norm.py --backward` times it). Under the
+# interpreter a few programs, so CPU tests cover several partial sums and an uneven last range.
+PROGRAMS_PER_SM = 1
 INTERPRETER_PROGRAMS = 4
 
 
@@ -292,7 +295,7 @@ def _sm_count(index: int) -> int:
 def reduction_programs(device: torch.device) -> int:
     """How many programs a backward kernel with per-program partial sums launches (at most) on `device`."""
     if device.type == "cuda":
-        return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        return PROGRAMS_PER_SM * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     return INTERPRETER_PROGRAMS
 
 
