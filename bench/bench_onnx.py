@@ -67,6 +67,7 @@ def meta(threads: int) -> dict:
         "python": platform.python_version(),
         "commit": git_commit(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "loadavg_at_start": os.getloadavg()[0],  # other jobs on the machine: compare ratios of one run
     }
 
 

@@ -2,12 +2,15 @@
 Server model repositories, and the `fastenc export` command (`cli.add_export_parser`).
 
     to_onnx(model, path, *, opset=None, dtype=None, optimize=False, exporter="torchscript", attention_mask=None)
-    export_onnx(model, path, ...) -> ExportReport          same export, with the fusions fired and the I/O written
+    export_onnx(model, path, ..., quantize=None | "int8-dynamic", nested_outputs=False) -> ExportReport
+                                                         same export, with the fusions fired and the I/O written; int8:
+                                                         the accuracy report vs fp32 (see quantize.py)
     onnx_parity(model, path, *, sizes=None) -> OnnxParityReport
     to_tensorrt(onnx_path, engine_path, *, fp16=True, bf16=False, profiles=None, timing_cache=None) -> Path
     to_triton_repository(model, repo_dir, name, *, backend="onnxruntime" | "tensorrt", ...) -> Path
 
-onnx / onnxruntime (the `export` extra) and tensorrt are imported only when used."""
+onnx / onnxruntime (the `export` extra) and tensorrt are imported only when used. Running the exported files as
+drop-in encoders: fastenc.runtime (`load`, and `fastenc.optimize(model, backend="onnxruntime")`)."""
 
 from .onnx_export import (
     ExportReport,
