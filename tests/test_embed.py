@@ -176,9 +176,10 @@ def run_embed(model_dir, src, out, **kw):
 
 
 @pytest.mark.parametrize("workers,backend,tower", [(0, "torch", "both"), (2, "torch", "both"), (0, "triton", "image")])
-def test_folder_embeddings_equal_towers(clip_dir, folder, tmp_path, workers, backend, tower):
+def test_folder_embeddings_equal_towers(clip_dir, folder, tmp_path, workers, backend, tower, capsys):
     """The towers called directly on the processors' output; on Triton (the interpreter: slow) the image tower only."""
     report = run_embed(clip_dir, folder, tmp_path / "out", workers=workers, backend=backend, tower=tower, batch=3)
+    assert "fastenc embed: skipped sample 2 'broken.jpg': " in capsys.readouterr().err
     meta = read_meta(tmp_path / "out")
     ids = meta["id"]
     assert ids == sorted(ids) and len(ids) == 7 and meta["index"] == list(range(7))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -27,6 +28,7 @@ from .reader import ImagePreprocessor, SampleTable, decode_image, list_samples
 from .shards import Shard, ShardWriter, plan
 
 _ADDRESS = re.compile(r" (?:object )?at 0x[0-9a-fA-F]+")
+MAX_LOGGED = 20  # failed samples printed as they happen; errors.jsonl lists them all
 TOWERS = {"image": ("image",), "text": ("text",), "both": ("image", "text")}
 
 
@@ -368,6 +370,15 @@ def prepare_run(cfg: EmbedConfig):
     return source, run, writer, shards, todo
 
 
+def log_failures(report: EmbedReport, table: SampleTable, errors: dict, bar) -> None:
+    """One stderr line per failed sample (id and error), the first MAX_LOGGED of a run; errors.jsonl has them all."""
+    for i, msg in sorted(errors.items()):
+        report.extra["failed_this_run"] = n = report.extra.get("failed_this_run", 0) + 1
+        if n <= MAX_LOGGED:
+            more = " (further failures: errors.jsonl)" if n == MAX_LOGGED else ""
+            bar.write(f"fastenc embed: skipped sample {i} {table.ids[i]!r}: {msg}{more}", file=sys.stderr)
+
+
 def _progress(cfg: EmbedConfig, total: int):
     from tqdm.auto import tqdm
 
@@ -415,6 +426,7 @@ def embed(cfg: EmbedConfig) -> EmbedReport:
 
     def finish(p):
         (shard, a, b), prepared, out = p
+        log_failures(report, source.table, prepared["errors"], bar)
         emb = {t: to_host(out[t], prepared["n"]) for t in source.towers} if prepared["n"] else {}
         asm.add(shard, prepared["index"].numpy(), prepared["n"], prepared["errors"], emb)
         bar.update(b - a)

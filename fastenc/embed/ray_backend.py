@@ -20,7 +20,16 @@ import time
 import numpy as np
 
 from ..errors import InputError
-from .pipeline import EmbedConfig, EmbedReport, ShardAssembler, TowerRunner, _progress, prepare_run, to_host
+from .pipeline import (
+    EmbedConfig,
+    EmbedReport,
+    ShardAssembler,
+    TowerRunner,
+    _progress,
+    log_failures,
+    prepare_run,
+    to_host,
+)
 
 
 def _ray():
@@ -130,6 +139,7 @@ def embed_ray(
                 asm = ShardAssembler(writer, source.table, todo, source.towers, dims)
             n = int(row["n"])
             errors = {int(k): v for k, v in json.loads(row["errors"])}
+            log_failures(report, source.table, errors, bar)
             asm.add(int(row["shard"]), np.asarray(row["index"]), n, errors,
                     {t: np.asarray(row[f"emb_{t}"]) for t in source.towers})  # fmt: skip
             bar.update(int(row["stop"]) - int(row["start"]))

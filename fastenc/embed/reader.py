@@ -296,8 +296,13 @@ class ImagePreprocessor:
             x = x * self.rescale
         x = x.to(torch.float32)
         if self.mean is not None:
-            mean = torch.tensor(self.mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
-            std = torch.tensor(self.std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+            key = (str(x.device), self.mean, self.std)
+            if key not in _MEAN_STD:  # once per device: a pageable host->device copy per batch would block the host
+                _MEAN_STD[key] = tuple(
+                    torch.tensor(v, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+                    for v in (self.mean, self.std)
+                )
+            mean, std = _MEAN_STD[key]
             x = (x - mean) / std
         return x
 
@@ -321,6 +326,9 @@ class ImagePreprocessor:
         if self.crop is not None:
             x = _center_crop(x, *self.crop)
         return x
+
+
+_MEAN_STD: dict = {}
 
 
 def _to_rgb(image):
