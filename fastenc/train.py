@@ -571,6 +571,7 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
         if len(dataset) < cfg.batch_size:
             raise InputError(f"the data has {len(dataset)} pairs, fewer than one batch (batch_size {cfg.batch_size})")
         if world > 1:
+            model.to(device)  # nccl broadcasts device tensors
             with torch.no_grad():  # the same start on every rank (tiny models are seeded; checkpoints identical)
                 for p in model.parameters():
                     dist.broadcast(p.data, 0)
