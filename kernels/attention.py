@@ -107,21 +107,40 @@ SPILLS_WITH = {
     ("HAS_RELBIAS", 128): {(128, 64, 8, 3), (64, 64, 4, 3)},
 }
 
-# Backward CUDA candidates, (BLOCK_M, BLOCK_N, num_warps, num_stages) per head-dim class. dK / dV: a program owns
-# BLOCK_N keys and holds two (BLOCK_N, BLOCK_D) fp32 accumulators plus k and v, so its key tile is the long side and
-# the query step short (the Triton fused-attention tutorial's 32 x 128 shape on H100); dQ mirrors it. Not yet
-# measured on a GPU, nor in the static report (`python -m fastenc.benchmark.static --only attention_bwd`).
+# Backward CUDA candidates, (BLOCK_M, BLOCK_N, num_warps, num_stages) per head-dim class, autotuned per (BLOCK_D,
+# SEQ_BUCKET, flags, dtypes). dK / dV: a program owns BLOCK_N keys and holds k, v and two (BLOCK_N, BLOCK_D) fp32
+# accumulators for the whole loop, so its tiles stay small; dQ holds q, dO and one accumulator. Only configs that
+# compile spill-free on sm_90a and sm_80 under Triton 3.9 in every measured variant (fp16 hd 64 plain / causal+kpm /
+# T5 with table gradient / kpm + bias with its gradient, hd 80 plain, hd 128 causal+kpm; bf16 hd 64 causal+kpm) are
+# candidates, measured like the forward's (a sweep of 11 dK / dV and 9 dQ candidates through
+# `python -m fastenc.benchmark.static --only "attention_bwd ..." --all-configs`, BWD_CUDA_CONFIGS patched).
+# NOTE: measured stack (spill) bytes, Triton 3.9, sm_90a / sm_80:
+#   dropped dK/dV (64, 64, 4, 2): 136 / 440 (hd 64 kpm+bias); (32, 128, 8, 2): 0 / 128 (hd 64 causal+kpm), 104 / 528
+#           (hd 128); (16, 128, 8, 2), (32, 128, 8, 1): up to 1216 / 1272 on sm_80; (64, 64, 8, 2): 56 / 344;
+#           (32, 64, 4, 1): 0 / 56; (32, 64, 4, 2): 120 / 8 (hd 80), 112 / 120 (hd 128)
+#   dropped dQ (64, 64, 4, 2): 0 / 112 (hd 64 kpm+bias); (64, 64, 8, 2): 0 / 8
+#   kept    dK/dV (16, 64, 4, 1), (32, 32, 4, 2): 0 B everywhere; (32, 64, 8, 2): 0 B except with a bias / T5 table
+#           on sm_80 (32 / 24 B, BWD_SPILLS_WITH); dQ every listed config: 0 B everywhere
+#   hd 256: not measured.
 BWD_CUDA_CONFIGS = {
     "dkdv": {
-        64: [(32, 128, 8, 2), (32, 64, 4, 2), (64, 64, 4, 2), (16, 32, 4, 1)],
-        128: [(32, 64, 4, 2), (32, 128, 8, 2), (16, 64, 4, 2), (16, 32, 4, 1)],
+        64: [(32, 64, 8, 2), (16, 64, 4, 1), (32, 32, 4, 2)],
+        128: [(32, 64, 8, 2), (16, 64, 4, 1), (32, 32, 4, 2)],
         256: [(16, 64, 4, 1), (16, 32, 4, 1)],
     },
     "dq": {
-        64: [(128, 32, 8, 2), (64, 32, 4, 2), (64, 64, 4, 2), (32, 16, 4, 1)],
-        128: [(64, 32, 4, 2), (128, 32, 8, 2), (64, 16, 4, 2), (32, 16, 4, 1)],
+        64: [(128, 32, 8, 2), (64, 32, 4, 2), (64, 16, 4, 2), (32, 32, 4, 2)],
+        128: [(128, 32, 8, 2), (64, 32, 4, 2), (64, 16, 4, 2), (32, 16, 4, 1)],
         256: [(64, 16, 4, 1), (32, 16, 4, 1)],
     },
+}
+# (kernel, feature, head-dim class) -> configs dropped when the feature is on: measured (hd 64, see the NOTE) or,
+# for hd 80 / 128 with a bias or T5 table (not in the measured set), dropped by the same rule as hd 64.
+BWD_SPILLS_WITH = {
+    ("dkdv", "HAS_BIAS", 64): {(32, 64, 8, 2)},
+    ("dkdv", "HAS_RELBIAS", 64): {(32, 64, 8, 2)},
+    ("dkdv", "HAS_BIAS", 128): {(32, 64, 8, 2)},
+    ("dkdv", "HAS_RELBIAS", 128): {(32, 64, 8, 2)},
 }
 DELTA_BLOCK_M = 64  # rows per program of the delta = rowsum(dO * O) pass (fixed: one load and a sum per row)
 
@@ -832,7 +851,11 @@ def attention_bwd_cuda_configs(kernel: str) -> list[triton.Config]:
 def _prune_bwd_configs(kernel: str):
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
-        wanted = set(BWD_CUDA_CONFIGS[kernel][_bwd_d_class(args["BLOCK_D"])])
+        d_class = _bwd_d_class(args["BLOCK_D"])
+        wanted = set(BWD_CUDA_CONFIGS[kernel][d_class])
+        for feature in ("HAS_BIAS", "HAS_RELBIAS"):
+            if args.get(feature, False):
+                wanted -= BWD_SPILLS_WITH.get((kernel, feature, d_class), set())
         longest = max(32, args["SEQ_BUCKET"])
         own = "BLOCK_N" if kernel == "dkdv" else "BLOCK_M"  # the tile a program owns must not dwarf the sequence
         kept = [

@@ -459,6 +459,30 @@ def test_recompute_autograd_and_reference_fallback(device, monkeypatch):
 # ------------------------------------------------------------------------------------ CUDA autotune candidates
 
 
+# (kernel, head dim, config, flags) measured to spill on sm_90a or sm_80 under Triton 3.9 (the NOTE next to
+# BWD_CUDA_CONFIGS): the autotuner must never be able to select them
+BWD_SPILLING = [
+    ("dkdv", 64, (32, 64, 8, 2), {"HAS_BIAS": True}),
+    ("dkdv", 64, (32, 64, 8, 2), {"HAS_RELBIAS": True}),
+    ("dkdv", 64, (64, 64, 4, 2), {}),
+    ("dkdv", 64, (32, 128, 8, 2), {}),
+    ("dkdv", 128, (32, 64, 4, 2), {}),
+    ("dkdv", 80, (32, 128, 8, 2), {}),
+    ("dq", 64, (64, 64, 4, 2), {"HAS_BIAS": True}),
+    ("dq", 64, (64, 64, 8, 2), {}),
+]
+
+
+@pytest.mark.parametrize("kernel, d, config, flags", BWD_SPILLING, ids=lambda x: str(x))
+def test_bwd_spilling_configs_cannot_be_selected(kernel, d, config, flags):
+    block_d = max(16, 1 << (d - 1).bit_length())
+    prune = K._prune_bwd_configs(kernel)
+    for bucket in (32, 128, 1024, 8192):
+        kept = prune(K.attention_bwd_cuda_configs(kernel), {"SEQ_BUCKET": bucket}, BLOCK_D=block_d, **flags)
+        got = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept}
+        assert kept and config not in got, (bucket, sorted(got))
+
+
 @pytest.mark.parametrize("kernel", ["dkdv", "dq"])
 def test_bwd_cuda_configs_are_valid(kernel):
     """Every pruned candidate list is non-empty, holds only its head-dim class's configs and tiles >= 16."""
@@ -466,10 +490,11 @@ def test_bwd_cuda_configs_are_valid(kernel):
     prune = K._prune_bwd_configs(kernel)
     for block_d in (16, 32, 64, 128, 256):
         for bucket in (1, 16, 128, 1024, 8192):
-            kept = prune(configs, {"SEQ_BUCKET": bucket}, BLOCK_D=block_d)
-            assert kept, (block_d, bucket)
             d_class = 64 if block_d <= 64 else 128 if block_d <= 128 else 256
-            for c in kept:
-                cfg = (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
-                assert cfg in K.BWD_CUDA_CONFIGS[kernel][d_class], c
-                assert c.kwargs["BLOCK_M"] >= 16 and c.kwargs["BLOCK_N"] >= 16, c
+            for flags in ({}, {"HAS_BIAS": True}, {"HAS_RELBIAS": True}):
+                kept = prune(configs, {"SEQ_BUCKET": bucket}, BLOCK_D=block_d, **flags)
+                assert kept, (block_d, bucket, flags)
+                for c in kept:
+                    cfg = (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+                    assert cfg in K.BWD_CUDA_CONFIGS[kernel][d_class], (c, flags)
+                    assert c.kwargs["BLOCK_M"] >= 16 and c.kwargs["BLOCK_N"] >= 16, c
