@@ -8,6 +8,8 @@ fastenc export --model PATH | --shape NAME  --out DIR [--tower text|vision|joint
 fastenc bench  [--quick] [--models ...] [--competitors ...] [--batch ...] [--dtype ...] [--out FILE.jsonl] [--list]
 fastenc bench  --pipeline DIR [--prompt ...]      encode_prompt of a diffusers pipeline: eager vs fastenc (+ graphs)
 fastenc encode --pipeline DIR --prompt "..." [--negative-prompt "..."] [--out embeds.safetensors] [--json]
+fastenc embed  --model DIR --input SRC --out DIR [--tower image|text|both] [--batch N] [--ray [ADDRESS]] [...]
+fastenc search --index DIR (--text "..." | --image IMG | --ids FILE) [--k K] [--faiss IVF-PQ] [--json]
 fastenc finetune --model DIR | --tiny [clip|siglip]  --data DIR | --synthetic N  [--steps ...] [--accum ...] [...]
 
 Exit status: 0 on success, 1 when a parity check fails (tokens: the prompt is truncated), 2 on bad input (one line on
