@@ -26,7 +26,8 @@ learned (num_buckets, H) bias. The launcher gathers the two into an (H, Sq + Sk 
 distance per head (O(Sq + Sk), bucket ids clamped into range so a bad lut cannot read out of bounds); each tile then
 gathers rel[h, j - i + Sq - 1], which stays in cache, and the (Sq, Sk) bias is never written to memory.
 
-Backward (FlashAttention-2 style, `attention_backward`): nothing of size (Sq, Sk) is saved or allocated. With
+Backward (FlashAttention-2 style, `attention_backward`): nothing of size (Sq, Sk) is saved or allocated (except the
+gradient of an additive bias that requires grad, in the bias's own shape). With
 return_stats=True the forward (STORE_STATS) also writes two fp32 numbers per query row, stats (B, H, 2, Sq):
     stats[.., 0, i] = m_i (final base-2 row max; -FP32_MAX for a dead row)
     stats[.., 1, i] = 1 / l_i (0 for a dead row, NaN for a NaN row)
@@ -35,8 +36,8 @@ log-sum-exp: m + log2(l) loses log2(l) next to a huge |m| (a row that an HF finf
 entirely has m ~ -FP32_MAX and the forward's uniform p = 1 / Sk; one lse would give p = 1 there). Then, with s the
 natural-log score, do = dL/do and delta_i = sum_d do_id o_id (the forward's rounded o, as FA2):
     dv_j = sum_i p_ij do_i;   dp_ij = do_i . v_j;   ds_ij = p_ij (dp_ij - delta_i)
-    dq_i = scale sum_j ds_ij k_j;   dk_j = scale sum_i ds_ij q_i;   dbias_ij = ds_ij;   dtable[b, h] = sum ds over
-    the (i, j) with lut[j - i + Sq - 1] = b
+    dq_i = scale sum_j ds_ij k_j;   dk_j = scale sum_i ds_ij q_i;   dbias_ij = ds_ij (summed where it broadcasts)
+    dtable[u, h] = sum over b and the (i, j) with lut[j - i + Sq - 1] = u of ds_bhij
 A dead row has o = 0 (a constant) and p = 0, so it contributes nothing to any gradient: the gradient of exactly
 the forward's definition. Three kernels: delta (O(Sq D)); dK / dV, one program per BLOCK_N keys streaming the query
 blocks that see them (causal: from the diagonal on); dQ, one program per BLOCK_M rows streaming their keys (a second
@@ -45,7 +46,8 @@ has no unmasked fast range). The bias gradient ds is stored to an fp32 buffer of
 atomic adds where the bias broadcasts (stride 0); the T5 table gradient is accumulated in-kernel by atomic adds of ds
 into an fp32 (B, H, Sq + Sk - 1) per-distance buffer (O(S)), then scattered to the buckets on the host with one
 index_add over the lut. Atomics make dbias (broadcast) and dtable run-to-run nondeterministic on a GPU at fp32
-rounding level; dq, dk, dv are deterministic.
+rounding level; dq, dk, dv are deterministic. NOTE: the table gradient costs one atomic add per score element (a
+tile's diagonals are not pre-summed); its GPU cost has not been measured (no GPU session yet).
 """
 
 from __future__ import annotations
