@@ -134,3 +134,13 @@ def test_text_image_and_id_queries_through_cli(clip_dir, folder, tmp_path, capsy
     assert main(["search", "--index", str(out), "--ids", str(ids_file), "--k", "2"]) == 0
     text = capsys.readouterr().out
     assert "query 0: b.jpg" in text and "b.jpg" in text.splitlines()[1]
+
+
+def test_parquet_index_searches_like_npy(clip_dir, folder, tmp_path):  # noqa: F811
+    run_embed(clip_dir, folder, tmp_path / "npy", tower="image", batch=3)
+    run_embed(clip_dir, folder, tmp_path / "pq", tower="image", batch=3, format="parquet")
+    q = np.random.default_rng(3).standard_normal((2, 24)).astype(np.float32)
+    a = search(str(tmp_path / "npy"), queries=q, k=4)
+    b = search(str(tmp_path / "pq"), queries=q, k=4)
+    assert [[h.to_dict() for h in x] for x in a] == [[h.to_dict() for h in x] for x in b]
+    assert EmbeddingIndex(str(tmp_path / "pq")).manifest["dims"] == {"image": 24}
