@@ -100,6 +100,11 @@ def folder(tmp_path_factory):
     return str(root)
 
 
+def features(out):
+    """get_*_features' result: a ModelOutput whose pooler_output is projected (transformers 5.2x), or a tensor."""
+    return getattr(out, "pooler_output", out)
+
+
 def reference_embeddings(model_dir, images=None, captions=None):
     """The towers called directly on the processors' own output (fp32, untouched transformers model)."""
     from transformers import AutoTokenizer, CLIPModel
@@ -110,11 +115,11 @@ def reference_embeddings(model_dir, images=None, captions=None):
         if images is not None:
             proc = _pil_processor("CLIPImageProcessor").from_pretrained(model_dir)
             px = proc(images=images, return_tensors="pt")["pixel_values"]
-            out["image"] = model.get_image_features(pixel_values=px).pooler_output
+            out["image"] = features(model.get_image_features(pixel_values=px))
         if captions is not None:
             tok = AutoTokenizer.from_pretrained(model_dir)
             enc = tok(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
-            out["text"] = model.get_text_features(**enc).pooler_output
+            out["text"] = features(model.get_text_features(**enc))
     return out
 
 
@@ -136,11 +141,12 @@ def tree_bytes(out_dir) -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize("mode,size", [("RGB", (40, 30)), ("RGB", (30, 50)), ("RGBA", (33, 33)), ("L", (64, 20)),
-                                       ("RGB", (16, 16))])  # fmt: skip
+                                       ("RGB", (16, 16)), ("P", (30, 30)), ("CMYK", (31, 29))])  # fmt: skip
 def test_clip_preprocessing_equals_processor(mode, size):
+    """Every mode through the installed transformers' own RGB conversion (5.17 and 5.2x differ on alpha)."""
     proc = _pil_processor("CLIPImageProcessor")(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     mine = ImagePreprocessor.from_settings(proc.to_dict())
-    img = make_image(3, size, mode)
+    img = make_image(3, size, "RGBA").convert(mode) if mode in ("P", "CMYK") else make_image(3, size, mode)
     expected = proc(images=[img], return_tensors="np")["pixel_values"][0]
     assert_close(torch.from_numpy(mine(img)), torch.from_numpy(expected), atol=1e-6, rtol=0, name="pixel_values")
 
@@ -366,7 +372,7 @@ def test_siglip_checkpoint(folder, tmp_path):
     with torch.no_grad():
         px = proc(images=[Image.open(os.path.join(folder, i)) for i in ok], return_tensors="pt")["pixel_values"]
         enc = AutoTokenizer.from_pretrained(model_dir)(caps, padding="max_length", max_length=16, return_tensors="pt")
-        ref_img = model.get_image_features(pixel_values=px).pooler_output
-        ref_txt = model.get_text_features(**enc).pooler_output
+        ref_img = features(model.get_image_features(pixel_values=px))
+        ref_txt = features(model.get_text_features(**enc))
     assert_close(torch.from_numpy(stacked(tmp_path / "out", "image")), ref_img, **FP32, name="image")
     assert_close(torch.from_numpy(stacked(tmp_path / "out", "text")), ref_txt, **FP32, name="text")

@@ -10,7 +10,7 @@ Sources, listed once in a stable order (the order fixes every sample's global in
   bytes, or HF datasets' {"bytes", "path"} structs); id = the id column or the row number.
 
 Image preprocessing follows the checkpoint's preprocessor_config.json with the PIL image processors' semantics
-(CLIPImageProcessor / SiglipImageProcessor, PIL backend): convert to RGB (alpha composited on white), resize
+(CLIPImageProcessor / SiglipImageProcessor, PIL backend): convert to RGB (transformers' own convert_to_rgb), resize
 (shortest edge keeping the aspect ratio, or a fixed height x width) with the configured PIL filter, center crop,
 rescale (in float64, then float32), normalize in float32. tests/test_embed.py holds it to the processors' own output.
 """
@@ -18,6 +18,8 @@ rescale (in float64, then float32), normalize in float32. tests/test_embed.py ho
 from __future__ import annotations
 
 import csv
+import functools
+import inspect
 import io
 import json
 import os
@@ -332,17 +334,32 @@ _MEAN_STD: dict = {}
 
 
 def _to_rgb(image):
-    """transformers' convert_to_rgb: RGB as is; an alpha channel composited on white (rounded); else convert."""
+    """The installed transformers' convert_to_rgb, so the result matches its processors (5.2x composites an alpha
+    channel on white, 5.17 drops it); RGB images pass through. Without it: composite on white, else convert."""
     if image.mode == "RGB":
         return image
     from PIL import Image
 
+    convert = _hf_convert_to_rgb()
+    if convert is not None:
+        fn, numpy_kw = convert
+        out = fn(image, return_numpy=True) if numpy_kw else fn(image)
+        return Image.fromarray(out) if isinstance(out, np.ndarray) else out
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         a = np.asarray(image.convert("RGBA"))
         alpha = a[..., 3:4] / 255
         comp = alpha * a[..., :3] + (1 - alpha) * 255
         return Image.fromarray(np.round(comp).astype(np.uint8))
     return image.convert("RGB")
+
+
+@functools.cache
+def _hf_convert_to_rgb():
+    try:
+        from transformers.image_transforms import convert_to_rgb
+    except ImportError:
+        return None
+    return convert_to_rgb, "return_numpy" in inspect.signature(convert_to_rgb).parameters
 
 
 def _center_crop(x: np.ndarray, ch: int, cw: int) -> np.ndarray:
