@@ -264,6 +264,16 @@ def test_finetune_siglip_bf16_master_weights(tmp_path):
     assert torch.equal(loaded.logit_bias, res.model.logit_bias)
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_plain_transformers_baseline_trains_under_autocast(precision):
+    """--no-fastenc: the transformers model under torch.autocast (fp32 weights), the same loop and loss."""
+    cfg = FinetuneConfig(tiny="clip", synthetic=8, batch_size=8, steps=3, lr=2e-3, schedule="constant",
+                         precision=precision, fused=False, backend="torch", progress=False)  # fmt: skip
+    res = finetune(cfg)
+    assert res.amp == "autocast" and res.trace == {"torch.clip_loss": 1}  # no fused tower ran
+    assert res.losses[-1] < res.losses[0] and {p.dtype for p in res.model.parameters()} == {torch.float32}
+
+
 def test_finetune_on_an_image_text_folder(tmp_path):
     from PIL import Image
     from transformers import CLIPImageProcessor
