@@ -280,6 +280,9 @@ def test_fp16_store_and_rerun_skips(clip_dir, folder, tmp_path):
     assert tree_bytes(out) == before
     with pytest.raises(InputError, match="differs in: batch"):
         run_embed(clip_dir, folder, out, tower="image", store="fp16", batch=2)
+    assert json.loads((out / "run.json").read_text())["dtype"] == "fp32"  # resolved: fp32 on the CPU
+    with pytest.raises(InputError, match="differs in: dtype"):  # e.g. a CPU run resumed as bf16
+        run_embed(clip_dir, folder, out, tower="image", store="fp16", dtype="bf16")
 
 
 def test_bad_input(clip_dir, folder, tmp_path):

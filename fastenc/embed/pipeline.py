@@ -331,8 +331,10 @@ class ShardAssembler:
 # ------------------------------------------------------------------------------------------------- the run
 
 
-def prepare_run(cfg: EmbedConfig):
-    """Checks, the sample table, the shard plan, the writer and run.json: what the local and Ray runs share."""
+def prepare_run(cfg: EmbedConfig, model_on_cuda: bool):
+    """Checks, the sample table, the shard plan, the writer and run.json: what the local and Ray runs share.
+    run.json records the dtype the model runs in (cfg.dtype, else fp16 on CUDA / fp32 on CPU), so resuming a GPU
+    run on a CPU machine without --dtype is refused instead of mixing fp16 and fp32 results."""
     from transformers import AutoConfig
 
     from .._cli_common import check_checkpoint_dir
@@ -356,7 +358,7 @@ def prepare_run(cfg: EmbedConfig):
         "tower": cfg.tower,
         "batch": cfg.batch,
         "shard_size": cfg.shard_size,
-        "dtype": cfg.dtype,
+        "dtype": cfg.dtype or ("fp16" if model_on_cuda else "fp32"),
         "store": cfg.store,
         "format": cfg.format,
         "backend": cfg.backend,
@@ -390,7 +392,9 @@ def embed(cfg: EmbedConfig) -> EmbedReport:
     import torch
 
     t_start = time.perf_counter()
-    source, run, writer, shards, todo = prepare_run(cfg)
+    from .._cli_common import parse_device
+
+    source, run, writer, shards, todo = prepare_run(cfg, parse_device(cfg.device).type == "cuda")
     runner = TowerRunner(
         cfg.model,
         source.towers,

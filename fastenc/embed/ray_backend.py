@@ -94,11 +94,11 @@ def embed_ray(
     t_start = time.perf_counter()
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
-    source, run, writer, shards, todo = prepare_run(cfg)
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
     cpus = max(1, int(resources.get("CPU", 1)))
     use_gpu = gpus > 0 and cfg.device != "cpu"
+    source, run, writer, shards, todo = prepare_run(cfg, use_gpu)
     model_actors = model_actors or (gpus if use_gpu else 1)
     decode_actors = decode_actors or max(1, cpus - (0 if use_gpu else model_actors))
     batches = [(s.index, a, b) for s in todo for a, b in s.batches()]
