@@ -1,7 +1,7 @@
 """Training end to end: gradients of whole optimized towers in train() mode against transformers (fp32, torch and
 Triton backends), fastenc.train.finetune (loss goes down, the saved checkpoint loads with plain transformers),
-exact gradient accumulation, 2-rank gloo data parallel == one process on the whole batch, the example script and
-`fastenc finetune`."""
+exact gradient accumulation, 2-rank gloo data parallel == one process on the whole batch (spawned, and the example
+script under torchrun), `fastenc finetune`."""
 
 from __future__ import annotations
 
@@ -385,21 +385,36 @@ def _env() -> dict:
     return env
 
 
-def test_example_script_and_cli_subcommand(tmp_path):
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_example_script_under_torchrun_and_cli_subcommand(tmp_path):
+    """torchrun --nproc-per-node 2 examples/finetune_clip.py: the process group comes up from torchrun's environment
+    (gloo), rank 0 prints the summary and saves; losses and weights equal one process on the whole batch."""
     out = tmp_path / "ft"
-    args = ["--tiny", "siglip", "--synthetic", "8", "--batch-size", "4", "--steps", "2", "--backend", "torch"]
+    args = ["--tiny", "siglip", "--synthetic", "8", "--batch-size", "8", "--accum", "2", "--steps", "2"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                str(_free_port())]  # fmt: skip
     r = subprocess.run(
-        [sys.executable, str(REPO / "examples" / "finetune_clip.py"), *args, "--output-dir", str(out), "--json"],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env=_env(),
-        cwd=tmp_path,
-    )
+        [*torchrun, str(REPO / "examples" / "finetune_clip.py"), *args, "--backend", "torch", "--no-progress",
+         "--output-dir", str(out), "--json"],
+        capture_output=True, text=True, timeout=240, env=_env(), cwd=tmp_path,
+    )  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads(r.stdout.strip().splitlines()[-1])
-    assert len(summary["losses"]) == 2 and summary["trace"]["torch.siglip_loss"] == 1
-    assert SiglipModel.from_pretrained(out) is not None
+    assert summary["world_size"] == 2 and summary["trace"]["torch.siglip_loss"] == 2  # accum 2: the loss twice
+    single = finetune(
+        FinetuneConfig(tiny="siglip", synthetic=8, batch_size=8, steps=2, backend="torch", progress=False)
+    )
+    assert summary["losses"] == pytest.approx(single.losses, rel=1e-5)
+    loaded = SiglipModel.from_pretrained(out).state_dict()
+    for k, v in single.model.state_dict().items():
+        assert_close(loaded[k], v, atol=1e-6, rtol=1e-5, name=k)
     r = subprocess.run(
         [
             sys.executable,
