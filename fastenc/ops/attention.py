@@ -11,7 +11,8 @@ forward kernel that also writes two fp32 statistics per query row (the base-2 ro
 the fused Triton backward (kernels/attention.py, "Backward"): dQ, dK, dV, the additive bias's gradient when the bias
 requires grad, and the T5 table's gradient accumulated per distance in-kernel, with O(S) extra memory (no (Sq, Sk)
 tensor except a dense bias's own gradient). Otherwise it runs `torch.ops.fastenc.attention`, whose own backward
-(for direct op users) recomputes the statistics first. The torch backend differentiates SDPA / the reference.
+(for direct op users and torch.export graphs) recomputes the statistics first. The torch backend differentiates
+SDPA / the reference.
 """
 
 from __future__ import annotations
@@ -120,7 +121,8 @@ def attention(
         kpm = key_padding_mask
         return _cuda.attention_forward(q, k, v, causal=causal, key_padding_mask=kpm, bias=None, scale=scale)
     args = (q, k, v, key_padding_mask, bias, rel_bias_table, rel_bias_lut, bool(causal), scale)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, bias, rel_bias_table)):
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, bias, rel_bias_table))
+    if grad and not torch.compiler.is_exporting():  # torch.export: an inference graph, the plain op (still trainable)
         out, _stats = fastenc_op("attention_fwd_stats")(*args)  # saves the O(S) row statistics for the backward
         return out
     return fastenc_op("attention")(*args)
