@@ -77,7 +77,8 @@ def clip_case(provider: str, *, tiny: bool, batch: int, dtype: str, device: torc
 
     torch.manual_seed(seed)
     shape = "tiny" if tiny else "ViT-B/16"
-    model = CLIPModel._from_config(clip_config(shape), attn_implementation="sdpa")
+    with device:  # random init on the device itself (CPU init of 150M parameters costs seconds of a GPU lease)
+        model = CLIPModel._from_config(clip_config(shape), attn_implementation="sdpa")
     fused = provider == "fastenc"
     cfg = FinetuneConfig(
         tiny="clip",
@@ -128,7 +129,9 @@ def t5_case(provider: str, *, tiny: bool, layers: int, batch: int, seq: int, dty
         dropout_rate=0.0,  # fastenc runs transformers' forward for dropout > 0 in train mode
         **dims,
     )
-    model = T5EncoderModel._from_config(cfg, attn_implementation="sdpa").to(device=device, dtype=DTYPES[dtype]).train()
+    with device:
+        model = T5EncoderModel._from_config(cfg, attn_implementation="sdpa")
+    model = model.to(device=device, dtype=DTYPES[dtype]).train()
     runner = (
         fastenc.optimize(model, backend="auto" if device.type == "cuda" else "torch")
         if provider == "fastenc"
