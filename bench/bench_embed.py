@@ -8,7 +8,8 @@ Rows (JSON lines, printed and appended to --out):
                ceiling a pipeline can reach (samples/s)
   fastenc      `fastenc.embed.embed`: JPEG files -> worker decode / resize / normalise -> pinned -> model -> fp16
                shards on disk (samples/s over the loop, model busy share from CUDA events), and
-               pipeline / model-only (the goal: >= 0.9 at ViT-L/14 b256)
+               pipeline / model-only (the goal: >= 0.9 at ViT-L/14 b256); steady_*: from the first batch's
+               arrival on (without worker start-up and the first decode)
   baseline     what users write today: a Dataset calling transformers' AutoImageProcessor per image, DataLoader
                (same workers, pinned), CLIPModel.get_image_features in the same dtype, embeddings kept in memory
                (no files written: favours the baseline)
@@ -112,6 +113,10 @@ class _HFDataset:
         return self.proc(images=img, return_tensors="pt")["pixel_values"][0]
 
 
+def _features(out):
+    return getattr(out, "pooler_output", out)  # a ModelOutput in newer transformers, a tensor in older
+
+
 def baseline(model_dir, files, batch, workers, device, dtype) -> dict:
     import torch
     from transformers import CLIPModel
@@ -128,7 +133,7 @@ def baseline(model_dir, files, batch, workers, device, dtype) -> dict:
     t0 = time.perf_counter()
     with torch.inference_mode():
         for px in loader:
-            out.append(model.get_image_features(pixel_values=px.to(device, dtype, non_blocking=True)).pooler_output)
+            out.append(_features(model.get_image_features(pixel_values=px.to(device, dtype, non_blocking=True))))
             out[-1] = out[-1].float().cpu()
     wall = time.perf_counter() - t0
     return {"samples": len(files), "wall_s": wall, "samples_per_s": len(files) / wall}
@@ -194,16 +199,20 @@ def run(args, sink=None) -> list[dict]:
                       device=str(device), workers=workers, cuda_graphs=not args.no_cuda_graphs,
                       progress=False)  # fmt: skip
     rep = embed(cfg)
+    steady = rep.extra.get("steady_samples_per_s")
     emit(provider="fastenc", samples_per_s=rep.samples_per_s, wall_s=rep.wall_s, model_s=rep.model_s,
          model_busy=rep.model_s / rep.wall_s if rep.wall_s else None,
          pipeline_over_model_only=rep.samples_per_s / fast_model, errors=rep.errors,
+         steady_samples_per_s=steady, steady_over_model_only=steady / fast_model if steady else None,
          vs_clip_retrieval_a100=rep.samples_per_s / CLIP_RETRIEVAL_A100)  # fmt: skip
 
     if not args.no_baseline:
         from transformers import CLIPModel
 
         hf = CLIPModel.from_pretrained(str(model_dir)).to(device=device, dtype=dtype).eval()
-        hf_model = model_only(lambda x: hf.get_image_features(pixel_values=x.to(dtype)), px, device, args.iters)
+        hf_model = model_only(
+            lambda x: _features(hf.get_image_features(pixel_values=x.to(dtype))), px, device, args.iters
+        )
         emit(provider="hf-model-only", samples_per_s=hf_model)
         del hf
         b = baseline(str(model_dir), files, args.batch, workers, device, dtype)

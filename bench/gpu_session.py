@@ -272,9 +272,9 @@ LOSS_STEPS = tuple(
 )
 
 # fastenc embed (bench/bench_embed.py): ViT-L/14 b256 fp16 on synthetic 320x240 JPEGs, model-only vs the whole
-# pipeline vs transformers + DataLoader; the estimate counts building + saving ViT-L (random weights) and 2048 JPEGs
+# pipeline vs transformers + DataLoader; the estimate counts building + saving ViT-L (random weights) and 4096 JPEGs
 EMBED_STEPS = (
-    Step("vit-l14-b256-fp16", 50, 12, dict(shape="ViT-L/14", images=2048, batch=256, dtype="fp16", iters=10)),
+    Step("vit-l14-b256-fp16", 50, 12, dict(shape="ViT-L/14", images=4096, batch=256, dtype="fp16", iters=10)),
 )
 DRY_EMBED = dict(shape="tiny", images=48, batch=16, dtype="fp32", iters=1)
 

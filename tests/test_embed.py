@@ -379,3 +379,17 @@ def test_siglip_checkpoint(folder, tmp_path):
         ref_txt = features(model.get_text_features(**enc))
     assert_close(torch.from_numpy(stacked(tmp_path / "out", "image")), ref_img, **FP32, name="image")
     assert_close(torch.from_numpy(stacked(tmp_path / "out", "text")), ref_txt, **FP32, name="text")
+
+
+def test_warm_up_forward_of_both_towers(clip_dir, folder, tmp_path):
+    """The untimed forward that captures CUDA graphs before the clock starts (run on CUDA only by embed)."""
+    from fastenc.embed.pipeline import TowerRunner, prepare_run
+
+    cfg = EmbedConfig(model=clip_dir, input=folder, out=str(tmp_path / "o"), tower="both", batch=3, device="cpu")
+    source = prepare_run(cfg, False)[0]
+    runner = TowerRunner(clip_dir, ("image", "text"), device="cpu", backend="torch", preprocess=source.preprocess)
+    runner.warm_up(source, 3)
+    assert runner.model_s == 0.0
+    batch = {k: torch.from_numpy(v) for k, v in source.prepare(0, 3).items() if isinstance(v, np.ndarray)}
+    out = runner.run(batch)
+    assert out["image"].shape == (3, 24) and out["text"].shape == (3, 24) and runner.model_s > 0
