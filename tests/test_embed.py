@@ -278,6 +278,11 @@ def test_fp16_store_and_rerun_skips(clip_dir, folder, tmp_path):
     again = run_embed(clip_dir, folder, out, tower="image", store="fp16")
     assert again.shards_skipped == first.shards == 3 and again.samples_run == 0
     assert tree_bytes(out) == before
+    for name in ("manifest.json", "errors.jsonl", "meta-00002.parquet"):  # killed while finishing / in the last shard
+        (out / name).unlink()
+    redo = run_embed(clip_dir, folder, out, tower="image", store="fp16")
+    assert redo.shards_skipped == 2 and redo.samples_run == 1
+    assert tree_bytes(out) == before
     with pytest.raises(InputError, match="differs in: batch"):
         run_embed(clip_dir, folder, out, tower="image", store="fp16", batch=2)
     assert json.loads((out / "run.json").read_text())["dtype"] == "fp32"  # resolved: fp32 on the CPU
