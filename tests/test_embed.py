@@ -242,6 +242,20 @@ def test_webdataset_tars(clip_dir, tmp_path):
     assert_close(torch.from_numpy(stacked(tmp_path / "out", "image")), ref["image"], **FP32, name="image")
 
 
+def test_tar_keys_with_folders_and_dot_prefix(tmp_path):
+    """Keys are the member path up to the basename's first dot ("./" dropped); members of one key group."""
+    data = image_bytes(make_image(1), "PNG")
+    with tarfile.open(tmp_path / "x.tar", "w") as tf:
+        for name, payload in (("./k1.png", data), ("./k1.txt", b"one"), ("sub.v2/k2.seg.jpg", data),
+                              ("sub.v2/k2.txt", b"two"), ("sub.v2/k2.json", b"{}")):  # fmt: skip
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tf.addfile(info, io.BytesIO(payload))
+    table = list_samples(str(tmp_path / "x.tar"))
+    assert table.ids == ["k1", "sub.v2/k2"] and table.captions == ["one", "two"]
+    assert [r[0] for r in table.image_refs] == ["tar", "tar"]
+
+
 @pytest.mark.parametrize("fmt", ["parquet", "csv"])
 def test_tables(clip_dir, folder, tmp_path, fmt):
     """Parquet with image bytes (HF datasets structs) / CSV with relative paths; captions and ids from columns."""

@@ -23,6 +23,7 @@ import inspect
 import io
 import json
 import os
+import posixpath
 import tarfile
 from dataclasses import dataclass, field
 
@@ -128,15 +129,17 @@ def _list_tars(src: str, tars: list[str]) -> SampleTable:
             for m in tf:
                 if not m.isfile():
                     continue
-                key, dot, ext = m.name.partition(".")
-                if not dot:
+                folder, member = posixpath.split(m.name)  # WebDataset key: the path up to the basename's first dot
+                stem, dot, ext = member.partition(".")
+                if not dot or not stem:
                     continue
-                ext = "." + ext.lower()
+                key = stem if folder in ("", ".") else posixpath.join(folder.removeprefix("./"), stem)
+                ext = "." + ext.lower()  # WebDataset field, e.g. ".jpg", ".seg.jpg": images match on the last part
                 g = groups.get(key)
                 if g is None:
                     g = groups[key] = {}
                     order.append(key)
-                if ext in IMAGE_EXTS and "image" not in g:
+                if "." + ext.rsplit(".", 1)[-1] in IMAGE_EXTS and "image" not in g:
                     g["image"] = ("tar", tar_path, m.offset_data, m.size)
                     g["name"] = m.name
                 elif ext == ".txt":
