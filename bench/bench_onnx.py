@@ -153,6 +153,11 @@ def main(argv=None) -> int:
     from fastenc.export.towers import tower_of
 
     threads = args.threads or os.cpu_count() or 1
+    # Interleaved timing: ORT's idle threads would spin-wait after each ORT call and starve the torch call that follows
+    # (measured: transformers 20-40x slower); every ORT session here blocks instead (ORT's own latency pays for it).
+    from fastenc import runtime
+
+    runtime.SESSION_CONFIG["session.intra_op.allow_spinning"] = "0"
     torch.set_num_threads(threads)
     env = meta(threads)
     print(f"# {env['device']}  threads {threads}  torch {env['torch']}  onnxruntime {env['onnxruntime']}  "
@@ -169,6 +174,7 @@ def main(argv=None) -> int:
                     opts = ort.SessionOptions()
                     opts.intra_op_num_threads = threads
                     opts.log_severity_level = 3
+                    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
                     sessions[prov] = (ort.InferenceSession(rep.path, opts, providers=["CPUExecutionProvider"]), rep)
             for prov, quant in (("fastenc-ort", None), ("fastenc-ort-int8", "int8-dynamic")):
                 if prov in args.providers:

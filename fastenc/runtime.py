@@ -57,6 +57,10 @@ _TORCH_DTYPES = {
     "bool": torch.bool,
 }
 _LEVELS = ("disabled", "basic", "extended", "all")
+# ONNX Runtime session config entries every OrtEncoder gets (load(session_config=...) adds to them). E.g.
+# {"session.intra_op.allow_spinning": "0"}: ORT's idle threads stop spin-waiting after a run, which matters when torch
+# work shares the cores (bench/bench_onnx.py interleaves ORT and torch calls and sets it).
+SESSION_CONFIG: dict[str, str] = {}
 _CALL_OPTIONS = ("return_dict", "output_attentions", "output_hidden_states")
 
 
@@ -265,7 +269,8 @@ class OrtEncoder(Encoder):
     """An ONNX file run by ONNX Runtime (see the module docstring)."""
 
     def __init__(self, path: Path, device: torch.device, providers=None, *, threads: int | None = None,
-                 graph_optimization_level: str = "all", optimized_model_cache=False):  # fmt: skip
+                 graph_optimization_level: str = "all", optimized_model_cache=False,
+                 session_config: dict | None = None):  # fmt: skip
         ort = _need("onnxruntime", "fastenc.runtime.load of an .onnx file")
         meta, ins, outs = _ort_metadata(path)
         super().__init__(path, device, meta, ins, outs)
@@ -307,6 +312,11 @@ class OrtEncoder(Encoder):
         opts.log_severity_level = 3
         opts.intra_op_num_threads = threads
         opts.graph_optimization_level = level
+        config = {**SESSION_CONFIG, **(session_config or {})}
+        for k, v in config.items():
+            if not isinstance(k, str) or not isinstance(v, str):
+                raise InputError(f"session_config entries must be str -> str, got {k!r}: {v!r}")
+            opts.add_session_config_entry(k, v)
         source, save_to = str(path), None
         cache = self._cache_path(optimized_model_cache, names[0], graph_optimization_level, ort.__version__)
         if cache is not None and cache.is_file():
@@ -474,10 +484,11 @@ class TensorRTEncoder(Encoder):
 
 
 def load(path, device=None, providers=None, *, threads: int | None = None, graph_optimization_level: str = "all",
-         optimized_model_cache=False) -> Encoder:  # fmt: skip
+         optimized_model_cache=False, session_config: dict | None = None) -> Encoder:  # fmt: skip
     """An encoder module for an exported `.onnx` file (ONNX Runtime) or a TensorRT `.plan` / `.engine` (see the
     module docstring). device: "cpu" (default) or "cuda[:N]"; providers, threads, graph_optimization_level,
-    optimized_model_cache: ONNX Runtime session settings."""
+    optimized_model_cache, session_config (extra `SessionOptions.add_session_config_entry` pairs): ONNX Runtime session
+    settings."""
     if not isinstance(path, (str, os.PathLike)):
         raise InputError(f"path must be a str or os.PathLike, got {type(path).__name__}")
     p = Path(path).expanduser()
@@ -491,7 +502,7 @@ def load(path, device=None, providers=None, *, threads: int | None = None, graph
     if p.suffix != ".onnx":
         raise InputError(f"path {str(p)!r}: expected an .onnx file or a TensorRT .plan / .engine")
     return OrtEncoder(p.resolve(), dev, providers, threads=threads, graph_optimization_level=graph_optimization_level,
-                      optimized_model_cache=optimized_model_cache)  # fmt: skip
+                      optimized_model_cache=optimized_model_cache, session_config=session_config)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------ optimize backend
@@ -823,40 +834,42 @@ def speed_report(model, inputs: dict, *, fast=None, calls: int = 20, warmup: int
 
     cfg = model.config
     before = cfg._attn_implementation
-    competitors = {}
-    for impl in ("eager", "sdpa"):
-
-        def hf(impl=impl):
-            model.set_attn_implementation(impl)
-            with torch.inference_mode():
-                return model(**inputs)
-
-        competitors[f"transformers {impl}"] = hf
-    candidates = []
-    if cuda:
-        fast = fast if fast is not None else optimize(model)
-        candidates = [fast, optimize(model, backend=fast._fastenc.backend, cuda_graphs=True)]
-    elif onnxruntime_installed() and p.dtype == torch.float32:
-        candidates = [optimize(model, backend="onnxruntime")]
-    else:
-        candidates = [fast if fast is not None else optimize(model, backend="torch")]
-    names = []
-    for k, m in enumerate(candidates):
-        with torch.inference_mode(), trace() as t:
-            m(**inputs)  # first call: exports / captures / compiles outside the timing
-            m(**inputs)
-        backends = sorted({key.split(".", 1)[0] for key in t.counts if not key.endswith(".export")})
-        label = "+".join(backends) or "?"
-        if getattr(m, "_fastenc_graphs", None) is not None:
-            label += " + CUDA graphs"
-        names.append(label)
-
-        def run(m=m):
-            with torch.inference_mode():
-                return m(**inputs)
-
-        competitors[f"fastenc {label}#{k}"] = run
+    spinning = SESSION_CONFIG.get("session.intra_op.allow_spinning")
+    SESSION_CONFIG["session.intra_op.allow_spinning"] = "0"  # interleaved with torch: ORT's idle threads must not spin
     try:
+        competitors = {}
+        for impl in ("eager", "sdpa"):
+
+            def hf(impl=impl):
+                model.set_attn_implementation(impl)
+                with torch.inference_mode():
+                    return model(**inputs)
+
+            competitors[f"transformers {impl}"] = hf
+        candidates = []
+        if cuda:
+            fast = fast if fast is not None else optimize(model)
+            candidates = [fast, optimize(model, backend=fast._fastenc.backend, cuda_graphs=True)]
+        elif onnxruntime_installed() and p.dtype == torch.float32:
+            candidates = [optimize(model, backend="onnxruntime")]
+        else:
+            candidates = [fast if fast is not None else optimize(model, backend="torch")]
+        names = []
+        for k, m in enumerate(candidates):
+            with torch.inference_mode(), trace() as t:
+                m(**inputs)  # first call: exports / captures / compiles outside the timing
+                m(**inputs)
+            backends = sorted({key.split(".", 1)[0] for key in t.counts if not key.endswith(".export")})
+            label = "+".join(backends) or "?"
+            if getattr(m, "_fastenc_graphs", None) is not None:
+                label += " + CUDA graphs"
+            names.append(label)
+
+            def run(m=m):
+                with torch.inference_mode():
+                    return m(**inputs)
+
+            competitors[f"fastenc {label}#{k}"] = run
         for fn in competitors.values():
             for _ in range(warmup):
                 fn()
@@ -870,6 +883,10 @@ def speed_report(model, inputs: dict, *, fast=None, calls: int = 20, warmup: int
                 samples[k].append((time.perf_counter() - t0) * 1e3)
     finally:
         model.set_attn_implementation(before)
+        if spinning is None:
+            SESSION_CONFIG.pop("session.intra_op.allow_spinning", None)
+        else:
+            SESSION_CONFIG["session.intra_op.allow_spinning"] = spinning
     p50 = {k: statistics.median(v) for k, v in samples.items()}
     fastenc_keys = [k for k in p50 if k.startswith("fastenc ")]
     best = min(fastenc_keys, key=p50.get)

@@ -190,6 +190,10 @@ def test_session_options_and_optimized_model_cache(tmp_path):
     for enc in (again, plain):
         assert rel_err(enc(ids).last_hidden_state, first(ids).last_hidden_state) < 1e-5
     assert first.session.get_session_options().intra_op_num_threads == 1
+    quiet = runtime.load(path, session_config={"session.intra_op.allow_spinning": "0"})
+    assert quiet.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    with pytest.raises(InputError, match="session_config entries must be str -> str"):
+        runtime.load(path, session_config={"session.intra_op.allow_spinning": 0})
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (IO binding on the GPU)")
