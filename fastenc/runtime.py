@@ -23,7 +23,9 @@ installed raises BackendUnavailableError. Inputs and outputs go through IO bindi
 bound by pointer and the outputs are allocated by torch on the encoder's device (shapes from the graph's named axes),
 so CUDA inputs and outputs never leave the GPU. Session options: intra-op threads (default torch.get_num_threads()),
 graph optimisation level ("all" by default), and `optimized_model_cache=True` (or a path): the optimised graph is
-saved once (atomically) beside the model and later sessions load it with optimisations off.
+saved once (atomically) beside the model and later sessions load it with optimisations off (ORT's caveat applies: a
+graph optimised at level "all" may hold layouts specific to this machine's CPU; the file name carries the provider,
+level and ORT version, not the CPU).
 
 TensorRT (`TensorRTEncoder`, needs tensorrt and a GPU): the first profile whose (min, max) range holds every input
 shape is selected (switched on torch's current CUDA stream), outputs are torch tensors, and the engine runs on torch's
@@ -679,7 +681,9 @@ class OrtState:
                             nested_outputs=nested)  # fmt: skip
             self.exports += 1
             record("onnxruntime", "export")
-        return load(file, "cpu", threads=self.threads, optimized_model_cache=True)
+        # no optimized_model_cache here: a graph optimised at level "all" may hold CPU-specific layouts, and the
+        # cache folder may be shared between machines; the session is built once per optimized model anyway
+        return load(file, "cpu", threads=self.threads)
 
 
 def refresh(model) -> None:
