@@ -410,5 +410,10 @@ def test_warm_up_forward_of_both_towers(clip_dir, folder, tmp_path):
     runner.warm_up(source, 3)
     assert runner.model_s == 0.0
     batch = {k: torch.from_numpy(v) for k, v in source.prepare(0, 3).items() if isinstance(v, np.ndarray)}
+    assert batch["pixel_values"].dtype == torch.float32  # on the CPU the workers normalize
     out = runner.run(batch)
     assert out["image"].shape == (3, 24) and out["text"].shape == (3, 24) and runner.model_s > 0
+    source.ship_uint8 = True  # what a CUDA run ships: the same embeddings, bit for bit
+    raw = {k: torch.from_numpy(v) for k, v in source.prepare(0, 3).items() if isinstance(v, np.ndarray)}
+    assert raw["pixel_values"].dtype == torch.uint8
+    assert torch.equal(runner.run(raw)["image"], out["image"])

@@ -99,6 +99,7 @@ def embed_ray(
     cpus = max(1, int(resources.get("CPU", 1)))
     use_gpu = gpus > 0 and cfg.device != "cpu"
     source, run, writer, shards, todo = prepare_run(cfg, use_gpu)
+    source.ship_uint8 = use_gpu  # as the local run: uint8 to GPU actors, normalized by the decode actors otherwise
     model_actors = model_actors or (gpus if use_gpu else 1)
     decode_actors = decode_actors or max(1, cpus - (0 if use_gpu else model_actors))
     batches = [(s.index, a, b) for s in todo for a, b in s.batches()]
