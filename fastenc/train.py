@@ -28,11 +28,9 @@ What one optimizer step computes (every rank, every micro-batch count gives the 
 Mixed precision (`precision` bf16 / fp16): with amp="autocast" the forward runs under torch.autocast (fp32 weights,
 what transformers models use); with amp="master" the towers are cast to the low dtype, AdamW updates fp32 master
 copies (logit_scale / logit_bias stay fp32 throughout) and gradients are accumulated into the masters in fp32.
-amp="auto" picks master weights for fastenc-optimized models, because the Triton towers do not run under autocast
-yet (an autocast forward feeds a bf16 sub-layer output and the fp32 residual stream to one fused norm, which
-refuses the dtype mix: tests/test_train.py::test_fused_towers_under_autocast, strict xfail; the torch backend
-runs), and autocast for plain transformers models. fp16 uses a GradScaler on CUDA; on CPU fp16 runs without loss
-scaling.
+amp="auto" picks autocast (the fused towers run under it: the bf16 / fp16 GEMM outputs join the fp32 residual
+stream in its dtype, as transformers' promotion does); "master" is the choice for memory (towers held in the low
+dtype). fp16 uses a GradScaler on CUDA; on CPU fp16 runs without loss scaling.
 
 Fused vs fall-back: `fastenc.optimize(model)` in train() mode runs the fused forward (and the ops' backward) when
 dropout is 0; attention dropout > 0 runs the eager attention with dropout, recorded as a fall-back. The first
@@ -364,7 +362,7 @@ def resolve_amp(cfg: FinetuneConfig) -> str | None:
     if cfg.precision == "fp32":
         return None
     if cfg.amp == "auto":
-        return "master" if cfg.fused else "autocast"
+        return "autocast"
     return cfg.amp
 
 

@@ -50,7 +50,8 @@ def encoder_layers_forward(
     slow = attentions is not None or (training and dropout_p > 0)
     mask = None if slow else plan.mask(key_padding_mask, causal, s, s, x.device)  # converted once per forward
     layer_norm, attention = plan.layer_norm, plan.attention
-    if not slow and not tracing() and not torch.compiler.is_compiling():
+    autocast = torch.is_autocast_enabled(x.device.type)
+    if not slow and not autocast and not tracing() and not torch.compiler.is_compiling():
         weights = layer_weights(rt, layers)
         if weights is not None:
             return _fast_layers(weights, x, plan, mask, activation, hidden_states)
@@ -62,7 +63,7 @@ def encoder_layers_forward(
         if delta is None:
             h = layer_norm(x, w1["weight"], w1["bias"], ln1.eps, None)
         else:
-            h, x = layer_norm(delta, w1["weight"], w1["bias"], ln1.eps, x)
+            h, x = layer_norm(residual_dtype(delta, x), w1["weight"], w1["bias"], ln1.eps, x)
             if hidden_states is not None:
                 hidden_states.append(x)
         nh = attn.num_heads
@@ -93,10 +94,16 @@ def encoder_layers_forward(
             o = attention(q, k, v, mask, attn.scale)
         o = o.transpose(1, 2).reshape(b, s, d)  # (B, S, D), free for the kernel's (B, S, H, Dh) output
         a = project(attn._modules["out_proj"], o)
-        h, x = layer_norm(a, w2["weight"], w2["bias"], ln2.eps, x)
+        h, x = layer_norm(residual_dtype(a, x), w2["weight"], w2["bias"], ln2.eps, x)
         fc = mlp._modules
         delta = project(fc["fc2"], project_activation(fc["fc1"], h, activation, plan))
     return x, delta
+
+
+def residual_dtype(branch: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A branch output in the residual stream's dtype. Under torch.autocast the GEMMs return bf16/fp16 while the
+    stream stays fp32; transformers' `residual + branch` promotes to fp32, and the fused add + norm needs one dtype."""
+    return branch if branch.dtype == x.dtype else branch.to(x.dtype)
 
 
 def layer_weights(rt: Runtime, layers) -> list[tuple] | None:
@@ -287,7 +294,7 @@ def final_norm(norm, x, delta, hidden, rt: Runtime):
     """norm(x + delta) with the add fused; the sum (the last layer's output) is appended to hidden as transformers
     reports it, before the norm."""
     p = norm._parameters
-    last, x = rt.plan(x.device).layer_norm(delta, p["weight"], p["bias"], norm.eps, x)
+    last, x = rt.plan(x.device).layer_norm(residual_dtype(delta, x), p["weight"], p["bias"], norm.eps, x)
     if hidden is not None:
         hidden.append(x)
     return last
