@@ -112,8 +112,9 @@ def embed_ray(
         ctx.execution_options.preserve_order = True  # rows come back in plan order: shards assemble as locally
         rows = [{"batch": j, "shard": s, "start": a, "stop": b} for j, (s, a, b) in enumerate(batches)]
         ds = ray.data.from_items(rows, override_num_blocks=len(rows))
+        pool = ray.data.ActorPoolStrategy  # autoscaling actor pools (min 1)
         ds = ds.map_batches(_Decode, fn_constructor_args=(source,), batch_size=1, batch_format="numpy",
-                            num_cpus=1, concurrency=(1, decode_actors))  # fmt: skip
+                            num_cpus=1, compute=pool(min_size=1, max_size=decode_actors))  # fmt: skip
         ds = ds.map_batches(
             _Embed,
             fn_constructor_args=(
@@ -129,7 +130,7 @@ def embed_ray(
             batch_format="numpy",
             num_gpus=1 if use_gpu else 0,
             num_cpus=0 if use_gpu else 1,
-            concurrency=(1, model_actors),
+            compute=pool(min_size=1, max_size=model_actors),
         )
         bar = _progress(cfg, sum(b - a for _, a, b in batches))
         asm = None
