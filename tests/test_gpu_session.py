@@ -64,7 +64,8 @@ def test_plan_fits_one_device_call():
         assert callable(getattr(gs, p.run)), p.run
     order = ["env", "tests", "attention", "towers", "losses", "embed", "training"]
     assert [p.name for p in gs.PHASES] == order  # priority order
-    assert sum(p.est(True) for p in gs.PHASES) < 90  # the dry run's estimate on an idle 2-core host
+    # the dry run's estimate on a 2-core host: 106 s; measured 74 s wall for the whole dry run at load ~5 (2026-11-30)
+    assert sum(p.est(True) for p in gs.PHASES) < 110
 
 
 def test_plan_output_lists_every_phase_and_step():
@@ -159,7 +160,7 @@ def test_dry_run_rows_carry_what_the_results_commit_needs(dry):
     towers = [r for r in rows if "run_id" in r]
     assert towers and all(r["commit"] == "0123abc" for r in towers)
     competitors = {r["config"]["competitor"]: r for r in towers}
-    assert competitors["compile-reduce-overhead"]["status"] == "ok"
+    assert competitors["sdpa"]["status"] == "ok"
     assert competitors["fastenc-triton"]["status"] == "ok"
     assert competitors["fastenc-cuda"]["status"] == "skipped"
     for r in towers:
@@ -246,7 +247,7 @@ def test_deadline_skips_phases_and_says_why(tmp_path):
 def test_a_crashed_child_is_restarted_and_a_hung_one_killed(tmp_path):
     """env: the child dies in its first step and is restarted on the steps it had not reached; losses: the child
     hangs in its second step and is killed at the deadline, keeping the first step's rows."""
-    fault = "env/versions:crash,losses/siglip-fp16:hang"
+    fault = "env/versions:crash,losses/siglip-bf16:hang"
     t0 = time.perf_counter()
     r = _run(
         ["--dry-run", "--deadline", "60", "--phases", "env,losses", "--out", str(tmp_path)],
@@ -263,7 +264,7 @@ def test_a_crashed_child_is_restarted_and_a_hung_one_killed(tmp_path):
     assert ends[("env", "versions")]["result"] == "error" and "status 7" in ends[("env", "versions")]["reason"]
     assert ends[("env", "cuda-extension")]["result"] == "ok" and ends[("env", "gemm-peak")]["result"] == "ok"
     assert ends[("losses", "clip-fp16")]["result"] == "ok"
-    assert ends[("losses", "siglip-fp16")]["result"] == "timeout"
+    assert ends[("losses", "siglip-bf16")]["result"] == "timeout"
     assert [r for r in rows if r.get("kind") == "loss" and r["loss"] == "clip"]  # measured before the hang
     for p in ("env", "losses"):  # every step ends with exactly one row, the one the hang kept it from included
         for s in gs.PHASES_BY_NAME[p].steps:
@@ -275,10 +276,8 @@ def test_a_crashed_child_is_restarted_and_a_hung_one_killed(tmp_path):
                 and r["status"] in ("done", "skipped")
             ]
             assert len(final) == 1, (p, s.name, final)
-    last = [r for r in rows if r.get("kind") == "step" and r["step"] == "siglip-bf16"]
-    assert last[-1]["status"] == "skipped" and "not" in last[-1]["reason"]
     md = (tmp_path / gs.SUMMARY_FILE).read_text()
-    assert "losses/siglip-fp16" in md and "env/versions" in md
+    assert "losses/siglip-bf16" in md and "env/versions" in md
 
 
 def test_summary_lists_failures(tmp_path):
