@@ -15,7 +15,7 @@ Phases, in priority order (PHASES below; adding one is one entry there plus its 
              eager attention at encoder shapes: TFLOP/s, raw samples, speedups, error against fp32
   towers     CLIP ViT-L/14 text / vision, T5-XXL encoder (2/24 layers) bf16, fp16 in a NaN check, SigLIP
              So400M vision, through fastenc.benchmark's runner: p50 latency, throughput, MFU vs the in-run GEMM peak
-             (torch.compile's reduce-overhead competitor is out of the one-call plan: `fastenc bench` runs it)
+             (torch.compile reduce-overhead is out of the one-call plan: bench/bench_graphs.py measures it)
   losses     fastenc CLIP loss fp16 and SigLIP loss bf16 at N=65536, d=1024, forward + backward: time and peak memory,
              against the materialised (open_clip-style) loss at the largest N that fits
   embed      bench/bench_embed.py at ViT-L/14 b256 fp16 on synthetic JPEGs: model-only vs the fastenc embed
