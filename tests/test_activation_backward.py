@@ -11,7 +11,7 @@ import warnings
 
 import pytest
 import torch
-from utils import assert_close, assert_error_within
+from utils import assert_close, assert_error_within, count_backward_launches
 
 import fastenc
 from fastenc.kernels import activation as kernels
@@ -33,17 +33,7 @@ LOW = [torch.float16, torch.bfloat16]
 
 @pytest.fixture
 def launches(monkeypatch):
-    """Counts calls of the fused backward launchers (the reference path never calls them)."""
-    counts = {"bias_activation": 0, "gated_activation": 0}
-    for kind in counts:
-        real = getattr(kernels, f"{kind}_backward")
-
-        def wrapped(*a, _real=real, _kind=kind, **k):
-            counts[_kind] += 1
-            return _real(*a, **k)
-
-        monkeypatch.setattr(kernels, f"{kind}_backward", wrapped)
-    return counts
+    return count_backward_launches(monkeypatch, kernels, ("bias_activation", "gated_activation"))
 
 
 def _x(shape, dtype, device):

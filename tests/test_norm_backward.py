@@ -12,7 +12,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from utils import assert_close, assert_error_within, max_abs_err
+from utils import assert_close, assert_error_within, count_backward_launches, max_abs_err
 
 import fastenc
 from fastenc.kernels import norm as kernels
@@ -27,17 +27,7 @@ LOW = [torch.float16, torch.bfloat16]
 
 @pytest.fixture
 def launches(monkeypatch):
-    """Counts calls of the fused backward launchers (the reference path never calls them)."""
-    counts = {"layer_norm": 0, "rms_norm": 0}
-    for kind in counts:
-        real = getattr(kernels, f"{kind}_backward")
-
-        def wrapped(*a, _real=real, _kind=kind, **k):
-            counts[_kind] += 1
-            return _real(*a, **k)
-
-        monkeypatch.setattr(kernels, f"{kind}_backward", wrapped)
-    return counts
+    return count_backward_launches(monkeypatch, kernels, ("layer_norm", "rms_norm"))
 
 
 def _inputs(shape, dtype, residual, bias=True, weight_dtype=None, device="cpu"):

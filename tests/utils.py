@@ -73,3 +73,17 @@ def run_both(model, fast, inputs, **kw):
         with fastenc.trace() as t:
             got = fast(**inputs, **kw)
     return ref, got, t
+
+
+def count_backward_launches(monkeypatch, module, kinds) -> dict[str, int]:
+    """Counts calls of `module.<kind>_backward` (the fused backward launchers; the reference path never calls them)."""
+    counts = dict.fromkeys(kinds, 0)
+    for kind in kinds:
+        real = getattr(module, f"{kind}_backward")
+
+        def wrapped(*a, _real=real, _kind=kind, **k):
+            counts[_kind] += 1
+            return _real(*a, **k)
+
+        monkeypatch.setattr(module, f"{kind}_backward", wrapped)
+    return counts
