@@ -139,6 +139,8 @@ def main(argv=None) -> int:
     p.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
     p.add_argument("--threads", type=int, default=None, help="torch and ORT intra-op threads (default: all cores)")
     p.add_argument("--t5-mask", action="store_true", help="T5 with attention_mask (padded rows)")
+    p.add_argument("--ort-spinning", action="store_true", help="leave ORT's thread spinning on (its default; fast on "
+                   "a quiet machine, but spinning threads slow the interleaved torch calls under load)")  # fmt: skip
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--out", default=None, help="append rows to this JSON file (bare name: bench/results/NAME)")
@@ -157,7 +159,8 @@ def main(argv=None) -> int:
     # (measured: transformers 20-40x slower); every ORT session here blocks instead (ORT's own latency pays for it).
     from fastenc import runtime
 
-    runtime.SESSION_CONFIG["session.intra_op.allow_spinning"] = "0"
+    spin = "1" if args.ort_spinning else "0"
+    runtime.SESSION_CONFIG["session.intra_op.allow_spinning"] = spin
     torch.set_num_threads(threads)
     env = meta(threads)
     print(f"# {env['device']}  threads {threads}  torch {env['torch']}  onnxruntime {env['onnxruntime']}  "
@@ -174,7 +177,7 @@ def main(argv=None) -> int:
                     opts = ort.SessionOptions()
                     opts.intra_op_num_threads = threads
                     opts.log_severity_level = 3
-                    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+                    opts.add_session_config_entry("session.intra_op.allow_spinning", spin)
                     sessions[prov] = (ort.InferenceSession(rep.path, opts, providers=["CPUExecutionProvider"]), rep)
             for prov, quant in (("fastenc-ort", None), ("fastenc-ort-int8", "int8-dynamic")):
                 if prov in args.providers:
@@ -240,6 +243,7 @@ def main(argv=None) -> int:
                         "pooled_cosine_min_vs_eager": float(cos.min()),
                         "samples_ms": samples[prov],
                         "timing": "interleaved",
+                        "ort_spinning": args.ort_spinning,
                         **env,
                     }
                     if prov in sessions:
