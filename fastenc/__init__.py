@@ -21,7 +21,7 @@ __version__ = "0.1.0"
 
 # public subpackages, imported on first attribute access: `import fastenc` stays light (no onnx / onnxruntime, no
 # tokenizers or PIL for diagnostics) and `fastenc.export.to_onnx(...)` works without a separate import
-_SUBPACKAGES = ("diagnostics", "distributed", "export", "models", "ops", "pipelines")
+_SUBPACKAGES = ("diagnostics", "distributed", "embed", "export", "models", "ops", "pipelines", "runtime", "train")
 _LAZY = {"PromptCache": "pipelines"}  # name -> submodule holding it
 
 

@@ -12,7 +12,7 @@ import pytest
 import fastenc
 from fastenc import cli
 
-SUBPACKAGES = ("export", "ops", "models", "distributed", "diagnostics")
+SUBPACKAGES = ("export", "ops", "models", "distributed", "diagnostics", "runtime", "embed", "train")
 
 
 def _python(code: str, **env) -> subprocess.CompletedProcess:
@@ -27,14 +27,19 @@ def test_subpackages_are_attributes_without_importing_onnx():
     code = """
 import json, sys
 import fastenc
-heavy = sorted(m for m in ("onnx", "onnxruntime", "fastenc.export", "fastenc.diagnostics") if m in sys.modules)
-listed = [n for n in ("export", "ops", "models", "distributed", "diagnostics") if n in dir(fastenc)]
+heavy = sorted(m for m in ("onnx", "onnxruntime", "fastenc.export", "fastenc.diagnostics", "fastenc.runtime",
+                           "fastenc.embed", "fastenc.train", "pyarrow", "ray") if m in sys.modules)
+listed = [n for n in ("export", "ops", "models", "distributed", "diagnostics", "runtime", "embed", "train")
+          if n in dir(fastenc)]
 ok = {
     "export": callable(fastenc.export.to_onnx) and callable(fastenc.export.to_triton_repository),
     "ops": callable(fastenc.ops.attention),
     "models": hasattr(fastenc.models, "FUSED_CLASSES"),
     "distributed": callable(fastenc.distributed.clip_loss),
     "diagnostics": callable(fastenc.diagnostics.token_report),
+    "runtime": callable(fastenc.runtime.load),
+    "embed": hasattr(fastenc, "embed"),
+    "train": callable(fastenc.train.finetune),
 }
 print(json.dumps({"heavy_at_import": heavy, "listed": listed, "ok": ok}))
 """
