@@ -114,6 +114,21 @@ def time_interleaved(calls: dict, warmup: int, iters: int) -> dict[str, list[flo
     return samples
 
 
+def time_blocks(calls: dict, warmup: int, iters: int) -> dict[str, list[float]]:
+    """provider -> ms per call; each provider's warm-up and --iters calls back to back (with ORT's spinning on, the
+    fair order: no torch call runs between two ORT calls while ORT's threads spin-wait)."""
+    samples = {}
+    for k, fn in calls.items():
+        for _ in range(warmup):
+            fn()
+        samples[k] = []
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            fn()
+            samples[k].append((time.perf_counter() - t0) * 1e3)
+    return samples
+
+
 def pooled(label: str, out, mask):
     """(N, D) pooled embedding: the first output, or for T5 the masked mean of last_hidden_state."""
     import torch
@@ -141,6 +156,9 @@ def main(argv=None) -> int:
     p.add_argument("--t5-mask", action="store_true", help="T5 with attention_mask (padded rows)")
     p.add_argument("--ort-spinning", action="store_true", help="leave ORT's thread spinning on (its default; fast on "
                    "a quiet machine, but spinning threads slow the interleaved torch calls under load)")  # fmt: skip
+    p.add_argument("--timing", choices=("interleaved", "blocks"), default="interleaved",
+                   help="interleaved: every round calls each provider once; blocks: each provider's calls back to back "
+                   "(use with --ort-spinning)")  # fmt: skip
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--out", default=None, help="append rows to this JSON file (bare name: bench/results/NAME)")
@@ -223,7 +241,8 @@ def main(argv=None) -> int:
                         got = call()[names.index(first)]
                     calls[prov] = call
                     firsts[prov] = got
-                samples = time_interleaved(calls, args.warmup, args.iters)
+                timer = time_interleaved if args.timing == "interleaved" else time_blocks
+                samples = timer(calls, args.warmup, args.iters)
                 sdpa = percentile(samples["torch-sdpa"], 50) if "torch-sdpa" in samples else None
                 for prov in args.providers:
                     got = firsts[prov]
@@ -242,7 +261,7 @@ def main(argv=None) -> int:
                         "max_rel_err_vs_eager": err,
                         "pooled_cosine_min_vs_eager": float(cos.min()),
                         "samples_ms": samples[prov],
-                        "timing": "interleaved",
+                        "timing": args.timing,
                         "ort_spinning": args.ort_spinning,
                         **env,
                     }
