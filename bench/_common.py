@@ -109,6 +109,24 @@ def bench_quantiles(fn, warmup: int, rep: int) -> tuple[float, float, float]:
     return p20, p50, p80
 
 
+def lazy_provider(maker):
+    """A provider built on its first call (maker() -> the callable), so a provider that cannot run fails inside
+    bench_provider's try rather than while the table is set up."""
+    built = []
+
+    def fn():
+        if not built:
+            built.append(maker())
+        return built[0]()
+
+    return fn
+
+
+def first(out):
+    """An op's first output (the norms return [y] or [y, x + residual])."""
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
 def bench_provider(fn, error_of, warmup: int, rep: int, label: str) -> tuple[float, float, float, float] | str:
     """(error_of(fn()), p20, p50, p80) for one provider; the first call also warms up, compiles or autotunes.
 

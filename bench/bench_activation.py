@@ -26,7 +26,9 @@ import torch
 from _common import (
     EXIT_NO_CUDA,
     bench_provider,
+    first,
     kernel_env,
+    lazy_provider,
     no_cuda,
     parse_providers,
     print_kernel_env,
@@ -132,22 +134,6 @@ def fp32_reference_grad(activation, x, bias, up, gated, dy):
     return torch.autograd.grad((y * dy.float()).sum(), xl)[0]
 
 
-def _lazy(maker):
-    """A provider built on its first call, so a provider that cannot run fails inside bench_provider's try."""
-    built = []
-
-    def fn():
-        if not built:
-            built.append(maker())
-        return built[0]()
-
-    return fn
-
-
-def first(out):
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
 def fp32_reference(activation, x, bias, up, gated):
     from fastenc.ops.activation import activation_reference
 
@@ -200,7 +186,7 @@ def main(argv=None) -> int:
             if args.backward:
                 dy = torch.randn(rows, n, dtype=dtype, device="cuda")
                 makers = backward_providers(activation, x, bias, up, args.gated, dy)
-                fns = {k: _lazy(m) for k, m in makers.items()}
+                fns = {k: lazy_provider(m) for k, m in makers.items()}
                 ref = fp32_reference_grad(activation, x, bias, up, args.gated, dy)
                 nbytes = bytes_moved_backward(rows, n, dtype, bias=has_bias, gated=args.gated)
             else:

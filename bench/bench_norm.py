@@ -28,7 +28,9 @@ import torch.nn.functional as F
 from _common import (
     EXIT_NO_CUDA,
     bench_provider,
+    first,
     kernel_env,
+    lazy_provider,
     no_cuda,
     parse_providers,
     print_kernel_env,
@@ -178,22 +180,6 @@ def fp32_reference_dx(op, x, r, w, b, eps, dy, ds):
     return torch.autograd.grad(loss, s)[0]
 
 
-def _lazy(maker):
-    """A provider built on its first call, so a provider that cannot run fails inside bench_provider's try."""
-    built = []
-
-    def fn():
-        if not built:
-            built.append(maker())
-        return built[0]()
-
-    return fn
-
-
-def first(out):
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
 parse_shape = shape_parser("ROWS,N")
 
 
@@ -238,7 +224,7 @@ def main(argv=None) -> int:
                 y_dtype = weight_dtype if op == "rms_norm" and weight_dtype != torch.float32 else dtype
                 dy = torch.randn(rows, n, device="cuda").to(y_dtype)
                 ds = torch.randn(rows, n, device="cuda").to(dtype) if args.residual else None
-                fns = {k: _lazy(m) for k, m in backward_providers(op, x, r, w, b, args.eps, dy, ds).items()}
+                fns = {k: lazy_provider(m) for k, m in backward_providers(op, x, r, w, b, args.eps, dy, ds).items()}
                 ref = fp32_reference_dx(op, x, r, w, b, args.eps, dy, ds)
                 nbytes = bytes_moved_backward(op, rows, n, dtype, weight_dtype, args.residual)
             else:
