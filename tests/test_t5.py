@@ -313,3 +313,26 @@ def test_gradients_match_transformers(backend):
         assert (r is None) == (g is None), name
         if r is not None:
             assert_close(g, r, atol=1e-5, rtol=1e-4, name=f"d {name}")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("ff", ["gated-gelu", "relu"])
+def test_fast_loop_parity_without_a_trace(backend, ff, monkeypatch):
+    """No trace, no hidden states: the prevalidated block loop (`_t5_fast_layers`) runs; outputs match transformers,
+    padded rows included. UMT5 (a table per block) keeps the general loop."""
+    import fastenc.models.t5 as t5
+
+    calls = []
+    real = t5._t5_fast_layers
+    monkeypatch.setattr(t5, "_t5_fast_layers", lambda *a: calls.append(1) or real(*a))
+    model = build(make_config(layers=3, ff=ff))
+    fast = fastenc.optimize(model, backend=backend)
+    inputs = inputs_for(3, 19)
+    with torch.no_grad():
+        compare_outputs(model(**inputs), fast(**inputs))
+        compare_outputs(model(**inputs), fast(**inputs))
+    assert len(calls) == 2
+    umt5 = build(make_config(cls=UMT5Config, layers=2), UMT5EncoderModel)
+    with torch.no_grad():
+        compare_outputs(umt5(**inputs), fastenc.optimize(umt5, backend=backend)(**inputs))
+    assert len(calls) == 2

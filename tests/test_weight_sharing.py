@@ -278,3 +278,54 @@ def test_plain_attribute_edits_after_the_first_call_are_seen():
     layer.layer_norm1.eps = 0.5
     layer.self_attn.scale = 0.05
     _check(model, fast, inputs)
+
+
+def _t5_block(model, i=0):
+    return model.encoder.block[i]
+
+
+T5_EDITS = {  # the T5 fast loop (t5_layer_weights) keeps per-block tensors between calls; each edit must show
+    "q_data_mul": lambda m: _t5_block(m).layer[0].SelfAttention.q.weight.data.mul_(2),
+    "o_data_assign": lambda m: setattr(
+        _t5_block(m, 1).layer[0].SelfAttention.o, "weight", torch.nn.Parameter(torch.randn(32, 32))
+    ),
+    "wo_copy": lambda m: torch.no_grad()(lambda w: w.copy_(torch.randn_like(w)))(
+        _t5_block(m).layer[1].DenseReluDense.wo.weight
+    ),
+    "wi_0_data_assign": lambda m: setattr(
+        _t5_block(m).layer[1].DenseReluDense.wi_0.weight, "data", torch.randn(48, 32)
+    ),
+    "norm_weight_add": lambda m: _t5_block(m, 1).layer[1].layer_norm.weight.data.add_(0.5),
+    "norm_eps": lambda m: setattr(_t5_block(m).layer[0].layer_norm, "variance_epsilon", 0.5),
+    "table_mul": lambda m: _t5_block(m).layer[0].SelfAttention.relative_attention_bias.weight.data.mul_(3),
+    "hook_on_wo": lambda m: _t5_block(m, 1).layer[1].DenseReluDense.wo.register_forward_hook(
+        lambda mod, args, out: out * 2
+    ),
+    "lora_wi_1": lambda m: setattr(
+        _t5_block(m).layer[1].DenseReluDense, "wi_1", _LoraLinear(_t5_block(m).layer[1].DenseReluDense.wi_1)
+    ),
+    "load_state_dict_assign": lambda m: m.load_state_dict(
+        {k: v.clone() * 0.5 for k, v in m.state_dict().items()}, assign=True
+    ),
+}
+
+
+@pytest.mark.parametrize("edit", sorted(T5_EDITS))
+def test_t5_fast_loop_sees_every_edit(edit, monkeypatch):
+    from transformers import T5Config
+
+    import fastenc.models.t5 as t5
+
+    calls = []
+    real = t5._t5_fast_layers
+    monkeypatch.setattr(t5, "_t5_fast_layers", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(0)
+    model = T5EncoderModel(T5Config(**T5_CONFIG)).eval()
+    fast = fastenc.optimize(model, backend="torch")
+    inputs = {"input_ids": torch.randint(0, 50, (2, 9)), "attention_mask": torch.tensor([[1] * 9, [1] * 5 + [0] * 4])}
+    _check(model, fast, inputs)
+    _check(model, fast, inputs)  # the second call reuses the kept per-block tensors
+    assert len(calls) == 2  # both calls took the fast loop
+    T5_EDITS[edit](model)
+    _check(model, fast, inputs)
+    assert len(calls) == (2 if edit in ("hook_on_wo", "lora_wi_1") else 3)  # a hook or wrapper: the general loop

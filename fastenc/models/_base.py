@@ -244,7 +244,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 def norm_eps(module) -> float:
-    return float(getattr(module, "eps", getattr(module, "variance_epsilon", 1e-6)))
+    """A norm module's epsilon: `eps` (nn.LayerNorm) or `variance_epsilon` (T5LayerNorm), plain attributes read from
+    the instance dict first (a missing attribute costs nn.Module.__getattr__ an exception per call)."""
+    d = module.__dict__
+    eps = d.get("eps", d.get("variance_epsilon"))
+    if eps is None:
+        eps = getattr(module, "eps", getattr(module, "variance_epsilon", 1e-6))
+    return float(eps)
 
 
 __all__ = [

@@ -45,7 +45,7 @@ from transformers import T5EncoderModel
 from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
 
 from .. import ops
-from .._trace import record
+from .._trace import record, tracing
 from ..errors import InputError, UnsupportedModelError
 from ..ops.reference import attention_with_probs, relative_position_buckets
 from ._base import (
@@ -57,8 +57,9 @@ from ._base import (
     norm_eps,
     plain_linear,
     project,
+    structure_generation,
 )
-from ._encoder import FastencModelMixin, activation_of, finish_hidden, model_output
+from ._encoder import FastencModelMixin, activation_of, finish_hidden, model_output, residual_dtype
 
 try:
     from transformers import UMT5EncoderModel
@@ -155,6 +156,88 @@ def _embed(stack, input_ids, attention_mask, inputs_embeds):
 # ------------------------------------------------------------------------------------------------------ tower
 
 
+def t5_layer_weights(rt: Runtime, blocks) -> list[tuple] | None:
+    """Per block, what `_t5_fast_layers` reads, collected once per model and reused while current (as
+    `_encoder.layer_weights` for CLIP / SigLIP: same structure generation, the fused q/k/v and wi_0/wi_1 buffers are
+    still the weights' storage, no linear got a hook, autograd does not record into the weights). None where a
+    block needs the general loop: a wrapped or hooked linear, a relative-bias table past block 0 (UMT5), autograd."""
+    key = ("t5-blocks", id(blocks))
+    cache = rt.fused.get(key)
+    if cache is not None and cache[0] == structure_generation() and cache[1] is blocks:
+        fused, ptrs, hooks, weights = cache[2], cache[3], cache[4], cache[5]
+        if (
+            tuple(t.data_ptr() for t in fused) == ptrs
+            and not any(hooks)
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in fused))
+        ):
+            return weights
+    gen = structure_generation()
+    if not len(blocks):
+        return None
+    weights, fused, linears = [], [], []
+    for i, block in enumerate(blocks):
+        sub = list(block._modules["layer"]._modules.values())
+        sa, ff = sub[0], sub[-1]
+        attn = sa._modules["SelfAttention"]
+        if attn.has_relative_attention_bias != (i == 0):
+            return None
+        am, fm = attn._modules, ff._modules["DenseReluDense"]._modules
+        gated = "wi_0" in fm
+        lins = (am["q"], am["k"], am["v"], am["o"], *((fm["wi_0"], fm["wi_1"]) if gated else (fm["wi"],)), fm["wo"])
+        if not all(map(plain_linear, lins)):
+            return None
+        qkv = fuse_linears(rt, attn, ("q", "k", "v"))
+        wi = fuse_linears(rt, ff._modules["DenseReluDense"], ("wi_0", "wi_1")) if gated else (fm["wi"].weight, None)
+        if qkv is None or wi is None or not (_is_storage_of(qkv[0], lins[0]) and _is_storage_of(wi[0], lins[4])):
+            return None  # a per-call cat (autograd, compile): nothing to keep
+        table = am["relative_attention_bias"]._parameters["weight"] if i == 0 else None
+        n_gate = fm["wi_0"]._parameters["weight"].shape[0] if gated else 0
+        weights.append(  # modules for eps / n_heads / d_kv, read each call (plain attributes, not registered)
+            (table, sa._modules["layer_norm"], qkv[0], attn, am["o"]._parameters["weight"],
+             ff._modules["layer_norm"], wi[0], n_gate, fm["wo"]._parameters["weight"])
+        )  # fmt: skip
+        fused.extend(m._parameters["weight"] for m in lins)
+        linears.extend(lins)
+    fused = tuple(fused)
+    hooks = tuple(d for m in linears for d in (m._forward_hooks, m._forward_pre_hooks))
+    rt.fused[key] = (gen, blocks, fused, tuple(t.data_ptr() for t in fused), hooks, weights)
+    return weights
+
+
+def _is_storage_of(buffer: torch.Tensor, m) -> bool:
+    """The fused buffer is the linear's weight storage (a view laid out by `prefuse`), not a copy."""
+    return buffer.untyped_storage().data_ptr() == m._parameters["weight"].untyped_storage().data_ptr()
+
+
+def _t5_fast_layers(weights, x, plan, amask, act: str, cdt: torch.dtype):
+    """The general loop of `t5_encoder_forward` over prevalidated plain blocks (fp32 / bf16: no fp16 policy), no
+    hidden states or attentions: tensors and prebound callables only. Returns (x, delta), delta left unsummed."""
+    b, s, _ = x.shape
+    rms_norm, attention = plan.rms_norm, plan.attention
+    gated, plain_act = plan.gated_activation, plan.bias_activation
+    lin = F.linear
+    table = weights[0][0]
+    delta = None
+    for _, ln1, wqkv, attn, wo, ln2, wi, n_gate, wo_ff in weights:
+        if delta is None:
+            h = rms_norm(x, ln1._parameters["weight"], norm_eps(ln1), None)
+        else:
+            h, x = rms_norm(residual_dtype(delta, x), ln1._parameters["weight"], norm_eps(ln1), x)
+        nh, dk = attn.n_heads, attn.key_value_proj_dim
+        q, k, v = lin(h.to(cdt), wqkv).view(b, s, 3, nh, dk).permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, S, Dk)
+        o = attention(q, k, v, amask, 1.0, table).transpose(1, 2).reshape(b, s, nh * dk)
+        a = lin(o.to(wo.dtype), wo).to(x.dtype)
+        h, x = rms_norm(a, ln2._parameters["weight"], norm_eps(ln2), x)
+        h = h.to(cdt)
+        if n_gate:
+            gu = lin(h, wi)  # (B, S, 2F)
+            f = gated(gu[..., :n_gate], gu[..., n_gate:], act)
+        else:
+            f = plain_act(lin(h, wi), None, act)
+        delta = lin(f.to(wo_ff.dtype), wo_ff).to(x.dtype)
+    return x, delta
+
+
 def t5_encoder_forward(
     model, rt: Runtime, input_ids, attention_mask, inputs_embeds, *, output_attentions, output_hidden_states
 ) -> BaseModelOutputWithPastAndCrossAttentions:
@@ -196,7 +279,15 @@ def t5_encoder_forward(
     plan = rt.plan(x.device)
     rms_norm, attention = plan.rms_norm, plan.attention
     amask = None  # the attention mask of the current table, converted once per table (T5: once per forward)
-    for block in blocks:
+    weights = None
+    if not (wide or hidden is not None or attns is not None or tracing() or torch.compiler.is_compiling()
+            or torch.is_autocast_enabled(x.device.type)):  # fmt: skip
+        weights = t5_layer_weights(rt, blocks)
+    if weights is not None:
+        table = weights[0][0]
+        amask = plan.mask(mask, False, s, s, x.device, rel_bias=(table, lut), dtype=cdt)
+        x, delta = _t5_fast_layers(weights, x, plan, amask, act, cdt)
+    for block in blocks if weights is None else ():  # the general loop: hooks, wrapped linears, fp16, outputs
         sub = list(block._modules["layer"]._modules.values())
         sa, ff = sub[0], sub[-1]
         attn = sa._modules["SelfAttention"]

@@ -8,7 +8,9 @@ directly from a plan resolved once per model, see `fastenc.ops._plan`). The expl
                key-padding mask only after a finiteness check of q, k, v (CPU), else the explicit reference
     layer_norm / bias_activation: F.layer_norm / the activation in the input dtype for fp32 inputs (nothing to
                round), in fp32 with one rounding for fp16 / bf16 (the reference)
-    rms_norm / gated_activation: the references (T5's exact fp32-variance rule)
+    rms_norm: F.rms_norm for fp32 inputs and weights (T5's fp32-variance rule is its math; bit-identical to the
+               reference on CPU), the reference otherwise (half weights cast the normed value first)
+    gated_activation: the reference
 """
 
 from __future__ import annotations
@@ -125,7 +127,12 @@ def linear_activation_fn(dtype: torch.dtype, activation: str):
 
 
 def rms_norm(x, weight, eps: float, residual=None):
-    return rms_norm_reference(x, weight, residual, eps=eps)
+    """T5LayerNorm; with residual -> (normed, x + residual)."""
+    if x.dtype != torch.float32 or weight.dtype != torch.float32:
+        return rms_norm_reference(x, weight, residual, eps=eps)
+    s = x if residual is None else x + residual
+    y = F.rms_norm(s, (s.shape[-1],), weight, eps)
+    return y if residual is None else (y, s)
 
 
 def bias_activation(x, bias, activation: str):
