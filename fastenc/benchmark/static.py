@@ -291,26 +291,39 @@ def _job(case, fn, args, kwargs, cdict, selectable, when):
 # ---------------------------------------------------------------------------------------------------- cases
 
 
-def _attention_case(dtype, hd, variant, seq=None, cost=1.0, archs=None):
+def _attention_inputs(dtype, hd, variant, s):
+    """(q, keyword arguments) of one attention variant at length s, batch 1, 2 heads: k and v are q's clones. The
+    additive bias is (B, 1, Sq, Sk), as attn_implementation builds it (broadcast over heads: the backward's dbias
+    then takes atomic adds)."""
     import torch
 
+    causal, kpm, bias, relbias = ATTN_VARIANTS[variant]
+    dt = _torch_dtype(dtype)
+    b, h = 1, 2
+    q = torch.zeros(b, h, s, hd, dtype=dt)
+    kw = dict(causal=causal, key_padding_mask=None, bias=None, scale=hd**-0.5)
+    if kpm:
+        kw["key_padding_mask"] = torch.ones(b, s, dtype=torch.bool)
+    if bias:
+        kw["bias"] = torch.zeros(b, 1, s, s, dtype=dt)
+    if relbias:
+        kw["rel_bias_table"] = torch.zeros(32, h, dtype=dt)
+        kw["rel_bias_lut"] = torch.zeros(2 * s - 1, dtype=torch.int32)
+    return q, kw
+
+
+def _attention_seq(variant, seq):
+    causal, _, _, relbias = ATTN_VARIANTS[variant]
+    return seq or (77 if causal else 512 if relbias else 257)  # CLIP text, T5, ViT-L/14 vision
+
+
+def _attention_case(dtype, hd, variant, seq=None, cost=1.0, archs=None):
     from fastenc.kernels import attention as K
 
-    causal, kpm, bias, relbias = ATTN_VARIANTS[variant]
-    s = seq or (77 if causal else 512 if relbias else 257)  # CLIP text, T5, ViT-L/14 vision
+    s = _attention_seq(variant, seq)
 
     def launch():
-        dt = _torch_dtype(dtype)
-        b, h = 1, 2
-        q = torch.zeros(b, h, s, hd, dtype=dt)
-        kw = dict(causal=causal, key_padding_mask=None, bias=None, scale=hd**-0.5)
-        if kpm:
-            kw["key_padding_mask"] = torch.ones(b, s, dtype=torch.bool)
-        if bias:
-            kw["bias"] = torch.zeros(b, 1, s, s, dtype=dt)  # a (B, 1, Sq, Sk) mask as attn_implementation builds
-        if relbias:
-            kw["rel_bias_table"] = torch.zeros(32, h, dtype=dt)
-            kw["rel_bias_lut"] = torch.zeros(2 * s - 1, dtype=torch.int32)
+        q, kw = _attention_inputs(dtype, hd, variant, s)
         with _matmul_precision(dtype):
             K.attention_forward(q, q.clone(), q.clone(), **kw)
 
@@ -325,26 +338,16 @@ def _attention_bwd_case(dtype, hd, variant, seq=None, cost=2.0, archs=None, stat
 
     from fastenc.kernels import attention as K
 
-    causal, kpm, bias, relbias = ATTN_VARIANTS[variant]
-    s = seq or (77 if causal else 512 if relbias else 257)
+    _, _, bias, relbias = ATTN_VARIANTS[variant]
+    s = _attention_seq(variant, seq)
 
     def launch():
-        dt = _torch_dtype(dtype)
-        b, h = 1, 2
-        q = torch.zeros(b, h, s, hd, dtype=dt)
-        kw = dict(causal=causal, key_padding_mask=None, bias=None, scale=hd**-0.5)
-        if kpm:
-            kw["key_padding_mask"] = torch.ones(b, s, dtype=torch.bool)
-        if bias:
-            kw["bias"] = torch.zeros(b, 1, s, s, dtype=dt)  # broadcast over heads: dbias by atomic adds
-        if relbias:
-            kw["rel_bias_table"] = torch.zeros(32, h, dtype=dt)
-            kw["rel_bias_lut"] = torch.zeros(2 * s - 1, dtype=torch.int32)
+        q, kw = _attention_inputs(dtype, hd, variant, s)
         with _matmul_precision(dtype):
             if stats_forward:
                 K.attention_forward(q, q.clone(), q.clone(), return_stats=True, **kw)
             else:
-                stats = torch.zeros(b, h, 2, s, dtype=torch.float32)
+                stats = torch.zeros(q.shape[0], q.shape[1], 2, s, dtype=torch.float32)
                 K.attention_backward(q.clone(), q, q.clone(), q.clone(), q.clone(), stats, bias_grad=bias,
                                      table_grad=relbias, **kw)  # fmt: skip
 

@@ -514,13 +514,14 @@ def export_onnx(
         final = tmp / "final" / out_path.name
         final.parent.mkdir()
         fusions, quant = {}, None
-        if quantize:
+        if quantize or optimize:  # a checked fp32 graph first, which int8 quantization or ORT's fusions rewrite
             plain = tmp / "plain" / out_path.name
             plain.parent.mkdir()
             _save(proto, plain, external_fp32)
             del proto
-            say("onnx.checker (fp32 graph)")
+            say("onnx.checker (fp32 graph)" if quantize else "onnx.checker (graph before fusion)")
             onnx.checker.check_model(str(plain))
+        if quantize:
             say(f"quantizing the linear layers ({quantize})")
             n, staged = quantize_int8_dynamic(plain, final, external)
             say("int8 vs fp32 on the probe set")
@@ -532,12 +533,6 @@ def export_onnx(
                     f"top-1 agreement {quant.top1_agreement:.3f} on {quant.probe}); nothing was written"
                 )
         elif optimize:
-            plain = tmp / "plain" / out_path.name
-            plain.parent.mkdir()
-            _save(proto, plain, external_fp32)
-            del proto
-            say("onnx.checker (graph before fusion)")
-            onnx.checker.check_model(str(plain))
             say(f"ORT transformer optimizer (model_type={tower.ort_model_type})")
             fusions, staged = _optimize(tower, plain, final, out_dtype == torch.float16, external)
             say("loading the fused graph in ONNX Runtime")  # com.microsoft / ORT-only ops: onnx.checker cannot judge
