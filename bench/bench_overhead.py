@@ -13,6 +13,7 @@ be kernel launches on a GPU), and fastenc's own trace counts.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -110,6 +111,7 @@ def real_sizes(iters: int, threads: int, meta: dict) -> list[dict]:
                     {
                         **meta,
                         "model": f"CLIP ViT-B/32 {tower}",
+                        "load_avg_1m": os.getloadavg()[0],
                         "batch": batch,
                         "threads": threads,
                         "competitor": name,
@@ -137,6 +139,7 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=200, help="timed forwards per competitor (median reported)")
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--out", help="file name under bench/results/ to append the JSON rows to")
+    p.add_argument("--note", default="", help="free text stored in every row (e.g. what the run is: before / after)")
     p.add_argument(
         "--real",
         type=int,
@@ -176,6 +179,8 @@ def main(argv=None) -> int:
         "torch": torch.__version__,
         "commit": git_commit(),
         "machine": _machine(),
+        "load_avg_1m": os.getloadavg()[0],  # the machine's load at the end of the timing: a busy machine shows here
+        **({"note": args.note} if args.note else {}),
     }
     rows = []
     print(f"# {meta['model']}, 1 thread, median of {args.iters}; torch {torch.__version__}")
@@ -200,7 +205,8 @@ def main(argv=None) -> int:
     rows[-1]["fastenc_trace_ops_per_layer"] = fastenc_ops
     print("fastenc trace, per layer:", {k: round(v, 2) for k, v in fastenc_ops.items()})
     if args.real:
-        rows += real_sizes(args.real, 2, {k: v for k, v in meta.items() if k not in ("model", "threads")})
+        real_meta = {k: v for k, v in meta.items() if k not in ("model", "threads", "load_avg_1m")}
+        rows += real_sizes(args.real, 2, real_meta)
     if args.out:
         append_rows(RESULTS / args.out, rows)
     return 0

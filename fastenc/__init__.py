@@ -11,13 +11,12 @@ import importlib as _importlib
 from . import distributed, integrations, ops
 from ._dispatch import available_backends
 from ._trace import FallbackWarning, trace
+from ._version import __version__  # noqa: F401 - fastenc.__version__
 from .errors import BackendUnavailableError, DoubleBackwardError, FastencError, InputError, UnsupportedModelError
 from .integrations import register_transformers_attention
 from .optimize import optimize  # noqa: E402  (the function shadows its module's name, as intended)
 
 register_transformers_attention()  # attn_implementation="fastenc"; warns, never raises, without AttentionInterface
-
-__version__ = "0.1.0"
 
 # public subpackages, imported on first attribute access: `import fastenc` stays light (no onnx / onnxruntime, no
 # tokenizers or PIL for diagnostics) and `fastenc.export.to_onnx(...)` works without a separate import

@@ -81,3 +81,32 @@ def load_checkpoint(path: str, flag: str = "--model"):
     except (OSError, ValueError, KeyError, TypeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InputError(f"{flag} {path!r} could not be loaded as a transformers checkpoint: {first}") from None
+
+
+def _reexec_with_interpreter(argv: list[str]) -> None:
+    """Run this command again in a process that starts with TRITON_INTERPRET=1. Setting it here would be too late:
+    `import fastenc` imports transformers, which imports triton, and triton fixes the interpreter mode of its own
+    library functions when it is imported."""
+    sys.stdout.flush()
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    os.execve(sys.executable, [sys.executable, "-m", "fastenc.cli", *argv], env)
+
+
+def split_names(values: list[str] | None) -> list[str] | None:
+    """Repeatable, comma-separated argument values (`--models a,b --models c`) as one list; None stays None."""
+    if values is None:
+        return None
+    return [n.strip() for v in values for n in v.split(",") if n.strip()]
+
+
+def split_ints(values: list[str] | None) -> list[int] | None:
+    """`split_names` as integers; InputError for anything else."""
+    from .errors import InputError
+
+    names = split_names(values)
+    if names is None:
+        return None
+    try:
+        return [int(n) for n in names]
+    except ValueError:
+        raise InputError(f"expected integers, got {values}") from None

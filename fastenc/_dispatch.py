@@ -16,7 +16,6 @@ import os
 import torch
 
 from . import _cuda
-from ._compat import compile_disabled
 from ._trace import (  # noqa: F401 - re-exported: the trace and fall-back API's historical home
     Fallback,
     FallbackWarning,
@@ -167,24 +166,6 @@ def resolve_backend(
     chosen = next(b for b in order if reason_for(b) is None)
     fall_back(op, want, chosen, why, strict=strict)
     return chosen
-
-
-_kernel_modules: dict = {}
-
-
-def kernel_module(name: str):
-    """fastenc.kernels.<name>, imported on first use (importing triton must follow TRITON_INTERPRET). Later calls
-    are a dict lookup, which torch.compile traces without a graph break."""
-    mod = _kernel_modules.get(name)
-    if mod is None:
-        mod = _import_kernel_module(name)
-    return mod
-
-
-@compile_disabled
-def _import_kernel_module(name: str):
-    mod = _kernel_modules[name] = importlib.import_module(f"fastenc.kernels.{name}")
-    return mod
 
 
 def choose_backend(

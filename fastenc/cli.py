@@ -27,6 +27,7 @@ from ._cli_common import (  # noqa: F401 - re-exported: subcommands and tests us
     BAD_INPUT,
     DTYPES,
     _Parser,
+    _reexec_with_interpreter,
     check_backend_env,
     check_checkpoint_dir,
     fail,
@@ -142,8 +143,8 @@ def cmd_parity(args) -> int:
     report = compare(model, fast, inputs)
     report.model = f"{type(model).__name__} ({label})"
     speed = None
-    if getattr(args, "speed_calls", 0):  # demo: the speed half of the promise, measured here (fastenc/runtime.py)
-        from .runtime import speed_report
+    if getattr(args, "speed_calls", 0):  # demo: the speed half of the promise, measured here (benchmark/speed.py)
+        from .benchmark.speed import speed_report
 
         if not args.json:
             print(f"fastenc {fastenc.__version__}; backends available here: {', '.join(fastenc.available_backends())}")
@@ -154,22 +155,13 @@ def cmd_parity(args) -> int:
     if args.json:
         print(json.dumps({**report.to_dict(), **({"speed": speed} if speed else {})}, indent=2))
     elif speed:
-        from .runtime import speed_line
+        from .benchmark.speed import speed_line
 
         print(speed_line(speed))
     else:
         print(f"fastenc {fastenc.__version__}; backends available here: {', '.join(fastenc.available_backends())}")
         print(report.table())
     return 0 if report.ok else 1
-
-
-def _reexec_with_interpreter(argv: list[str]) -> None:
-    """Run this command again in a process that starts with TRITON_INTERPRET=1. Setting it here would be too late:
-    `import fastenc` imports transformers, which imports triton, and triton fixes the interpreter mode of its own
-    library functions when it is imported."""
-    sys.stdout.flush()
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    os.execve(sys.executable, [sys.executable, "-m", "fastenc.cli", *argv], env)
 
 
 def main(argv=None) -> int:

@@ -71,8 +71,8 @@ def optimize_pipeline(pipe, backend: str = "auto", strict: bool = False, *, cuda
     (shareable between pipelines: its keys carry the weights' fingerprint). The pipeline's cache is
     `pipe._fastenc_prompt_cache`."""
     from ._dispatch import check_backend_name
+    from ._optimize_model import optimize_model
     from .models import FUSED_CLASSES
-    from .optimize import optimize
 
     backend = check_backend_name(backend)
     if prompt_cache is True:
@@ -107,7 +107,7 @@ def optimize_pipeline(pipe, backend: str = "auto", strict: bool = False, *, cuda
     originals = pipe.__dict__.setdefault("_fastenc_originals", {})
     for name, comp in swaps.items():
         _unwrap_cache(comp)
-        fast = optimize(comp, backend=backend, strict=strict, cuda_graphs=cuda_graphs)
+        fast = optimize_model(comp, backend=backend, strict=strict, cuda_graphs=cuda_graphs)
         originals.setdefault(name, comp)  # the transformers model the first optimize found
         if prompt_cache is not None:
             prompt_cache.attach(fast, name)

@@ -39,7 +39,7 @@ def cmd_encode(args) -> int:
 
     import torch
 
-    from .cli import DTYPES, _reexec_with_interpreter, check_backend_env, parse_device
+    from ._cli_common import DTYPES, _reexec_with_interpreter, check_backend_env, parse_device
     from .errors import InputError
 
     for flag in ("images_per_prompt", "max_sequence_length"):

@@ -199,3 +199,26 @@ def test_jsonl_append_keeps_earlier_rows(tmp_path):
     runner.append_jsonl(path, [{"a": 2}, {"b": math.inf}])
     assert runner.read_jsonl(path) == [{"a": 1}, {"a": 2}, {"b": math.inf}]
     assert all(json.loads(line) for line in path.read_text().splitlines())
+
+
+def test_bench_overhead_rows_and_op_counts(tmp_path):
+    """bench/bench_overhead.py end to end at 3 iterations (the figures are noise here): one row per competitor with
+    the ratio to SDPA, the machine's load and the note; fastenc issues 8 ops per CLIP layer (2 norms, 4 GEMMs,
+    attention, activation; the final norm adds 1/12 of a norm per layer)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "overhead.json"
+    script = Path(__file__).resolve().parents[1] / "bench" / "bench_overhead.py"
+    cmd = [sys.executable, str(script), "--iters", "3", "--warmup", "1", "--out", str(out), "--note", "test"]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+    rows = json.loads(out.read_text())
+    assert [r["competitor"] for r in rows] == ["transformers_eager", "transformers_sdpa", "fastenc_torch"]
+    for r in rows:
+        assert r["note"] == "test" and r["load_avg_1m"] >= 0 and len(r["samples_ms"]) == 3
+        assert math.isclose(r["ratio_vs_sdpa"], r["p50_ms"] / rows[1]["p50_ms"])
+    ops = rows[-1]["fastenc_trace_ops_per_layer"]
+    want = {"torch.attention": 1.0, "torch.bias_activation": 1.0, "torch.layer_norm": 25 / 12, "torch.linear": 4.0}
+    assert ops == pytest.approx(want)
+    assert rows[-1]["aten_ops_per_layer"] < rows[1]["aten_ops_per_layer"]  # fewer ops than transformers SDPA

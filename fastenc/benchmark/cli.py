@@ -15,25 +15,10 @@ import re
 import sys
 from pathlib import Path
 
+from .._cli_common import split_ints, split_names
 from ..errors import FastencError, InputError
 from . import competitors as comp
 from . import matrix
-
-
-def _names(values: list[str] | None) -> list[str] | None:
-    if values is None:
-        return None
-    return [n.strip() for v in values for n in v.split(",") if n.strip()]
-
-
-def _ints(values: list[str] | None) -> list[int] | None:
-    names = _names(values)
-    if names is None:
-        return None
-    try:
-        return [int(n) for n in names]
-    except ValueError:
-        raise InputError(f"expected integers, got {values}") from None
 
 
 def add_bench_parser(subparsers) -> argparse.ArgumentParser:
@@ -93,14 +78,14 @@ def resolve(args):
     from .runner import BenchConfig
 
     quick = args.quick
-    models = _names(args.models) or list(matrix.QUICK_MODELS if quick else matrix.FULL_MODELS)
-    competitors = _names(args.competitors) or list(comp.QUICK_DEFAULT if quick else comp.GPU_DEFAULT)
+    models = split_names(args.models) or list(matrix.QUICK_MODELS if quick else matrix.FULL_MODELS)
+    competitors = split_names(args.competitors) or list(comp.QUICK_DEFAULT if quick else comp.GPU_DEFAULT)
     bad = [m for m in models if m not in matrix.MODELS] + [c for c in competitors if c not in comp.COMPETITORS]
     if bad:
         raise InputError(
             f"unknown {bad}; models: {', '.join(matrix.MODELS)}; competitors: {', '.join(comp.COMPETITORS)}"
         )
-    dtypes = _names(args.dtype) or list(matrix.QUICK_DTYPES if quick else matrix.DEFAULT_DTYPES)
+    dtypes = split_names(args.dtype) or list(matrix.QUICK_DTYPES if quick else matrix.DEFAULT_DTYPES)
     if set(dtypes) - set(matrix.DTYPES):
         raise InputError(f"--dtype takes {', '.join(matrix.DTYPES)}, got {dtypes}")
     if args.device:
@@ -117,10 +102,10 @@ def resolve(args):
     for flag in ("warmup", "iters", "throughput_iters"):
         if getattr(args, flag) is not None and getattr(args, flag) < (1 if flag == "iters" else 0):
             raise InputError(f"--{flag.replace('_', '-')} is too small")
-    batches = _ints(args.batch) or list(matrix.QUICK_BATCHES if quick else matrix.DEFAULT_BATCHES)
+    batches = split_ints(args.batch) or list(matrix.QUICK_BATCHES if quick else matrix.DEFAULT_BATCHES)
     if min(batches) < 1:
         raise InputError("--batch values must be >= 1")
-    seqs = _ints(args.seq)
+    seqs = split_ints(args.seq)
     if seqs is not None and min(seqs) < 1:
         raise InputError("--seq values must be >= 1")
     return BenchConfig(

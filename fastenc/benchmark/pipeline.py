@@ -158,20 +158,20 @@ def append_rows(rows: list[dict], out: Path) -> None:
 
 def cmd_bench_pipeline(args) -> int:
     """`fastenc bench --pipeline DIR [--prompt ...] [--batch 1,4] [--dtype fp16] [--device cuda] [--seq N]`."""
-    from .cli import _ints, _names
+    from .._cli_common import split_ints, split_names
 
-    dtypes = _names(args.dtype) or ["fp32"]
-    batches = _ints(args.batch) or [1]
+    dtypes = split_names(args.dtype) or ["fp32"]
+    batches = split_ints(args.batch) or [1]
     if min(batches) < 1:
         raise InputError("--batch values must be >= 1")
-    seqs = _ints(args.seq)
+    seqs = split_ints(args.seq)
     if seqs is not None and (len(seqs) != 1 or seqs[0] < 1):
         raise InputError("--seq with --pipeline takes one T5 max_sequence_length >= 1")
     for flag in ("warmup", "iters"):
         if getattr(args, flag) is not None and getattr(args, flag) < (1 if flag == "iters" else 0):
             raise InputError(f"--{flag} is too small")
     if args.device:
-        from ..cli import parse_device
+        from .._cli_common import parse_device
 
         device = str(parse_device(args.device))
     else:

@@ -160,7 +160,7 @@ def _requires_grad(t) -> bool:
 def _fast_layers(weights, x, plan, mask, activation, hidden_states):
     """The loop of `encoder_layers_forward` over prevalidated plain layers: tensors and prebound callables only."""
     b, s, d = x.shape
-    layer_norm, linear_act, attention = plan.untraced(x.dtype, activation)
+    layer_norm, linear_act, attention = plan.untraced(x.dtype, activation, inplace=not torch.is_grad_enabled())
     lin = F.linear
     x = x.reshape(b * s, d)  # (B S, D): 2-D GEMMs go straight to addmm
     delta = None
@@ -207,13 +207,14 @@ def text_embeddings(tower, input_ids, attention_mask, position_ids):
         raise InputError(
             f"input_ids must have shape (batch, sequence) with sequence >= 1, got {tuple(input_ids.shape)}"
         )
-    emb = tower.embeddings
-    device = emb.token_embedding.weight.device
+    emb = tower._modules["embeddings"]
+    emods = emb._modules
+    device = _weight(emods["token_embedding"]).device
     check_device("input_ids", input_ids, device)
     shape = input_ids.shape
     input_ids = input_ids.reshape(-1, shape[-1])  # (B, S)
     b, s = input_ids.shape
-    max_pos = emb.position_embedding.weight.shape[0]
+    max_pos = _weight(emods["position_embedding"]).shape[0]
     if s > max_pos:
         raise InputError(
             f"input_ids has sequence length {s} > max_position_embeddings={max_pos}; truncate the prompt "
@@ -227,11 +228,61 @@ def text_embeddings(tower, input_ids, attention_mask, position_ids):
             raise InputError(
                 f"attention_mask must have input_ids' shape {tuple(shape)}, got {tuple(attention_mask.shape)}"
             )
-        attention_mask = attention_mask.reshape(b, s) != 0  # (B, S) bool, True = real token
+        attention_mask = attention_mask.reshape(b, s)
+        if attention_mask.device.type == "cpu" and not torch.compiler.is_compiling() and bool(attention_mask.all()):
+            attention_mask = None  # no padding; checked on the CPU only (on a GPU the check is a host sync)
+        else:
+            attention_mask = attention_mask != 0  # (B, S) bool, True = real token
     if position_ids is not None:
         check_device("position_ids", position_ids, device)
-    x = emb(input_ids=input_ids, position_ids=position_ids)  # (B, S, D)
+    x = embed_text(emb, input_ids, position_ids)  # (B, S, D)
     return x, input_ids, attention_mask
+
+
+def embed_text(emb, input_ids, position_ids):
+    """emb(input_ids=..., position_ids=...) for a CLIP / SigLIP (2) text embedding module: token + position
+    lookups. transformers' own classes with plain nn.Embedding lookups (no max_norm, no hooks) run as the two
+    lookups and the add their forward is, without three module calls; anything else runs as the module."""
+    if type(emb) in _TEXT_EMBEDDINGS and not _hooked(emb):
+        mods = emb._modules
+        tok, pos = mods.get("token_embedding"), mods.get("position_embedding")
+        ids = emb._buffers.get("position_ids") if position_ids is None else position_ids
+        if _plain_embedding(tok) and _plain_embedding(pos) and ids is not None:
+            if position_ids is None:
+                ids = ids[:, : input_ids.shape[-1]]
+            return F.embedding(input_ids, tok._parameters["weight"]) + F.embedding(ids, pos._parameters["weight"])
+    return emb(input_ids=input_ids, position_ids=position_ids)
+
+
+def _weight(m) -> torch.Tensor:
+    """m.weight, without nn.Module.__getattr__ for a registered parameter."""
+    w = m._parameters.get("weight")
+    return m.weight if w is None else w
+
+
+def _hooked(m) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+
+
+def _plain_embedding(m) -> bool:
+    return type(m) is torch.nn.Embedding and m.max_norm is None and not _hooked(m)
+
+
+def _text_embedding_classes() -> tuple[type, ...]:
+    from transformers.models.clip.modeling_clip import CLIPTextEmbeddings
+    from transformers.models.siglip.modeling_siglip import SiglipTextEmbeddings
+
+    classes = [CLIPTextEmbeddings, SiglipTextEmbeddings]
+    try:
+        from transformers.models.siglip2.modeling_siglip2 import Siglip2TextEmbeddings
+
+        classes.append(Siglip2TextEmbeddings)
+    except ImportError:  # transformers without SigLIP 2, or one that reuses SigLIP's class
+        pass
+    return tuple(classes)
+
+
+_TEXT_EMBEDDINGS = _text_embedding_classes()
 
 
 def image_embeddings(tower, pixel_values, interpolate_pos_encoding):
@@ -266,7 +317,7 @@ def run_encoder(tower, x, rt: Runtime, *, causal, key_padding_mask, output_atten
     hidden = [x] if output_hidden_states is not False else None
     attns = [] if output_attentions else None
     x, delta = encoder_layers_forward(
-        tower.encoder.layers,
+        tower._modules["encoder"]._modules["layers"],
         x,
         rt,
         activation=activation_of(config),
@@ -287,7 +338,7 @@ def text_transformer(tower, rt: Runtime, input_ids, attention_mask, position_ids
     x, delta, hidden, attns = run_encoder(
         tower, x, rt, causal=causal, key_padding_mask=mask, output_attentions=oa, output_hidden_states=oh
     )
-    return final_norm(tower.final_layer_norm, x, delta, hidden, rt), input_ids, hidden, attns
+    return final_norm(tower._modules["final_layer_norm"], x, delta, hidden, rt), input_ids, hidden, attns
 
 
 def final_norm(norm, x, delta, hidden, rt: Runtime):

@@ -45,17 +45,15 @@ def text_tower_forward(
     last, input_ids, hidden, attns = text_transformer(
         tower, rt, input_ids, attention_mask, position_ids, causal=True, oa=output_attentions, oh=output_hidden_states
     )
-    rows = torch.arange(input_ids.shape[0], device=last.device)
     eos = tower.config.eos_token_id
-    ids = input_ids.to(dtype=torch.int)
     if eos == 2:  # legacy configs (before transformers PR 24773): the EOS token has the highest id
-        pos = ids.argmax(dim=-1)
+        pos = input_ids.argmax(dim=-1)
     else:  # first position of eos_token_id (pad may equal eos)
-        pos = (ids == eos).int().argmax(dim=-1)
-    pooled = last[rows, pos]
-    return tower_output(
-        BaseModelOutputWithPooling, last, pooled, hidden, attns, output_hidden_states, len(tower.encoder.layers)
-    )
+        pos = (input_ids == eos).int().argmax(dim=-1)
+    b, d = last.shape[0], last.shape[-1]
+    pooled = last.gather(1, pos.view(b, 1, 1).expand(b, 1, d)).view(b, d)  # last[rows, pos]: (B, D)
+    n_layers = len(tower._modules["encoder"]._modules["layers"])
+    return tower_output(BaseModelOutputWithPooling, last, pooled, hidden, attns, output_hidden_states, n_layers)
 
 
 def vision_tower_forward(

@@ -157,9 +157,9 @@ def _register_attention_recompute_autograd(op, fallback: Callable[..., Tensor] |
         args = (q, k, v, kpm, bias, table, lut, ctx.causal, ctx.scale)
         needs = ctx.needs_input_grad
         if fallback is not None:
-            from .._dispatch import kernel_module
+            from ..kernels import attention as k_attention
 
-            reason = kernel_module("attention").attention_unsupported_reason(q, k, v, bias, table)
+            reason = k_attention.attention_unsupported_reason(q, k, v, bias, table)
             if reason is not None:
                 diff = [i for i in (0, 1, 2, 4, 5) if args[i] is not None and needs[i]]
 
@@ -215,14 +215,21 @@ def _vjp_grads(reference, args, diff, out_grads) -> list:
     return result
 
 
-def _fused_backward_reason(t: Tensor, family: str, check: str | None = None) -> str | None:
-    """None if the Triton backward kernels of `family` can run on tensors like t, else why not."""
-    from .._dispatch import _triton_can_run, kernel_module
+def _fused_backward_reason(t: Tensor, check: Callable[[Tensor], str | None] | None = None) -> str | None:
+    """None if the Triton backward kernels can run on tensors like t (Triton runs on t's device and `check(t)`,
+    a kernel module's shape check, passes), else why not."""
+    from .._dispatch import _triton_can_run
 
     why = _triton_can_run(t.device)
     if why is None and check is not None:
-        why = getattr(kernel_module(family), check)(t)
+        why = check(t)
     return why
+
+
+def _norm_backward_reason(s: Tensor) -> str | None:
+    from ..kernels import norm as k_norm  # imported once Triton is known to run
+
+    return k_norm.norm_backward_unsupported_reason(s)
 
 
 def _register_norm_autograd(op, kind: str) -> None:
@@ -251,7 +258,7 @@ def _register_norm_autograd(op, kind: str) -> None:
         if dy is None:  # only the x + residual output has a gradient: it passes straight to x and residual
             dx, dres = ds, (ds.clone() if need_x and need_r and ds is not None else ds)
         elif need_x or need_r or need_w or need_b:
-            why = _fused_backward_reason(s, "norm", "norm_backward_unsupported_reason")
+            why = _fused_backward_reason(s, _norm_backward_reason)
             if why is None:
                 both = bool(need_x and need_r)
                 if layer:
@@ -294,7 +301,7 @@ def _register_activation_autograd(op, kind: str) -> None:
         needs = ctx.needs_input_grad
         if not (needs[0] or needs[1]):
             return None, None, None
-        why = _fused_backward_reason(a, "activation")
+        why = _fused_backward_reason(a)
         if why is None:
             out = fastenc_op(f"{kind}_backward")(dy, a, b, ctx.activation)
             ga, gb = out[0], (out[1] if len(out) > 1 else None)
@@ -634,11 +641,9 @@ def register_triton_ops() -> tuple[str, ...]:
     global _registered
     if _registered:
         return TRITON_OPS
-    from .._dispatch import kernel_module
+    # every kernel module imported now, so the ops' lazy `from ..kernels import <family>` are sys.modules hits
+    from ..kernels import activation, attention, contrastive, cosine, norm  # noqa: F401
     from ..kernels._common import interpreting
-
-    for family in ("activation", "attention", "contrastive", "cosine", "norm"):
-        kernel_module(family)  # imported now, so the ops' shape checks are dict lookups under torch.compile
 
     make = torch.library.custom_op if interpreting() else torch.library.triton_op
     refs = _references()

@@ -88,13 +88,14 @@ class OpPlan:
 
         self.linear_activation = linear_act
 
-    def untraced(self, dtype: torch.dtype, activation: str):
+    def untraced(self, dtype: torch.dtype, activation: str, *, inplace: bool = False):
         """(layer_norm, linear_activation(x, w, b), attention) for a loop that runs while no trace is active, over
         `dtype` activations and weights: the torch plan's are the bare kernels (fp32: F.layer_norm, the activation
-        as one expression), the others the same checked ops as always."""
+        as one expression, computed in the GEMM's output when `inplace`: autograd records nothing), the others the
+        same checked ops as always."""
         if self.torch:
             ln = _torch.layer_norm_fp32 if dtype == torch.float32 else _torch.layer_norm
-            return ln, _torch.linear_activation_fn(dtype, activation), _torch.attention
+            return ln, _torch.linear_activation_fn(dtype, activation, inplace=inplace), _torch.attention
         return self.layer_norm, functools.partial(self.linear_activation, activation=activation), self.attention
 
     def mask(self, key_padding_mask, causal: bool, sq: int, sk: int, device, *, rel_bias=None, dtype=None):

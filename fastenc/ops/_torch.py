@@ -118,12 +118,26 @@ def layer_norm_fp32(x, weight, bias, eps: float, residual=None):
     return torch.layer_norm(s, (s.shape[-1],), weight, bias, eps), s
 
 
-def linear_activation_fn(dtype: torch.dtype, activation: str):
-    """act(x @ w^T + b) resolved for one dtype and activation: x, weight, bias -> output."""
+def linear_activation_fn(dtype: torch.dtype, activation: str, *, inplace: bool = False):
+    """act(x @ w^T + b) resolved for one dtype and activation: x, weight, bias -> output.
+
+    inplace (only where autograd records nothing): the activation overwrites the GEMM's output where it can, the same
+    operations in the same order, so bit-identical to the expression (quick_gelu: one temporary instead of three)."""
     if dtype != torch.float32:
         return lambda x, w, b: bias_activation_reference(F.linear(x, w), b, activation=activation)
-    act, lin = ACTIVATION_FNS[activation], F.linear
+    act, lin = (_ACTIVATIONS_INPLACE if inplace else ACTIVATION_FNS)[activation], F.linear
     return lambda x, w, b: act(lin(x, w, b))
+
+
+_QUICK_GELU_ALPHA = torch.tensor(1.702)  # a 0-dim fp32 tensor: the same float product as the Python scalar (tested),
+# without wrapping a Python number into a tensor on every call (1.85 vs 3.3 us for a 77 x 128 multiply here)
+
+
+def _quick_gelu_(y):  # y * sigmoid(1.702 y) for fp32 y, overwriting y's temporary
+    return torch.sigmoid_(y.mul(_QUICK_GELU_ALPHA)).mul_(y)
+
+
+_ACTIVATIONS_INPLACE = {**ACTIVATION_FNS, "quick_gelu": _quick_gelu_, "relu": torch.relu_}
 
 
 def rms_norm(x, weight, eps: float, residual=None):

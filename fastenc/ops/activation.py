@@ -8,7 +8,7 @@ dup), fp32 math rounded once to the inputs' dtypes. The torch backend is plain a
 from __future__ import annotations
 
 from .. import _cuda
-from .._dispatch import choose_backend, kernel_module
+from .._dispatch import choose_backend
 from ..errors import InputError
 from . import _torch
 from ._common import FLOAT_DTYPES, check_tensor
@@ -22,6 +22,14 @@ from .reference import (  # noqa: F401 - the references live in .reference; thes
 )
 
 
+def _triton_reason(*args):
+    """Why the Triton kernel cannot take these inputs (None if it can): fastenc.kernels.activation, imported on first
+    use (importing triton follows TRITON_INTERPRET)."""
+    from ..kernels import activation as kernels
+
+    return kernels.bias_activation_unsupported_reason(*args)
+
+
 def bias_activation(x, bias, activation, *, backend=None, strict=False):
     """act(x + bias). x: (..., N); bias: (N,) or None; activation in ACTIVATIONS. fp32 math, output in x.dtype."""
     check_tensor("x", x, dtypes=FLOAT_DTYPES)
@@ -31,7 +39,7 @@ def bias_activation(x, bias, activation, *, backend=None, strict=False):
         check_tensor("bias", bias, ndim=1, device=x.device)
         if x.dim() == 0 or bias.shape[0] != x.shape[-1]:
             raise InputError(f"bias must have shape ({x.shape[-1] if x.dim() else '?'},), got {tuple(bias.shape)}")
-    reason = lambda: kernel_module("activation").bias_activation_unsupported_reason(x)
+    reason = lambda: _triton_reason(x)
     cuda_reason = lambda: _cuda.bias_activation_unsupported_reason(x)
     which = choose_backend("bias_activation", x.device, backend, strict, reason, cuda_reason)
     if which == "torch":
@@ -54,7 +62,7 @@ def gated_activation(gate, up, activation, *, backend=None, strict=False):
             f"gate and up must have the same shape and dtype, got {tuple(gate.shape)} {gate.dtype} and "
             f"{tuple(up.shape)} {up.dtype}"
         )
-    reason = lambda: kernel_module("activation").bias_activation_unsupported_reason(gate)
+    reason = lambda: _triton_reason(gate)
     cuda_reason = lambda: _cuda.bias_activation_unsupported_reason(gate)
     which = choose_backend("gated_activation", gate.device, backend, strict, reason, cuda_reason)
     if which == "torch":

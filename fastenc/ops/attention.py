@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from .. import _cuda
-from .._dispatch import choose_backend, kernel_module
+from .._dispatch import choose_backend
 from ..errors import InputError
 from . import _torch
 from ._common import FLOAT_DTYPES, check_same_dtype, check_tensor
@@ -30,6 +30,14 @@ from .reference import (  # noqa: F401 - the references live in .reference; thes
     relative_bias_reference,
     relative_position_buckets,
 )
+
+
+def _triton_reason(*args):
+    """Why the Triton kernel cannot take these inputs (None if it can): fastenc.kernels.attention, imported on first
+    use (importing triton follows TRITON_INTERPRET)."""
+    from ..kernels import attention as kernels
+
+    return kernels.attention_unsupported_reason(*args)
 
 
 def attention(
@@ -110,7 +118,7 @@ def attention(
     if causal and sq != sk:
         raise InputError(f"causal attention needs Sq == Sk, got Sq={sq}, Sk={sk}")
 
-    reason = lambda: kernel_module("attention").attention_unsupported_reason(q, k, v, bias, rel_bias_table)
+    reason = lambda: _triton_reason(q, k, v, bias, rel_bias_table)
     cuda_reason = lambda: _cuda.attention_unsupported_reason(q, k, v, bias, rel_bias_table)
     which = choose_backend("attention", q.device, backend, strict, reason, cuda_reason)
     if which == "torch":

@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .._dispatch import choose_backend, kernel_module
+from .._dispatch import choose_backend
 from ..errors import DoubleBackwardError, InputError
 from ._common import FLOAT_DTYPES, check_tensor
 from ._library import fastenc_op
@@ -394,10 +394,16 @@ def check_loss_inputs(
         _check_scalar("logit_bias", logit_bias, image_features.device)
 
 
+def _triton_reason(*args):
+    """Why the Triton kernel cannot take these inputs (None if it can): fastenc.kernels.contrastive, imported on first
+    use (importing triton follows TRITON_INTERPRET)."""
+    from ..kernels import contrastive as kernels
+
+    return kernels.contrastive_unsupported_reason(*args)
+
+
 def _backend(op, x, backend, strict):
-    return choose_backend(
-        op, x.device, backend, strict, lambda: kernel_module("contrastive").contrastive_unsupported_reason(x)
-    )
+    return choose_backend(op, x.device, backend, strict, lambda: _triton_reason(x))
 
 
 def _as_arg(x):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .._dispatch import choose_backend, kernel_module
+from .._dispatch import choose_backend
 from ..errors import InputError
 from ._common import FLOAT_DTYPES, check_same_dtype, check_tensor
 from ._library import fastenc_op
@@ -35,8 +35,16 @@ def _check_pair(a_name, a, b_name, b):
         )
 
 
+def _triton_reason(*args):
+    """Why the Triton kernel cannot take these inputs (None if it can): fastenc.kernels.cosine, imported on first
+    use (importing triton follows TRITON_INTERPRET)."""
+    from ..kernels import cosine as kernels
+
+    return kernels.cosine_unsupported_reason(*args)
+
+
 def _backend(op, x, backend, strict):
-    return choose_backend(op, x.device, backend, strict, lambda: kernel_module("cosine").cosine_unsupported_reason(x))
+    return choose_backend(op, x.device, backend, strict, lambda: _triton_reason(x))
 
 
 def _scale(scale) -> float:

@@ -13,7 +13,7 @@ torch backend is plain aten autograd.
 from __future__ import annotations
 
 from .. import _cuda
-from .._dispatch import choose_backend, kernel_module
+from .._dispatch import choose_backend
 from ..errors import InputError
 from . import _torch
 from ._common import FLOAT_DTYPES, check_tensor
@@ -46,13 +46,21 @@ def _check_norm_inputs(x, weight, bias, residual, eps):
         raise InputError(f"eps must be a non-negative float, got {eps!r}")
 
 
+def _triton_reason(*args):
+    """Why the Triton kernel cannot take these inputs (None if it can): fastenc.kernels.norm, imported on first
+    use (importing triton follows TRITON_INTERPRET)."""
+    from ..kernels import norm as kernels
+
+    return kernels.norm_unsupported_reason(*args)
+
+
 def _backend(op, x, backend, strict):
     return choose_backend(
         op,
         x.device,
         backend,
         strict,
-        lambda: kernel_module("norm").norm_unsupported_reason(x),
+        lambda: _triton_reason(x),
         lambda: _cuda.norm_unsupported_reason(x),
     )
 
