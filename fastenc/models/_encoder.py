@@ -172,7 +172,11 @@ def _fast_layers(weights, x, plan, mask, activation, hidden_states):
             if hidden_states is not None:
                 hidden_states.append(x.view(b, s, d))
         nh = attn.num_heads
-        q, k, v = lin(h, wqkv, bqkv).view(b, s, 3, nh, d // nh).permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, S, Dh)
+        qkv = lin(h, wqkv, bqkv)  # (B S, 3D)
+        if qkv.is_contiguous():  # the (3, B, H, S, Dh) view in one op instead of view + permute
+            q, k, v = qkv.as_strided((3, b, nh, s, d // nh), (d, s * 3 * d, d // nh, 3 * d, 1)).unbind(0)
+        else:
+            q, k, v = qkv.view(b, s, 3, nh, d // nh).permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, S, Dh)
         o = attention(q, k, v, mask, attn.scale).transpose(1, 2).reshape(b * s, d)  # (B S, D)
         h, x = layer_norm(lin(o, wo, bo), w2, b2, ln2.eps, x)
         delta = lin(linear_act(h, wf1, bf1), wf2, bf2)
