@@ -129,7 +129,7 @@ def linear_activation_fn(dtype: torch.dtype, activation: str, *, inplace: bool =
     return lambda x, w, b: act(lin(x, w, b))
 
 
-_QUICK_GELU_ALPHA = torch.tensor(1.702)  # a 0-dim fp32 tensor: the same float product as the Python scalar (tested),
+_QUICK_GELU_ALPHA = torch.tensor(1.702, dtype=torch.float32)  # 0-dim: the Python scalar's float product (tested),
 # without wrapping a Python number into a tensor on every call (1.85 vs 3.3 us for a 77 x 128 multiply here)
 
 
