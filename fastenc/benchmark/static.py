@@ -584,45 +584,38 @@ def build_cases(matrix: str) -> list[Case]:
                     cases.append(_attention_bwd_case(dtype, hd, variant, cost=cost / 2, stats_forward=True))
 
     # norms at every supported model width (the same BLOCK_N / warps compile once; rows list the widths), plus the
-    # widest row the kernel accepts (MAX_FUSED_N); activations at every FFN width
+    # widest row the kernel accepts (MAX_FUSED_N); their backward (training) at the same widths, residual variants and
+    # weight dtypes, up to MAX_FUSED_BWD_N. Activations, forward and backward, at every FFN width
     norm_dtypes = ("fp16", "bf16", "fp32")
-    for dtype in norm_dtypes:
-        for n in hidden + [N.MAX_FUSED_N]:
-            for residual in (False, True):
-                cases.append(_layer_norm_case(dtype, n, residual))
-        cases.append(_layer_norm_case(dtype, hidden[0], False, has_bias=False))
-        for n in t5_d + [N.MAX_FUSED_N]:
-            for residual in (False, True):
-                cases.append(_rms_norm_case(dtype, dtype, n, residual))
-            if dtype == "fp32":  # fp16 / bf16 T5 keeps its residual stream in fp32: fp32 x + residual, half weight
-                for wd in ("fp16", "bf16") if full else ("fp16",):
-                    cases.append(_rms_norm_case(dtype, wd, n, True))
-    # norm backward (training): the forward's widths, residual variants and weight dtypes, up to MAX_FUSED_BWD_N
-    for dtype in norm_dtypes:
-        for n in hidden + [N.MAX_FUSED_BWD_N]:
-            for residual in (False, True):
-                cases.append(_layer_norm_bwd_case(dtype, n, residual))
-        cases.append(_layer_norm_bwd_case(dtype, hidden[0], False, has_bias=False))
-        for n in t5_d + [N.MAX_FUSED_BWD_N]:
-            for residual in (False, True):
-                cases.append(_rms_norm_bwd_case(dtype, dtype, n, residual))
-            if dtype == "fp32":
-                for wd in ("fp16", "bf16") if full else ("fp16",):
-                    cases.append(_rms_norm_bwd_case(dtype, wd, n, True))
+    norm_stages = (
+        (_layer_norm_case, _rms_norm_case, N.MAX_FUSED_N),
+        (_layer_norm_bwd_case, _rms_norm_bwd_case, N.MAX_FUSED_BWD_N),
+    )
+    for ln_case, rms_case, widest in norm_stages:
+        for dtype in norm_dtypes:
+            for n in hidden + [widest]:
+                for residual in (False, True):
+                    cases.append(ln_case(dtype, n, residual))
+            cases.append(ln_case(dtype, hidden[0], False, has_bias=False))
+            for n in t5_d + [widest]:
+                for residual in (False, True):
+                    cases.append(rms_case(dtype, dtype, n, residual))
+                if dtype == "fp32":  # fp16 / bf16 T5 keeps its residual stream in fp32: fp32 x + residual, half weight
+                    for wd in ("fp16", "bf16") if full else ("fp16",):
+                        cases.append(rms_case(dtype, wd, n, True))
+    activation_stages = (
+        (_bias_activation_case, _gated_activation_case),
+        (_bias_activation_bwd_case, _gated_activation_bwd_case),
+    )
     for dtype in norm_dtypes:
         for act in A.ACTIVATIONS:
-            for n in ffn:
-                cases.append(_bias_activation_case(dtype, act, n))
-            if full or dtype == "fp16":
-                cases.append(_bias_activation_case(dtype, act, ffn[0], has_bias=False))
-            for n in t5_ff:
-                cases.append(_gated_activation_case(dtype, act, n))
-            for n in ffn:
-                cases.append(_bias_activation_bwd_case(dtype, act, n))
-            if full or dtype == "fp16":
-                cases.append(_bias_activation_bwd_case(dtype, act, ffn[0], has_bias=False))
-            for n in t5_ff:
-                cases.append(_gated_activation_bwd_case(dtype, act, n))
+            for bias_case, gated_case in activation_stages:
+                for n in ffn:
+                    cases.append(bias_case(dtype, act, n))
+                if full or dtype == "fp16":
+                    cases.append(bias_case(dtype, act, ffn[0], has_bias=False))
+                for n in t5_ff:
+                    cases.append(gated_case(dtype, act, n))
     for dtype in DTYPE_LABELS:
         cases.append(_cosine_case(dtype))
         for kind in ("clip", "siglip"):
