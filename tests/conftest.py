@@ -2,8 +2,13 @@
 any @triton.jit is created; fastenc imports its kernels lazily, so setting it here is early enough."""
 
 import os
+import tempfile
 
 import torch
+
+# fastenc's caches (ONNX exports, checkpoint digests, prompt cache) go to a folder of this test session, never to
+# the user's ~/.cache; tests that need their own cache folder set FASTENC_CACHE themselves.
+os.environ.setdefault("FASTENC_CACHE", tempfile.mkdtemp(prefix="fastenc-test-cache-"))
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -56,6 +56,15 @@ def image_bytes(img: Image.Image, fmt: str) -> bytes:
     return buf.getvalue()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def private_cache(tmp_path_factory):
+    """fastenc's cache (the checkpoint digests of embed) in a temporary folder, for in-process and CLI runs."""
+    with pytest.MonkeyPatch.context() as mp:
+        path = tmp_path_factory.mktemp("fastenc-cache")
+        mp.setenv("FASTENC_CACHE", str(path))
+        yield path
+
+
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory):
     """A tiny CLIPModel checkpoint with tokenizer and PIL CLIP image processor (shortest edge 32, crop 32)."""
@@ -243,7 +252,8 @@ def test_webdataset_tars(clip_dir, tmp_path):
 
 
 def test_tar_keys_with_folders_and_dot_prefix(tmp_path):
-    """Keys are the member path up to the basename's first dot ("./" dropped); members of one key group."""
+    """Keys are the member path up to the basename's first dot ("./" dropped); members of one key group. The field
+    is what follows that dot: `k2.seg.jpg` is field "seg.jpg", an image only when --image-key names it."""
     data = image_bytes(make_image(1), "PNG")
     with tarfile.open(tmp_path / "x.tar", "w") as tf:
         for name, payload in (("./k1.png", data), ("./k1.txt", b"one"), ("sub.v2/k2.seg.jpg", data),
@@ -253,6 +263,8 @@ def test_tar_keys_with_folders_and_dot_prefix(tmp_path):
             tf.addfile(info, io.BytesIO(payload))
     table = list_samples(str(tmp_path / "x.tar"))
     assert table.ids == ["k1", "sub.v2/k2"] and table.captions == ["one", "two"]
+    assert table.image_refs[0][0] == "tar" and table.image_refs[1] is None
+    table = list_samples(str(tmp_path / "x.tar"), image_key="png;seg.jpg")
     assert [r[0] for r in table.image_refs] == ["tar", "tar"]
 
 
@@ -331,7 +343,7 @@ def _csv(tmp_path) -> str:
 def cli(*args, env=None, check=True):
     env = dict(os.environ, **(env or {}))
     r = subprocess.run([sys.executable, "-m", "fastenc.cli", *args], capture_output=True, text=True, env=env,
-                       cwd=REPO, timeout=240)  # fmt: skip
+                       cwd=REPO, timeout=900)  # fmt: skip
     if check:
         assert r.returncode == 0, r.stderr[-3000:]
     return r

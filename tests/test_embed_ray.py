@@ -8,7 +8,7 @@ import os
 import pytest
 
 from fastenc.embed import EmbedConfig, embed
-from tests.test_embed import clip_dir, read_meta, tree_bytes, write_tars  # noqa: F401 - fixtures
+from tests.test_embed import clip_dir, private_cache, read_meta, tree_bytes, write_tars  # noqa: F401 - fixtures
 
 ray = pytest.importorskip("ray", reason="Ray Data is an optional extra: pip install 'fastenc[ray]'")
 pytest.importorskip("ray.data")

@@ -12,6 +12,8 @@ import json
 import os
 import sys
 
+from .reader import IMAGE_KEYS, MAX_IMAGE_BYTES
+
 
 def add_embed_parsers(sub) -> None:
     s = sub.add_parser("embed", help="embed a dataset (image folder, WebDataset tars, Parquet / CSV) into shards")
@@ -31,6 +33,11 @@ def add_embed_parsers(sub) -> None:
     s.add_argument("--caption-col", default=None, help="table column holding captions")
     s.add_argument("--image-col", default=None, help="table column holding image paths or bytes")
     s.add_argument("--id-col", default=None, help="table column holding sample ids (default: row number)")
+    s.add_argument("--image-key", default=IMAGE_KEYS, metavar="FIELDS",
+                   help=f"WebDataset image fields, first present wins (default {IMAGE_KEYS}; k.seg.png is field "
+                   "seg.png)")  # fmt: skip
+    s.add_argument("--max-image-bytes", type=int, default=MAX_IMAGE_BYTES, metavar="N",
+                   help=f"a larger image or caption fails its sample unread (default {MAX_IMAGE_BYTES})")  # fmt: skip
     s.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                    help="run on Ray Data (a cluster address, or none for a local cluster)")  # fmt: skip
     s.add_argument("--ray-cpus", type=int, default=None, help="Ray: decode actors (default: the cluster's CPUs)")
@@ -67,7 +74,8 @@ def cmd_embed(args) -> int:
         model=args.model, input=args.input, out=args.out, tower=args.tower, batch=args.batch,
         shard_size=args.shard_size, dtype=args.dtype, store=args.store, format=args.format, backend=args.backend,
         device=args.device, workers=args.workers, cuda_graphs=not args.no_cuda_graphs, caption_col=args.caption_col,
-        image_col=args.image_col, id_col=args.id_col, progress=not args.quiet,
+        image_col=args.image_col, id_col=args.id_col, image_key=args.image_key, max_image_bytes=args.max_image_bytes,
+        progress=not args.quiet,
     )  # fmt: skip
     cfg.check()
     if args.ray is not None:
@@ -87,6 +95,10 @@ def cmd_embed(args) -> int:
     return 0
 
 
+def _warn_search(message: str) -> None:
+    print(f"fastenc search: warning: {message}", file=sys.stderr)
+
+
 def cmd_search(args) -> int:
     from ..errors import InputError
     from .search import search
@@ -95,15 +107,22 @@ def cmd_search(args) -> int:
     if args.ids is not None:
         if not os.path.isfile(args.ids):
             raise InputError(f"--ids {args.ids!r} does not exist")
-        with open(args.ids) as f:
-            ids = [line.strip() for line in f if line.strip()]
+        try:
+            with open(args.ids, encoding="utf-8") as f:
+                ids = [line.strip() for line in f if line.strip()]
+        except UnicodeDecodeError as e:
+            raise InputError(
+                f"--ids {args.ids!r} is not UTF-8 text (byte {e.start}): expected one sample id per line"
+            ) from None
+        except OSError as e:
+            raise InputError(f"--ids {args.ids!r} cannot be read: {e.strerror or e}") from None
         if not ids:
             raise InputError(f"--ids {args.ids!r} holds no ids")
     if args.nprobe is not None and args.nprobe < 1:
         raise InputError(f"--nprobe must be >= 1, got {args.nprobe}")
     results = search(args.index, text=args.text, images=args.image, ids=ids, k=args.k, tower=args.tower,
                      model=args.model, faiss=args.faiss, nprobe=args.nprobe, device=args.device,
-                     backend=args.backend)  # fmt: skip
+                     backend=args.backend, on_warning=_warn_search)  # fmt: skip
     labels = args.text or args.image or ids
     for qi, hits in enumerate(results):
         if args.json:

@@ -8,15 +8,19 @@ Overlap: workers prepare up to `prefetch` batches ahead; the host copies a pinne
 launches the model, and only then waits for the previous batch's embeddings (copied device -> pinned host
 asynchronously), so reading, decoding, the model and writing run at the same time. `report.model_s` is the time
 the model itself ran (CUDA events around each batch on CUDA), so model_s / wall_s is the accelerator's busy share.
-A sample that cannot be read, decoded or tokenized (or has no caption for the text tower) is recorded with its
-error in the shard's metadata and errors.jsonl and skipped; it never stops the run.
+A sample that cannot be read, decoded or tokenized (or has no caption for the text tower), and one whose embedding
+is not finite in the stored dtype, is recorded with its error in the shard's metadata and errors.jsonl and skipped;
+it never stops the run. A resume is refused, never mixed, when the checkpoint's files (their contents: a streamed
+digest, cached by file identity) or a finished shard's input members changed since the run started.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
+import stat
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -24,7 +28,15 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from ..errors import InputError, UnsupportedModelError
-from .reader import ImagePreprocessor, SampleTable, decode_image, list_samples
+from .reader import (
+    IMAGE_KEYS,
+    MAX_IMAGE_BYTES,
+    ImagePreprocessor,
+    SampleTable,
+    decode_image,
+    list_samples,
+    parse_image_keys,
+)
 from .shards import Shard, ShardWriter, plan
 
 _ADDRESS = re.compile(r" (?:object )?at 0x[0-9a-fA-F]+")
@@ -51,12 +63,14 @@ class EmbedConfig:
     caption_col: str | None = None
     image_col: str | None = None
     id_col: str | None = None
+    image_key: str = IMAGE_KEYS  # WebDataset image fields in order of preference
+    max_image_bytes: int = MAX_IMAGE_BYTES  # no image file is read past this many bytes
     progress: bool = True
 
     def check(self) -> None:
         if self.tower not in TOWERS:
             raise InputError(f"--tower must be one of {', '.join(TOWERS)}, got {self.tower!r}")
-        for name in ("batch", "shard_size", "prefetch"):
+        for name in ("batch", "shard_size", "prefetch", "max_image_bytes"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise InputError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
@@ -68,6 +82,7 @@ class EmbedConfig:
             raise InputError(f"--store must be fp16 or fp32, got {self.store!r}")
         if self.format not in ("npy", "parquet"):
             raise InputError(f"--format must be npy or parquet, got {self.format!r}")
+        parse_image_keys(self.image_key)
 
 
 @dataclass
@@ -75,6 +90,8 @@ class EmbedReport:
     samples: int = 0
     rows: int = 0
     errors: int = 0
+    warnings: int = 0  # input problems that failed no sample (warnings.jsonl): non-UTF-8 captions, cut tars
+    input_cuts: int = 0  # tars cut inside a member or a header
     shards: int = 0
     shards_skipped: int = 0
     samples_run: int = 0  # samples processed by this run (the skipped shards' not counted)
@@ -99,9 +116,14 @@ class EmbedReport:
 
     def summary(self) -> str:
         busy = f", model busy {100 * self.model_s / self.wall_s:.0f}%" if self.wall_s > 0 and self.model_s > 0 else ""
+        warned = ""
+        if self.warnings:
+            cuts = f", {self.input_cuts} cut tar(s)" if self.input_cuts else ""
+            warned = f", {self.warnings} input warnings{cuts} (warnings.jsonl)"
         return (
             f"{self.rows} embeddings of {self.samples} samples in {self.shards} shards ({self.shards_skipped} already "
-            f"done), {self.errors} failed samples; this run: {self.samples_run} samples in {self.wall_s:.1f} s = "
+            f"done), {self.errors} failed samples{warned}; this run: {self.samples_run} samples in "
+            f"{self.wall_s:.1f} s = "
             f"{self.samples_per_s:.1f} samples/s on {self.device}{busy} -> {self.out}"
         )
 
@@ -113,8 +135,18 @@ class SampleSource:
     """Everything a worker needs to turn sample indices into one model batch; plain data, pickled to workers and
     Ray actors (the tokenizer is loaded lazily in each process)."""
 
-    def __init__(self, table: SampleTable, towers: tuple[str, ...], model_dir: str, batch: int, preprocess, text_len):
+    def __init__(
+        self,
+        table: SampleTable,
+        towers: tuple[str, ...],
+        model_dir: str,
+        batch: int,
+        preprocess,
+        text_len,
+        max_bytes: int = MAX_IMAGE_BYTES,
+    ):
         self.table, self.towers, self.model_dir, self.batch = table, towers, model_dir, batch
+        self.max_bytes = max_bytes
         self.preprocess: ImagePreprocessor | None = preprocess
         self.text_len: int | None = text_len
         # True when the model runs on CUDA: ship resized uint8 and normalize there (4x fewer bytes through shared and
@@ -147,6 +179,8 @@ class SampleSource:
         captions = []
         for i in range(start, stop):
             try:
+                if i in self.table.errors:  # known when listing: a duplicate key, a cut tar member, ...
+                    raise ValueError(self.table.errors[i])
                 if "text" in self.towers:
                     cap = self.table.captions[i]
                     if cap is None:
@@ -155,7 +189,7 @@ class SampleSource:
                     ref = self.table.image_refs[i]
                     if ref is None:
                         raise ValueError("no image")
-                    px = self.preprocess.geometry(decode_image(ref))
+                    px = self.preprocess.geometry(decode_image(ref, self.max_bytes))
                     if px.shape[0] != 3 or px.dtype != np.uint8:
                         raise ValueError(f"decoded to {px.shape[0]} channels of {px.dtype}, expected 3 of uint8")
             except Exception as e:  # noqa: BLE001 - any failure of one sample is recorded, never fatal
@@ -210,15 +244,110 @@ class _BatchDataset:
 # ------------------------------------------------------------------------------------------------- the model
 
 
+DIGEST_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json", ".txt", ".model", ".tiktoken")
+DIGEST_CACHE = "digests/files.json"  # under fastenc.runtime.cache_dir()
+DIGEST_CACHE_ENTRIES = 4096
+_HASH_CHUNK = 8 << 20
+
+
 def checkpoint_digest(model_dir: str) -> str:
-    """sha256 of config.json plus the names and sizes of the weight files (cheap; recorded in run.json)."""
-    h = hashlib.sha256()
-    with open(os.path.join(model_dir, "config.json"), "rb") as f:
-        h.update(f.read())
+    """Digest of a checkpoint folder: the name, size and content hash (blake2b, streamed) of each of its weight,
+    config, tokenizer and preprocessor files (top level, suffixes DIGEST_SUFFIXES, sorted by name). Recorded in
+    run.json, so a resume after new weights were copied into the same folder is refused. The content hashes are
+    cached by file identity (path, size, mtime_ns, ctime_ns, inode) in <fastenc cache>/digests/files.json: a resume
+    of an unchanged 20 GB checkpoint re-reads nothing. A cache that does not parse is ignored and rewritten."""
+    h = hashlib.sha256(b"fastenc-checkpoint/2\n")
+    cache = _DigestCache()
     for name in sorted(os.listdir(model_dir)):
-        if name.endswith((".safetensors", ".bin")):
-            h.update(f"{name}:{os.path.getsize(os.path.join(model_dir, name))}".encode())
-    return h.hexdigest()[:16]
+        if not name.endswith(DIGEST_SUFFIXES) or name.startswith("."):
+            continue
+        path = os.path.join(model_dir, name)
+        st = os.stat(path)
+        if stat.S_ISDIR(st.st_mode):
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            raise InputError(f"--model {model_dir!r}: {name!r} is not a regular file (a FIFO, device or socket)")
+        h.update(f"{name}:{st.st_size}:{cache.file_hash(path, st)}\n".encode())
+    cache.save()
+    return h.hexdigest()[:32]
+
+
+def _file_key(st: os.stat_result) -> list:
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
+class _DigestCache:
+    """{abspath: {"key": [size, mtime_ns, ctime_ns, inode], "blake2b": hex}} in a small JSON file. An entry is used
+    only when its key equals the file's stat now; anything malformed is dropped, never trusted."""
+
+    def __init__(self):
+        from ..runtime import cache_dir
+
+        self.path = os.path.join(str(cache_dir()), DIGEST_CACHE)
+        self.entries: dict[str, dict] = {}
+        self.dirty = False
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                data = json.load(f)
+            entries = data.get("entries", {}) if isinstance(data, dict) and data.get("version") == 1 else {}
+        except (OSError, ValueError, UnicodeDecodeError):
+            entries = {}
+        for p, e in entries.items() if isinstance(entries, dict) else ():
+            if self._valid(e):
+                self.entries[p] = e
+
+    @staticmethod
+    def _valid(e) -> bool:
+        if not isinstance(e, dict) or not isinstance(e.get("blake2b"), str) or len(e["blake2b"]) != 64:
+            return False
+        key = e.get("key")
+        if not isinstance(key, list) or len(key) != 4 or not all(type(k) is int for k in key):
+            return False
+        return all(c in "0123456789abcdef" for c in e["blake2b"])
+
+    def file_hash(self, path: str, st: os.stat_result) -> str:
+        path = os.path.abspath(path)
+        key = _file_key(st)
+        e = self.entries.get(path)
+        if e is not None and e["key"] == key:
+            return e["blake2b"]
+        digest = hash_file(path)
+        self.entries.pop(path, None)
+        self.entries[path] = {"key": key, "blake2b": digest}  # insertion order: most recent last
+        self.dirty = True
+        return digest
+
+    def save(self) -> None:
+        """Write the cache atomically (best effort: a read-only or full cache folder only costs re-hashing)."""
+        if not self.dirty:
+            return
+        entries = dict(list(self.entries.items())[-DIGEST_CACHE_ENTRIES:])
+        data = (json.dumps({"version": 1, "entries": entries}, indent=0, sort_keys=True) + "\n").encode()
+        new = not os.path.exists(self.path)
+        tmp = f"{self.path}.tmp.{os.getpid()}"
+        try:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, self.path)
+        except OSError:
+            try:
+                os.remove(tmp)
+            except OSError:
+                pass
+            return
+        if new:
+            print(f"fastenc embed: caching weight-file digests in {self.path} ({len(data)} bytes; "
+                  "$FASTENC_CACHE moves it)", file=sys.stderr)  # fmt: skip
+
+
+def hash_file(path: str) -> str:
+    """blake2b-256 of a file's contents, read in 8 MiB chunks."""
+    h = hashlib.blake2b(digest_size=32)
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def text_length(config) -> int:
@@ -242,7 +371,7 @@ class TowerRunner:
         if dtype is None:
             dtype = "fp16" if self.device.type == "cuda" else "fp32"
         self.dtype = getattr(torch, DTYPES[dtype])
-        model = load_checkpoint(model_dir)
+        model = _load(model_dir, load_checkpoint)
         for t in towers:
             if not hasattr(model, f"get_{t}_features"):
                 raise UnsupportedModelError(
@@ -313,6 +442,24 @@ class TowerRunner:
         return self.model_s
 
 
+def _load(model_dir: str, load_checkpoint):
+    """load_checkpoint, with a corrupt weight file (safetensors' or torch.load's own errors) as one InputError."""
+    import pickle
+
+    bad: tuple = (pickle.UnpicklingError, EOFError)
+    try:
+        from safetensors import SafetensorError
+
+        bad += (SafetensorError,)
+    except ImportError:
+        pass
+    try:
+        return load_checkpoint(model_dir)
+    except bad as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"--model {model_dir!r}: a weight file is corrupt or truncated ({first})") from None
+
+
 def _features(out):
     return getattr(out, "pooler_output", out)
 
@@ -326,7 +473,9 @@ def to_host(t, n: int) -> np.ndarray:
 
 
 class ShardAssembler:
-    """Collects finished batches (in order) per shard and writes each shard when its last batch is in."""
+    """Collects finished batches (in order) per shard and writes each shard when its last batch is in. A row that is
+    not finite in the stored dtype (NaN, inf, or past fp16's range with --store fp16) is refused here: its sample is
+    a failed sample (in every tower, so rows stay aligned) and never stored."""
 
     def __init__(self, writer: ShardWriter, table: SampleTable, shards: list[Shard], towers, dims: dict):
         self.writer, self.table, self.towers, self.dims = writer, table, towers, dims
@@ -334,7 +483,8 @@ class ShardAssembler:
         self.by_index = {s.index: s for s in shards}
         self.acc: dict[int, dict] = {}
 
-    def add(self, shard: int, index: np.ndarray, n: int, errors: dict, emb: dict[str, np.ndarray]) -> bool:
+    def add(self, shard: int, index: np.ndarray, n: int, errors: dict, emb: dict[str, np.ndarray]) -> dict | None:
+        """None while the shard is incomplete; once written, the samples refused at write time {index: error}."""
         a = self.acc.setdefault(shard, {"ok": [], "errors": {}, **{t: [] for t in self.towers}})
         a["ok"].extend(int(i) for i in index[:n])
         a["errors"].update({int(k): v for k, v in errors.items()})
@@ -342,11 +492,39 @@ class ShardAssembler:
             a[t].append(np.asarray(emb[t][:n], dtype=np.float32) if n else np.zeros((0, self.dims[t]), np.float32))
         self.left[shard] -= 1
         if self.left[shard]:
-            return False
+            return None
         del self.acc[shard]
+        ok = np.array(a["ok"], dtype=np.int64)
         emb_all = {t: np.concatenate(a[t]) if a[t] else np.zeros((0, self.dims[t]), np.float32) for t in self.towers}
-        self.writer.write(self.by_index[shard], self.table, np.array(a["ok"], dtype=np.int64), a["errors"], emb_all)
-        return True
+        refused = nonfinite_rows(ok, emb_all, self.writer.store)
+        if refused:
+            keep = np.array([int(i) not in refused for i in ok], dtype=bool)
+            ok = ok[keep]
+            emb_all = {t: x[keep] for t, x in emb_all.items()}
+            a["errors"].update(refused)
+        self.writer.write(self.by_index[shard], self.table, ok, a["errors"], emb_all)
+        return refused
+
+
+def nonfinite_rows(ok: np.ndarray, emb: dict[str, np.ndarray], store: str) -> dict[int, str]:
+    """{sample index: error} of the rows that are not finite once cast to the stored dtype, any tower."""
+    dtype = np.float16 if store == "fp16" else np.float32
+    out: dict[int, str] = {}
+    for t, x in emb.items():
+        if not len(x):
+            continue
+        with np.errstate(over="ignore", invalid="ignore"):
+            y = x.astype(dtype)
+        bad = ~np.isfinite(y).all(axis=1)
+        for r in np.flatnonzero(bad):
+            src = x[r]
+            nan, inf = int(np.isnan(src).sum()), int(np.isinf(src).sum())
+            what = f"{nan} NaN, {inf} inf" if nan or inf else f"past the range of --store {store}: max |x| "
+            what += f"{np.abs(src).max():.3g}" if not (nan or inf) else ""
+            msg = f"non-finite {t} embedding ({what}); not stored"
+            i = int(ok[r])
+            out[i] = out[i] + "; " + msg if i in out else msg
+    return out
 
 
 # ------------------------------------------------------------------------------------------------- the run
@@ -362,17 +540,27 @@ def prepare_run(cfg: EmbedConfig, model_on_cuda: bool):
 
     cfg.check()
     check_checkpoint_dir(cfg.model)
+    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+        raise InputError(f"--out {cfg.out!r} is a file; expected a folder (created if missing)")
     towers = TOWERS[cfg.tower]
-    model_config = AutoConfig.from_pretrained(cfg.model, local_files_only=True)
-    table = list_samples(cfg.input, caption_col=cfg.caption_col, image_col=cfg.image_col, id_col=cfg.id_col)
+    try:
+        model_config = AutoConfig.from_pretrained(cfg.model, local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"--model {cfg.model!r}: config.json cannot be read ({first})") from None
+    digest = checkpoint_digest(cfg.model)
+    table = list_samples(cfg.input, caption_col=cfg.caption_col, image_col=cfg.image_col, id_col=cfg.id_col,
+                         image_key=cfg.image_key, max_bytes=cfg.max_image_bytes)  # fmt: skip
     pre = ImagePreprocessor.from_checkpoint(cfg.model, model_config) if "image" in towers else None
     if pre is not None:
         pre.out_hw  # noqa: B018 - raises for settings that give unbatchable sizes
     tlen = text_length(model_config) if "text" in towers else None
-    source = SampleSource(table, towers, cfg.model, cfg.batch, pre, tlen)
+    source = SampleSource(table, towers, cfg.model, cfg.batch, pre, tlen, cfg.max_image_bytes)
+    if "text" in towers:
+        source.tokenizer()  # a missing tokenizer is one error line here, not a traceback out of a loader worker
     run = {
         "model": os.path.abspath(cfg.model),
-        "model_digest": checkpoint_digest(cfg.model),
+        "model_digest": digest,
         "input": os.path.abspath(cfg.input),
         "input_kind": table.kind,
         "samples": len(table),
@@ -385,12 +573,25 @@ def prepare_run(cfg: EmbedConfig, model_on_cuda: bool):
         "backend": cfg.backend,
         "preprocess": pre.to_dict() if pre else None,
         "text_length": tlen,
+        "max_image_bytes": cfg.max_image_bytes,
     }
+    if table.kind == "webdataset":
+        run["image_key"] = ";".join(parse_image_keys(cfg.image_key))
     writer = ShardWriter(cfg.out, towers, cfg.store, cfg.format)
     writer.start(run)
     shards = plan(len(table), cfg.shard_size, cfg.batch)
     todo = [s for s in shards if not writer.done(s)]
+    writer.verify([s for s in shards if s not in todo], table)  # the finished shards' inputs are unchanged
+    log_warnings(table)
     return source, run, writer, shards, todo
+
+
+def log_warnings(table: SampleTable) -> None:
+    """One stderr line per input warning (a cut tar, a caption that is not UTF-8), the first MAX_LOGGED."""
+    for n, w in enumerate(table.warnings[:MAX_LOGGED], 1):
+        who = f"sample {w['index']} {w['id']!r}: " if w["index"] is not None else ""
+        more = " (further warnings: warnings.jsonl)" if n == MAX_LOGGED < len(table.warnings) else ""
+        print(f"fastenc embed: warning: {who}{w['path']}: {w['warning']}{more}", file=sys.stderr)
 
 
 def log_failures(report: EmbedReport, table: SampleTable, errors: dict, bar) -> None:
@@ -454,7 +655,9 @@ def embed(cfg: EmbedConfig) -> EmbedReport:
         (shard, a, b), prepared, out = p
         log_failures(report, source.table, prepared["errors"], bar)
         emb = {t: to_host(out[t], prepared["n"]) for t in source.towers} if prepared["n"] else {}
-        asm.add(shard, prepared["index"].numpy(), prepared["n"], prepared["errors"], emb)
+        refused = asm.add(shard, prepared["index"].numpy(), prepared["n"], prepared["errors"], emb)
+        if refused:
+            log_failures(report, source.table, refused, bar)
         bar.update(b - a)
         report.samples_run += b - a
 
@@ -478,8 +681,9 @@ def embed(cfg: EmbedConfig) -> EmbedReport:
     report.wall_s = t_end - t_loop
     if t_first is not None and report.samples_run > first_n and t_end > t_first:
         report.extra["steady_samples_per_s"] = (report.samples_run - first_n) / (t_end - t_first)
-    manifest = writer.finish(run, shards)
+    manifest = writer.finish(run, shards, source.table)
     report.rows, report.errors = manifest["rows"], manifest["errors"]
+    report.warnings, report.input_cuts = manifest["warnings"], manifest["input_cuts"]
     report.extra["total_s"] = time.perf_counter() - t_start
     report.extra["workers"] = workers
     return report

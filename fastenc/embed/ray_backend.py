@@ -142,14 +142,17 @@ def embed_ray(
             n = int(row["n"])
             errors = {int(k): v for k, v in json.loads(row["errors"])}
             log_failures(report, source.table, errors, bar)
-            asm.add(int(row["shard"]), np.asarray(row["index"]), n, errors,
-                    {t: np.asarray(row[f"emb_{t}"]) for t in source.towers})  # fmt: skip
+            refused = asm.add(int(row["shard"]), np.asarray(row["index"]), n, errors,
+                              {t: np.asarray(row[f"emb_{t}"]) for t in source.towers})  # fmt: skip
+            if refused:  # rows not finite in the stored dtype: failed samples, as in the local run
+                log_failures(report, source.table, refused, bar)
             bar.update(int(row["stop"]) - int(row["start"]))
             report.samples_run += int(row["stop"]) - int(row["start"])
         bar.close()
         report.wall_s = time.perf_counter() - t_loop
-    manifest = writer.finish(run, shards)
+    manifest = writer.finish(run, shards, source.table)
     report.rows, report.errors = manifest["rows"], manifest["errors"]
+    report.warnings, report.input_cuts = manifest["warnings"], manifest["input_cuts"]
     report.extra["total_s"] = time.perf_counter() - t_start
     report.extra["dims"] = dims
     return report

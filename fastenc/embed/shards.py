@@ -10,18 +10,25 @@ Files in the output folder (`<tower>` is image or text):
   <tower>-NNNNN.npy           (rows, dim) float16 / float32 embeddings of the shard's successful samples, in order
   <tower>-NNNNN.parquet       (--format parquet instead of .npy) columns index, id, embedding (fixed-size list)
   meta-NNNNN.parquet          one row per sample of the shard: index, id, path, caption, shard, row (-1 when the
-                              sample failed), error (null when it did not). Written last: it marks the shard done
+                              sample failed), error (null when it did not), source (the sample's input members as
+                              listed: size and mtime of files, offset and size of tar members). Written last: it
+                              marks the shard done; a resume checks its ids, captions and sources against the input
   errors.jsonl                every failed sample {index, id, path, error}, in index order (at the end)
+  warnings.jsonl              input problems that failed no sample {index, id, path, kind, warning} (at the end)
   manifest.json               settings, per-shard rows / errors / files, totals (at the end)
 Every file is written to a hidden temporary name in the same folder, fsynced and renamed, so a killed run leaves
 whole files or hidden temporaries (removed by the next run), never a half-written shard under a final name. The
-end files are rebuilt from the shards on disk, so a resumed run's output is byte-identical to a clean run's.
+end files are rebuilt from the shards on disk, so a resumed run's output is byte-identical to a clean run's. A write
+that fails (a full disk, a read-only folder) is an InputError naming the file and the bytes it needed; the shards
+finished before it are intact and a rerun resumes after them.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import signal
 from dataclasses import dataclass
 
@@ -33,6 +40,7 @@ FORMAT = "fastenc-embeddings/1"
 RUN_FILE = "run.json"
 MANIFEST = "manifest.json"
 ERRORS = "errors.jsonl"
+WARNINGS = "warnings.jsonl"
 TMP_PREFIX = ".tmp-"
 ENV_FAULT = "FASTENC_EMBED_FAULT"  # test hook: "kill-after-shards:N" | "kill-before-meta:N" (SIGKILL this process)
 
@@ -71,21 +79,47 @@ def atomic_write(path: str, write) -> None:
     """write(tmp_path) then fsync + rename to `path` (same folder, so the rename is atomic)."""
     folder, name = os.path.split(path)
     tmp = os.path.join(folder, f"{TMP_PREFIX}{name}.{os.getpid()}")
-    write(tmp)
-    fd = os.open(tmp, os.O_RDONLY)
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        try:  # a full disk must not stay full of our temporaries
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise
 
 
-def _write_bytes(path: str, data: bytes) -> None:
-    def w(tmp):
-        with open(tmp, "wb") as f:
-            f.write(data)
+def write_error(path: str, e: OSError, nbytes: int | None = None) -> InputError:
+    """The one-line error for a failed write of `path`: the OS's reason, the bytes the file needed when known and,
+    for a full disk, the bytes free."""
+    why = e.strerror or str(e) or type(e).__name__
+    need = f"; it needs about {nbytes} bytes" if nbytes is not None else ""
+    free = ""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        try:
+            free = f", {shutil.disk_usage(os.path.dirname(path) or '.').free} bytes free"
+        except OSError:
+            pass
+    return InputError(
+        f"--out: cannot write {path!r}: {why}{need}{free}; the finished shards are intact: rerun the same command "
+        "to resume once there is room"
+    )
 
-    atomic_write(path, w)
+
+def _write_file(path: str, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def _record(table, i: int) -> str:
+    records = getattr(table, "records", None)
+    return records[i] if records and i < len(records) else ""
 
 
 def _json_bytes(obj) -> bytes:
@@ -117,24 +151,81 @@ class ShardWriter:
 
     def start(self, run: dict) -> None:
         """Create the folder, check or write run.json, remove temporaries of killed runs."""
-        os.makedirs(self.out, exist_ok=True)
+        if os.path.exists(self.out) and not os.path.isdir(self.out):
+            raise InputError(f"--out {self.out!r} is a file; expected a folder (created if missing)")
+        try:
+            os.makedirs(self.out, exist_ok=True)
+        except OSError as e:
+            raise InputError(f"--out {self.out!r} cannot be created: {e.strerror or e}") from e
         path = os.path.join(self.out, RUN_FILE)
         want = _json_bytes(run)
         if os.path.exists(path):
             with open(path, "rb") as f:
                 have = f.read()
             if have != want:
-                old = json.loads(have)
+                try:
+                    old = json.loads(have)
+                except ValueError:
+                    old = {}
+                old = old if isinstance(old, dict) else {}
                 diff = sorted(k for k in set(old) | set(run) if old.get(k) != run.get(k))
+                if "model_digest" in diff and old.get("model") == run.get("model"):
+                    raise InputError(
+                        f"--model {run['model']!r}: its files (weights, config or tokenizer) changed since the run "
+                        f"in --out {self.out!r} started (digest {old.get('model_digest')} -> {run['model_digest']}); "
+                        "resuming would mix two models: restore them or use another --out folder"
+                    )
                 raise InputError(
                     f"--out {self.out!r} holds a run with other settings (differs in: {', '.join(diff)}); "
                     "use another --out folder or the same settings to resume"
                 )
         else:
-            _write_bytes(path, want)
+            self._atomic(path, lambda tmp: _write_file(tmp, want), len(want))
         for name in os.listdir(self.out):
             if name.startswith(TMP_PREFIX):
                 os.remove(os.path.join(self.out, name))
+
+    def _atomic(self, path: str, write, nbytes: int | None = None) -> None:
+        try:
+            atomic_write(path, write)
+        except OSError as e:
+            raise write_error(path, e, nbytes) from e
+
+    def verify(self, done: list[Shard], table) -> None:
+        """InputError naming the first sample of a finished shard whose input changed since the shard was written
+        (another id at its index, another caption, or other members: sizes, mtimes, tar offsets). The shards still
+        to run are computed from today's listing; this proves the finished ones were computed from the same one."""
+        if not done:
+            return
+        _, pq = _pa()
+        import pyarrow as pa
+
+        for s in done:
+            path = os.path.join(self.out, self.files(s.index)["meta"])
+            try:
+                meta = pq.read_table(path).to_pydict()
+            except (pa.ArrowException, OSError) as e:
+                raise InputError(
+                    f"--out: {path!r} is unreadable ({str(e).strip().splitlines()[0] if str(e).strip() else e!r}); "
+                    f"delete it to redo shard {s.index}"
+                ) from None
+            if "source" not in meta:
+                raise InputError(
+                    f"--out {self.out!r}: shard {s.index} was written by an older fastenc that recorded no input "
+                    "members, so the input cannot be proven unchanged; use another --out folder"
+                )
+            for k, i in enumerate(meta["index"]):
+                was = (meta["id"][k], meta["caption"][k], meta["source"][k])
+                now = (table.ids[i], table.captions[i], table.records[i]) if i < len(table) else (None, None, None)
+                if was == now:
+                    continue
+                j = next(j for j in range(3) if was[j] != now[j])
+                what = ("id", "caption", "members")[j]
+                raise InputError(
+                    f"--input {table.source!r}: sample {i} {was[0]!r} changed since shard {s.index} was written to "
+                    f"--out {self.out!r} ({what}: was {was[j]!r}, now {now[j]!r}); resuming would mix two versions "
+                    "of the input: restore it, or use another --out folder"
+                )
 
     def files(self, shard: int) -> dict[str, str]:
         ext = "parquet" if self.fmt == "parquet" else "npy"
@@ -162,9 +253,9 @@ class ShardWriter:
                         "embedding": pa.FixedSizeListArray.from_arrays(flat, x.shape[1]),
                     }
                 )
-                atomic_write(path, lambda tmp, tbl=tbl: pq.write_table(tbl, tmp))
+                self._atomic(path, lambda tmp, tbl=tbl: pq.write_table(tbl, tmp), x.nbytes + tbl.nbytes)
             else:
-                atomic_write(path, lambda tmp, x=x: _save_npy(tmp, x))
+                self._atomic(path, lambda tmp, x=x: _save_npy(tmp, x), x.nbytes + 128)
         self.fault.check("before-meta")
         row_of = {int(i): r for r, i in enumerate(ok)}
         idx = list(range(shard.start, shard.stop))
@@ -177,14 +268,16 @@ class ShardWriter:
                 "shard": pa.array([shard.index] * len(idx), type=pa.int32()),
                 "row": pa.array([row_of.get(i, -1) for i in idx], type=pa.int32()),
                 "error": pa.array([errors.get(i) for i in idx], type=pa.string()),
+                "source": pa.array([_record(table, i) for i in idx], type=pa.string()),
             }
         )
-        atomic_write(os.path.join(self.out, files["meta"]), lambda tmp: pq.write_table(meta, tmp))
+        self._atomic(os.path.join(self.out, files["meta"]), lambda tmp: pq.write_table(meta, tmp), meta.nbytes)
         self.fault.written += 1
         self.fault.check("after-shard")
 
-    def finish(self, run: dict, shards: list[Shard]) -> dict:
-        """errors.jsonl and manifest.json from the shards on disk (identical for clean and resumed runs)."""
+    def finish(self, run: dict, shards: list[Shard], table=None) -> dict:
+        """errors.jsonl and manifest.json from the shards on disk, warnings.jsonl from the listing of `table`
+        (identical for clean and resumed runs)."""
         _, pq = _pa()
         entries, err_lines, total_rows, dims = [], [], 0, {}
         for s in shards:
@@ -206,7 +299,12 @@ class ShardWriter:
                 {"shard": s.index, "start": s.start, "stop": s.stop, "rows": rows, "errors": len(errs), "files": files}
             )
             total_rows += rows
-        _write_bytes(os.path.join(self.out, ERRORS), "".join(x + "\n" for x in err_lines).encode())
+        data = "".join(x + "\n" for x in err_lines).encode()
+        self._atomic(os.path.join(self.out, ERRORS), lambda tmp: _write_file(tmp, data), len(data))
+        warned = list(table.warnings) if table is not None else []
+        if table is not None:
+            data = "".join(json.dumps(w, sort_keys=True) + "\n" for w in warned).encode()
+            self._atomic(os.path.join(self.out, WARNINGS), lambda tmp: _write_file(tmp, data), len(data))
         manifest = {
             "format": FORMAT,
             "run": run,
@@ -215,9 +313,12 @@ class ShardWriter:
             "samples": shards[-1].stop if shards else 0,
             "rows": total_rows,
             "errors": len(err_lines),
+            "warnings": len(warned),
+            "input_cuts": sum(1 for w in warned if w.get("kind") == "cut"),
             "shards": entries,
         }
-        _write_bytes(os.path.join(self.out, MANIFEST), _json_bytes(manifest))
+        data = _json_bytes(manifest)
+        self._atomic(os.path.join(self.out, MANIFEST), lambda tmp: _write_file(tmp, data), len(data))
         return manifest
 
 
