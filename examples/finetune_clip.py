@@ -8,10 +8,16 @@
         --precision bf16 --steps 2000 --lr 1e-5 --warmup 100 --output-dir ft-clip
     # data parallel: every rank takes its shard of each global batch; the loss spans the global batch
     torchrun --nproc-per-node 8 examples/finetune_clip.py --model /local/siglip --data /data/pairs --batch-size 4096
+    # resumable: a checkpoint every 500 steps under ft-clip/checkpoints; after a crash or preemption the same command
+    # plus --resume continues exactly where the newest checkpoint left off (other options: a clear error)
+    python examples/finetune_clip.py --model /local/clip --data /data/pairs --steps 20000 --output-dir ft-clip \
+        --save-every 500            # ... killed; then the same command + --resume
 
 The flags are fastenc.train.FinetuneConfig's fields (`fastenc finetune` takes the same). The loop, its gradient
 accumulation (exact: open_clip's accum_freq), mixed precision and data parallelism are documented in
-fastenc/train.py; the saved model is a plain transformers checkpoint.
+fastenc/train.py; the saved model is a plain transformers checkpoint, read back and compared before "saved:" is
+printed. Exit status: 0; 1 when training stopped on a non-finite loss / gradient norm (nothing saved); 2 on bad input
+or a failed save (one `fastenc finetune: error: ...` line naming the flag).
 """
 
 from __future__ import annotations
