@@ -471,8 +471,12 @@ class GraphRunner:
     def _check_weights(self, model) -> None:
         if not self.config.check_weights:
             return
-        # weights made under torch.inference_mode() have no version counter (reading it raises): storage only
-        fp = tuple((t.data_ptr(), -1 if t.is_inference() else t._version) for t in self._tensors(model))
+        # weights made under torch.inference_mode() have no version counter (reading it raises): storage only.
+        # Strides and shape too: `p.data = p.data.t()` keeps the pointer and the version but a graph replays the old
+        # layout.
+        fp = tuple(
+            (t.data_ptr(), -1 if t.is_inference() else t._version, t.stride(), t.shape) for t in self._tensors(model)
+        )
         if self._fingerprint is None:
             self._fingerprint = fp
         elif fp != self._fingerprint:

@@ -13,8 +13,11 @@ forward arguments (positional in its order, or by name) and returns its ModelOut
 `*_model_output` of the joint models, `hidden_states` and `attentions` are not in the graph: None). Bad calls raise
 InputError before anything runs: a missing input, an argument the graph does not take (output_attentions=True,
 position_ids, ...), a shape that does not match the graph (rank, fixed dims, the same axis differing between inputs,
-text longer than the position limit), or, for TensorRT, a shape outside every optimisation profile (the profiles' ranges
-are in the message). An omitted attention_mask of a graph that takes one is all ones, as in transformers; a mask given
+text longer than the position limit, an empty batch or sequence, a token id outside [0, vocab): transformers raises on
+those too), or, for TensorRT, a shape outside every optimisation profile (the profiles' ranges are in the message). A
+file that is empty, not an ONNX model, one ONNX Runtime cannot load, or whose metadata does not describe its graph
+(a class whose forward lacks the graph's inputs, a ModelOutput class lacking its outputs) raises InputError naming the
+path at load. An omitted attention_mask of a graph that takes one is all ones, as in transformers; a mask given
 to a graph without one must be all ones (such a graph computes transformers' forward without a mask).
 
 ONNX Runtime (`OrtEncoder`). Providers: default ["CPUExecutionProvider"] on CPU, ["CUDAExecutionProvider",
@@ -34,19 +37,22 @@ current stream (`execute_async_v3`), so no synchronisation is added.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import importlib
 import inspect
 import json
+import operator
 import os
 import threading
+import warnings
 from pathlib import Path
 
 import torch
 
 from ._trace import fall_back, record
-from .errors import BackendUnavailableError, InputError
+from .errors import BackendUnavailableError, FastencError, InputError
 from .models._base import structure_generation
 
 _TORCH_DTYPES = {
@@ -119,6 +125,40 @@ def _forward_params(class_name: str) -> list[str] | None:
     return [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.POSITIONAL_ONLY)]
 
 
+def _int_meta(path: Path, meta: dict, key: str) -> int | None:
+    value = meta.get(key)
+    if not value:
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise InputError(f"path {str(path)!r}: metadata {key}={value!r} is not a positive integer")
+    return n
+
+
+def check_token_ids(ids: torch.Tensor, vocab: int | None, what: str) -> None:
+    """InputError when a token id is outside [0, vocab) (negative only, when vocab is unknown): transformers' embedding
+    lookup raises IndexError for them, ONNX's Gather would read row vocab + id for a negative one."""
+    if ids.numel() == 0 or ids.dtype == torch.bool:
+        return
+    lo, hi = (int(v) for v in torch.aminmax(ids))
+    if lo < 0 or (vocab is not None and hi >= vocab):
+        bad = lo if lo < 0 else hi
+        bound = f"[0, {vocab})" if vocab is not None else ">= 0"
+        raise InputError(f"input_ids: token id {bad} is outside {bound}, the vocabulary of {what} (transformers raises "
+                         "IndexError for it)")  # fmt: skip
+
+
+def check_not_empty(name: str, t: torch.Tensor, what: str) -> None:
+    """InputError for an input with an empty axis (batch 0, sequence 0): transformers' encoders raise on them (their
+    attention reshapes 0 elements), so no output is defined."""
+    if t.numel() == 0:
+        raise InputError(f"{name}: shape {tuple(t.shape)} is empty (batch and sequence must be >= 1): {what} "
+                         "computes no output for it, as transformers raises")  # fmt: skip
+
+
 @dataclasses.dataclass
 class _Spec:
     name: str
@@ -138,9 +178,39 @@ class Encoder(torch.nn.Module):
         self.class_name = meta.get("fastenc.class", "")
         self.output_class = _output_class(meta.get("fastenc.output_class", ""), self.output_names)
         self._params = _forward_params(self.class_name) if self.class_name else None
-        top = meta.get("fastenc.max_sequence")
-        self.max_sequence = int(top) if top else None
+        self.max_sequence = _int_meta(path, meta, "fastenc.max_sequence")
+        self.vocab_size = _int_meta(path, meta, "fastenc.vocab_size")
+        self._check_metadata()
         self.eval()
+
+    def _check_metadata(self) -> None:
+        """The recorded class and ModelOutput class must describe this graph: InputError naming the path and the key
+        when they do not (a file whose metadata was edited, or copied from another export)."""
+        where = f"path {str(self.path)!r}: metadata"
+        if self.class_name:
+            if self._params is None:
+                raise InputError(f"{where} fastenc.class={self.class_name!r} is not a transformers class here")
+            lacking = [n for n in self.input_names if n not in self._params]
+            if lacking:
+                graph = ", ".join(self.input_names)
+                raise InputError(f"{where} fastenc.class={self.class_name!r} does not describe this graph: its "
+                                 f"forward takes no {', '.join(lacking)} (graph inputs: {graph})")  # fmt: skip
+            kind = self.metadata.get("fastenc.kind")
+            if kind:
+                from .export.towers import _classes
+
+                known = {c.__name__: k for c, k in _classes().items()}
+                if known.get(self.class_name, kind) != kind:
+                    raise InputError(f"{where} fastenc.class={self.class_name!r} is a {known[self.class_name]} tower, "
+                                     f"but fastenc.kind says {kind!r}")  # fmt: skip
+        fields = getattr(self.output_class, "__dataclass_fields__", None)
+        if fields is not None:
+            heads = {n.partition(".")[0] for n in self.output_names}
+            lacking = sorted(heads - set(fields))
+            if lacking:
+                spec = self.metadata.get("fastenc.output_class", "")
+                raise InputError(f"{where} fastenc.output_class={spec!r} has no field {', '.join(lacking)} for this "
+                                 f"graph's outputs ({', '.join(self.output_names)})")  # fmt: skip
 
     def extra_repr(self) -> str:
         return f"path={str(self.path)!r}, model={self.class_name or '?'}, device={self.device}"
@@ -210,6 +280,9 @@ class Encoder(torch.nn.Module):
                 if want_dtype.is_floating_point != t.dtype.is_floating_point and t.dtype != torch.bool:
                     raise InputError(f"{spec.name} must be {spec.dtype}, got {t.dtype}")
                 t = t.to(want_dtype)
+            check_not_empty(spec.name, t, self.path.name)
+            if spec.name == "input_ids":
+                check_token_ids(t, self.vocab_size, self.path.name)
             out[spec.name] = t.contiguous()
         seq = sizes.get("sequence", (0,))[0]
         if self.max_sequence and seq > self.max_sequence:
@@ -257,13 +330,33 @@ class Encoder(torch.nn.Module):
 # ------------------------------------------------------------------------------------------------ ONNX Runtime
 
 
+_ID_OPS = ("Reshape", "Cast", "Identity", "Flatten", "Squeeze", "Unsqueeze")  # keep token ids' values
+
+
 def _ort_metadata(path: Path) -> tuple[dict, list[_Spec], list[_Spec]]:
+    """(metadata, inputs, outputs) of an ONNX file; InputError naming the path for an empty file, bytes that are not
+    an ONNX model, or a model without a graph."""
     from .export.onnx_export import read_io
 
     onnx = _need("onnx", "fastenc.runtime.load")
-    proto = onnx.load(str(path), load_external_data=False)
+    if path.stat().st_size == 0:
+        raise InputError(f"path {str(path)!r} is empty (0 bytes), not an ONNX model")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+        ins, outs = read_io(path)
+    except Exception as e:  # noqa: BLE001 - protobuf's DecodeError and the like: not an ONNX file
+        raise InputError(f"path {str(path)!r} is not an ONNX model ({type(e).__name__}: {e})") from e
+    if not proto.HasField("graph") or not proto.graph.node or not ins or not outs:
+        raise InputError(f"path {str(path)!r} is not an ONNX model of an encoder (no graph, nodes, inputs or outputs)")
     meta = {p.key: p.value for p in proto.metadata_props}
-    ins, outs = read_io(path)
+    if "fastenc.vocab_size" not in meta:  # an older export: the rows of the table input_ids index, if it is plain
+        tables, ids = {i.name: i.dims for i in proto.graph.initializer}, {"input_ids"}
+        for node in proto.graph.node:  # the ids reshaped / cast on their way to the embedding Gather
+            if node.op_type in _ID_OPS and node.input[0] in ids:
+                ids.update(node.output)
+            elif node.op_type == "Gather" and node.input[1:2] and node.input[1] in ids and node.input[0] in tables:
+                meta["fastenc.vocab_size"] = str(tables[node.input[0]][0])
+                break
     return meta, *([_Spec(s.name, s.dtype, list(s.dims)) for s in specs] for specs in (ins, outs))
 
 
@@ -292,6 +385,10 @@ class OrtEncoder(Encoder):
             raise InputError(f"device {device} needs CUDAExecutionProvider or TensorrtExecutionProvider in providers")
         if device.type == "cpu" and names[0] != "CPUExecutionProvider":
             raise InputError(f"device cpu runs CPUExecutionProvider; got providers {names} (pass device='cuda')")
+        if device.type == "cpu":  # an int8 graph quantized for a VNNI CPU saturates on one without
+            from .export.quantize import warn_if_int8_saturates
+
+            warn_if_int8_saturates(meta, path)
         provs = []
         for p in providers:
             name, opts = p if isinstance(p, tuple) else (p, {})
@@ -329,6 +426,10 @@ class OrtEncoder(Encoder):
             opts.optimized_model_filepath = str(save_to)
         try:
             self.session = ort.InferenceSession(source, opts, providers=provs)
+        except Exception as e:  # noqa: BLE001 - ORT's pybind errors (InvalidProtobuf, InvalidGraph, Fail, ...)
+            if type(e).__module__.startswith("onnxruntime"):
+                raise InputError(f"path {str(path)!r}: ONNX Runtime cannot load it ({type(e).__name__}: {e})") from e
+            raise
         finally:
             if save_to is not None and save_to.exists():
                 os.replace(save_to, cache)
@@ -513,6 +614,10 @@ def load(path, device=None, providers=None, *, threads: int | None = None, graph
 # runs the exported graph when the call is one the graph computes, and the fused torch path otherwise, recorded as a
 # fall-back. Export happens on the first call ORT can serve, into a cache folder keyed by the weights' content, the
 # export options and the versions; weight edits after that are noticed (see OrtState.current) and re-export.
+# A cached file is trusted only if it proves it is this model's (see trust): `model.onnx.sha256` (written after the
+# export is complete) matches its bytes, and its metadata holds the weights' fingerprint, the export options and
+# fastenc's version; anything else is set aside with a CacheWarning and exported again. The folder is flock()ed
+# while one process checks / exports it. Every export written there is announced (CacheWarning: paths and sizes).
 
 ENV_CACHE = "FASTENC_CACHE"
 
@@ -555,39 +660,109 @@ _SAMPLE = 64  # evenly spaced values per weight compared on every call (see OrtS
 
 
 def _pointer_key(tensors) -> tuple:
-    key = []
-    for _, t in tensors:
-        try:
-            version = t._version
-        except RuntimeError:  # inference tensors keep no version counter
-            version = -1
-        key.append((t.data_ptr(), version))
-    return tuple(key)
+    """Per tensor what an in-place edit or a `.data` replacement changes: data pointer (storage and offset), version
+    counter, strides, shape and dtype (`p.data = p.data.t()` keeps the pointer and the version; the device is
+    checked on every call by why_not_ort)."""
+    ts = [t for _, t in tensors]
+    try:
+        versions = tuple(map(_VERSION, ts))
+    except RuntimeError:  # inference tensors keep no version counter
+        versions = tuple(-1 if t.is_inference() else t._version for t in ts)
+    return (*map(_PTR, ts), *versions, *map(_STRIDE, ts), *map(_SHAPE, ts), *map(_DTYPE, ts))
+
+
+_PTR, _STRIDE, _SHAPE = torch.Tensor.data_ptr, torch.Tensor.stride, torch.Tensor.size
+_VERSION, _DTYPE = operator.attrgetter("_version"), operator.attrgetter("dtype")
+
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def _sample_views(tensors) -> list:
-    """Per CPU weight, a numpy view of _SAMPLE evenly spaced values (no copy: it reads the weight's memory as it is
-    when sampled), as raw bytes so the comparison is exact and NaN-safe."""
+    """Per CPU weight, a numpy view of its memory as it is laid out now (no copy; strided weights too) and the
+    indices of _SAMPLE evenly spaced values, read as raw integers so the comparison is exact and NaN-safe."""
     import numpy as np
 
     views = []
     for _, t in tensors:
         a = t.detach()
-        if a.device.type != "cpu" or not a.is_contiguous() or a.numel() == 0:
+        as_int = _INT_OF_SIZE.get(a.element_size())
+        if a.device.type != "cpu" or a.numel() == 0 or as_int is None or a.is_complex():
             continue
-        flat = a.view(-1).view(torch.uint8).numpy() if a.dtype != torch.bool else a.view(-1).numpy().view(np.uint8)
-        size = a.element_size()
+        arr = (a.reshape(1) if a.dim() == 0 else a).view(as_int).numpy()  # same shape and strides as the weight
         n = a.numel()
-        step = max(1, n // _SAMPLE)
-        idx = np.arange(0, n, step)[:, None] * size + np.arange(size)[None, :]
-        views.append((flat, idx.reshape(-1)))
+        idx = np.unravel_index(np.arange(0, n, max(1, n // _SAMPLE)), arr.shape)
+        views.append((arr, idx))
     return views
 
 
 def _sample(views) -> bytes:
-    import numpy as np
+    return b"".join(arr[idx].tobytes() for arr, idx in views)
 
-    return b"".join(np.take(flat, idx).tobytes() for flat, idx in views)
+
+class CacheWarning(UserWarning):
+    """fastenc wrote a file into its cache (announced once, with its path and size), or set aside a cached file that
+    failed its checks (another model's export, a truncated or edited file) and exports it again."""
+
+
+DIGEST_SUFFIX = ".sha256"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _cached_files(file: Path) -> list[Path]:
+    """The files of one cached export: the model, its external data if any."""
+    data = file.with_name(file.name + ".data")
+    return [file, data] if data.exists() else [file]
+
+
+def write_digest(file: Path) -> Path:
+    """Write `<file>.sha256` (sha256sum's format: one "<hex>  <name>" line per file of the export), atomically, after
+    the export is complete: a cached export without it (an export killed before it) is never trusted."""
+    side = file.with_name(file.name + DIGEST_SUFFIX)
+    text = "".join(f"{_sha256(f)}  {f.name}\n" for f in _cached_files(file))
+    tmp = side.with_name(f".{side.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    tmp.write_text(text)
+    os.replace(tmp, side)
+    return side
+
+
+def check_digest(file: Path) -> str | None:
+    """None when every file of the export matches `<file>.sha256`; else why not."""
+    side = file.with_name(file.name + DIGEST_SUFFIX)
+    if not side.is_file():
+        return f"it has no {side.name} (an export that did not finish, or a file fastenc did not write)"
+    try:
+        listed = dict(reversed(line.split("  ", 1)) for line in side.read_text().splitlines() if line)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        return f"its {side.name} cannot be read ({type(e).__name__}: {e})"
+    for f in _cached_files(file):
+        if f.name not in listed:
+            return f"{f.name} is not in its {side.name}"
+        got = _sha256(f)
+        if got != listed[f.name]:
+            want = listed[f.name]
+            return f"{f.name}'s sha256 is {got[:16]}…, its {side.name} says {want[:16]}… (truncated or changed)"
+    return None
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} B"  # pragma: no cover
+
+
+def announce_write(files: list[Path], what: str) -> None:
+    """Say once, with paths and sizes, that fastenc wrote `files` outside the user's named outputs (a CacheWarning)."""
+    listed = ", ".join(f"{f} ({_size(f.stat().st_size)})" for f in files if f.exists())
+    warnings.warn(f"fastenc: wrote {what} into the cache (${ENV_CACHE} moves it): {listed}", CacheWarning, stacklevel=2)
 
 
 class OrtState:
@@ -599,7 +774,7 @@ class OrtState:
         self.encoder: Encoder | None = None
         self.key = None  # (pointer key, sample) of the weights the encoder was exported from
         self.fingerprint: str | None = None
-        self.failed: str | None = None  # export error: later calls run torch without retrying
+        self.failed: str | None = None  # export error: later calls run torch without retrying (until refresh())
         self.exports = 0  # graphs exported by this model (cache misses)
         self.lock = threading.Lock()
 
@@ -620,17 +795,24 @@ class OrtState:
             cached = self._tensors = (generation, _tensors(model))
         return cached[1]
 
-    def cache_key(self, model, fingerprint: str) -> str:
+    def export_options(self, model, fingerprint: str) -> dict:
+        """Everything the cached graph depends on: the class, the weights' fingerprint, the export options and the
+        versions. Hashed into the cache key and stored in the file's metadata (checked before a session is built)."""
         import onnx
         import onnxruntime
         import transformers
 
         from ._version import __version__
+        from .export.quantize import int8_cache_token
 
-        parts = {"class": model._fastenc_base.__name__, "weights": fingerprint, "quantize": self.quantize,
-                 "mask": self._mask(model), "opset": 18, "nested": True, "torch": torch.__version__,
-                 "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
-                 "transformers": transformers.__version__, "fastenc": __version__}  # fmt: skip
+        return {"class": model._fastenc_base.__name__, "weights": fingerprint,
+                "quantize": int8_cache_token(self.quantize), "mask": self._mask(model), "opset": 18, "nested": True,
+                "dtype": "float32", "torch": torch.__version__, "onnx": onnx.__version__,
+                "onnxruntime": onnxruntime.__version__, "transformers": transformers.__version__,
+                "fastenc": __version__}  # fmt: skip
+
+    def cache_key(self, model, fingerprint: str) -> str:
+        parts = self.export_options(model, fingerprint)
         return hashlib.blake2b(json.dumps(parts, sort_keys=True).encode(), digest_size=12).hexdigest()
 
     @staticmethod
@@ -645,9 +827,10 @@ class OrtState:
     def current(self, model) -> Encoder:
         """The encoder for the model's weights as they are now: exported (or found in the cache) on first use and
         again after any weight change. A change is seen by parameter identity, data pointer, version counter (every
-        in-place op outside `.data`, optimizers' foreach steps, load_state_dict, assign, .to) and by 64 evenly spaced
-        values of every weight (`.data` edits, fused optimizers). An edit that keeps all of those (a few values of a
-        large weight through `.data`) is not seen: call `fastenc.runtime.refresh(model)` after such edits."""
+        in-place op outside `.data`, optimizers' foreach steps, load_state_dict, assign, .to), shape, strides, storage
+        offset, dtype and device (`p.data = ...`, `p.data = p.data.t()`) and by 64 evenly spaced values of every
+        weight (`.data` edits, fused optimizers). An edit that keeps all of those (a few values of a large weight
+        through `.data`) is not seen: call `fastenc.runtime.refresh(model)` after such edits."""
         key = self.key
         tensors = self.tensors(model)
         if self.encoder is not None and key is not None and key[0] is tensors:
@@ -668,31 +851,111 @@ class OrtState:
             return self.encoder
 
     def _load(self, model, fingerprint: str) -> Encoder:
+        """The encoder of this model's export: the cached file if it proves it is this model's (its digest file
+        matches every byte, and its metadata holds this model's class, weights' fingerprint, export options and
+        fastenc version), else a new export (a rejected file is replaced, with a CacheWarning saying why)."""
         from .export import export_onnx
         from .export.towers import _classes
 
         nested = _classes().get(model._fastenc_base) in ("clip", "siglip")  # complete CLIPOutput / SiglipOutput
-        folder = cache_dir() / "onnx" / f"{model._fastenc_base.__name__}-{self.cache_key(model, fingerprint)}"
+        parts = self.export_options(model, fingerprint)
+        key = hashlib.blake2b(json.dumps(parts, sort_keys=True).encode(), digest_size=12).hexdigest()
+        folder = cache_dir() / "onnx" / f"{model._fastenc_base.__name__}-{key}"
         file = folder / "model.onnx"
-        if not file.is_file():
-            folder.mkdir(parents=True, exist_ok=True)
+        own = {"fastenc.weights": fingerprint, "fastenc.export_options": json.dumps(parts, sort_keys=True),
+               "fastenc.cache_key": key}  # fmt: skip
+        expected = {"fastenc.class": model._fastenc_base.__name__, "fastenc.version": parts["fastenc"], **own}
+        folder.mkdir(parents=True, exist_ok=True)
+        with _locked(folder):  # another process exporting this key finishes (model, then digest) before we look
+            why = trust(file, expected)
+            if why is None:
+                try:
+                    return load(file, "cpu", threads=self.threads)
+                except InputError as e:  # passed its checks, yet ORT cannot build a session on it
+                    why = str(e)
+            side = file.with_name(file.name + DIGEST_SUFFIX)
+            if why != "absent":
+                name = model._fastenc_base.__name__
+                warnings.warn(f"fastenc: the cached ONNX export {file} is not trusted for this {name} ({why}); "
+                              "exporting it again", CacheWarning, stacklevel=4)  # fmt: skip
+                for f in (side, *_cached_files(file)):
+                    f.unlink(missing_ok=True)
             with torch.inference_mode(False):
-                export_onnx(model, file, attention_mask=self._mask(model), quantize=self.quantize,
-                            nested_outputs=nested)  # fmt: skip
+                report = export_onnx(model, file, attention_mask=self._mask(model), quantize=self.quantize,
+                                     nested_outputs=nested, metadata=own)  # fmt: skip
+            written = [Path(f) for f in report.files]
+            written.append(write_digest(file))
             self.exports += 1
             record("onnxruntime", "export")
-        # no optimized_model_cache here: a graph optimised at level "all" may hold CPU-specific layouts, and the
-        # cache folder may be shared between machines; the session is built once per optimized model anyway
-        return load(file, "cpu", threads=self.threads)
+            announce_write(written, f"the ONNX export of this {model._fastenc_base.__name__}")
+            # no optimized_model_cache here: a graph optimised at level "all" may hold CPU-specific layouts, and the
+            # cache folder may be shared between machines; the session is built once per optimized model anyway
+            return load(file, "cpu", threads=self.threads)
+
+
+def trust(file: Path, expected: dict) -> str | None:
+    """None when the cached export `file` proves it is the one `expected` describes: its digest file matches every
+    byte of it (and of its external data), and its metadata holds each expected entry (class, weights' fingerprint,
+    export options, fastenc version). Else why not; "absent" when there is nothing there."""
+    from .export.onnx_export import read_metadata
+
+    side = file.with_name(file.name + DIGEST_SUFFIX)
+    if not file.exists() and not side.exists():
+        return "absent"
+    why = check_digest(file) if file.is_file() else f"{file.name} is missing"
+    if why is None:
+        try:
+            why = _metadata_mismatch(read_metadata(file), expected)
+        except InputError as e:
+            why = str(e)
+    return why
+
+
+@contextlib.contextmanager
+def _locked(folder: Path):
+    """An exclusive flock on the cache folder itself (no lock file is written): the check, export and digest of one
+    cache key run in one process at a time. Where flock is missing (Windows) nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:  # a filesystem without flock: unlocked, as on Windows
+            pass
+        yield
+    finally:
+        os.close(fd)
+
+
+def _metadata_mismatch(meta: dict, expected: dict) -> str | None:
+    for k, want in expected.items():
+        got = meta.get(k)
+        if got != want:
+            if k == "fastenc.export_options" and got:
+                try:
+                    a, b = json.loads(got), json.loads(want)
+                    diff = sorted(x for x in set(a) | set(b) if a.get(x) != b.get(x))
+                    return f"it was exported with other options: {', '.join(f'{x}={a.get(x)!r}' for x in diff)}"
+                except (ValueError, AttributeError):
+                    pass
+            shown = got if got is None or len(got) <= 40 else got[:40] + "…"
+            return f"its metadata {k} is {shown!r}, this model's is {want[:40]!r}"
+    return None
 
 
 def refresh(model) -> None:
     """Make a model optimized with backend="onnxruntime" re-read its weights on the next call (after edits that the
-    per-call check cannot see; see OrtState.current)."""
+    per-call check cannot see; see OrtState.current), and try ONNX Runtime again after a failed export (once its
+    cause, a full disk or an unwritable cache folder, is gone)."""
     state = getattr(model, "_fastenc_ort", None)
     if state is None:
         raise InputError("refresh: model was not optimized with backend='onnxruntime'")
     state.key = None
+    state.failed = None
 
 
 def why_not_ort(model, bound: dict) -> str | None:
@@ -754,6 +1017,22 @@ def why_not_ort(model, bound: dict) -> str | None:
     return None
 
 
+def check_ort_call(model, bound: dict) -> None:
+    """The inputs transformers raises on, as InputError, for a call ONNX Runtime serves: an empty batch or sequence,
+    token ids outside [0, vocab) (ONNX's Gather would read row vocab + id for a negative id)."""
+    name = model._fastenc_base.__name__
+    for arg in ("input_ids", "attention_mask", "pixel_values"):
+        t = bound.get(arg)
+        if isinstance(t, torch.Tensor):
+            check_not_empty(arg, t, name)
+    ids = bound.get("input_ids")
+    if isinstance(ids, torch.Tensor):
+        from .export.onnx_export import token_rows
+        from .export.towers import _classes
+
+        check_token_ids(ids, token_rows(model, _classes().get(model._fastenc_base, "")), name)
+
+
 _ORT_CLASSES: dict[type, type] = {}
 
 
@@ -776,12 +1055,17 @@ def ort_class(fused: type, base: type) -> type:
         state = self._fastenc_ort
         why = why_not_ort(self, bound)
         if why is None:
+            check_ort_call(self, bound)  # bad input raises, as in transformers, before any export
             try:
                 encoder = state.current(self)
             except Exception as e:  # noqa: BLE001 - any export / session failure: reported, then torch runs
-                if state.strict:
+                failed = f"the ONNX export failed ({type(e).__name__}: {e})"
+                if state.strict and isinstance(e, FastencError):
                     raise
-                state.failed = f"the ONNX export failed ({type(e).__name__}: {e})"
+                if state.strict:
+                    raise BackendUnavailableError(f"{base.__name__}: {failed}; strict=True forbids falling back to "
+                                                  "torch (fastenc.runtime.refresh(model) retries)") from e  # fmt: skip
+                state.failed = failed + "; fastenc.runtime.refresh(model) retries"
                 why = state.failed
             else:
                 record("onnxruntime", "forward")
@@ -800,12 +1084,15 @@ def ort_class(fused: type, base: type) -> type:
 
 __all__ = [
     "ENV_CACHE",
+    "CacheWarning",
     "Encoder",
     "OrtEncoder",
     "TensorRTEncoder",
     "cache_dir",
+    "check_digest",
     "load",
     "refresh",
     "sidecar_path",
     "weights_fingerprint",
+    "write_digest",
 ]

@@ -402,7 +402,7 @@ def test_export_removes_stale_staging_of_killed_exports_but_not_live_ones(tmp_pa
     import time
 
     dead, dead_dir = _staging_in_subprocess(tmp_path, "kill")
-    assert dead.wait(timeout=120) == -9
+    assert dead.wait(timeout=900) == -9
     assert dead_dir.name.startswith(".fastenc-export-") and (dead_dir / "model.onnx.data").is_file()  # left behind
     live, live_dir = _staging_in_subprocess(tmp_path, "hold")
     try:

@@ -304,6 +304,24 @@ def test_weight_update_recaptures():
         clear_graphs(eager(model))
 
 
+def test_weight_replaced_by_its_transpose_recaptures():
+    """`w.data = w.data.t()` keeps the data pointer and the version counter (and, for a square weight, the shape):
+    the strides tell the graphs are stale."""
+    model = text_model()
+    fast, cap = graphed(model)
+    inputs = text_inputs(2)
+    w = model.text_model.encoder.layers[0].self_attn.out_proj.weight  # (32, 32)
+    with torch.no_grad():
+        fast(**inputs)
+        ptr, version = w.data_ptr(), w._version
+        w.data = w.data.t()
+        assert (w.data_ptr(), w._version, w.shape) == (ptr, version, (32, 32))
+        with fastenc.trace() as t:
+            got = fast(**inputs)
+        compare_outputs(model(**inputs), got)
+    assert cap.captures == 2 and t.counts["cuda_graph.invalidate"] == 1
+
+
 def test_weight_check_off_keeps_stale_graphs():
     """check_weights=False trades the per-call check for a stale graph after weight changes (documented)."""
     model = text_model()

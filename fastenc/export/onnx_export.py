@@ -109,6 +109,7 @@ class ExportReport:
             lines.append(f"  {self.quantize}: {q['quantized_matmuls']} MatMuls in int8; vs fp32 on {q['probe']}: "
                          f"cosine min {q['cosine_min']:.6f} mean {q['cosine_mean']:.6f}, top-1 agreement "
                          f"{q['top1_agreement']:.3f}")  # fmt: skip
+            lines.append(f"  int8_format {q['int8_format']!r} ({q['format_reason']}) on {q['cpu']}")
         return "\n".join(lines)
 
 
@@ -269,6 +270,63 @@ def commit_files(staged: list[Path], dest_dir: Path) -> list[Path]:
         os.replace(f, target)
         out.append(target)
     return [out[-1]] + out[:-1]
+
+
+# ------------------------------------------------------------------------------------------------- metadata
+
+
+def check_metadata(metadata) -> dict[str, str]:
+    """export_onnx's `metadata`: extra str -> str entries for the file's metadata_props (None: none)."""
+    if metadata is None:
+        return {}
+    ok = isinstance(metadata, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())
+    if not ok:
+        raise InputError(f"metadata must be a dict of str -> str, got {metadata!r}")
+    return dict(metadata)
+
+
+def token_rows(module: torch.nn.Module, kind: str) -> int | None:
+    """The number of rows of a text tower's token embedding table (what transformers' lookup indexes; ids outside
+    [0, rows) raise there), None for a vision tower."""
+    if kind not in ("clip", "clip_text", "siglip", "siglip_text", "t5"):
+        return None
+    table = None
+    if kind in ("clip", "siglip"):  # the joint models: their text tower's table
+        table = getattr(getattr(getattr(module, "text_model", None), "embeddings", None), "token_embedding", None)
+    if table is None:
+        try:
+            table = module.get_input_embeddings()
+        except (AttributeError, NotImplementedError):
+            table = None
+    weight = getattr(table, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.dim() == 2:
+        return int(weight.shape[0])
+    cfg = module.config
+    return getattr(getattr(cfg, "text_config", None) or cfg, "vocab_size", None)
+
+
+def export_record(tower: Tower, *, opset: int, dtype: torch.dtype, optimize: bool) -> dict[str, str]:
+    """What every export records beside the class and I/O names (ONNX metadata_props): fastenc's version, the export
+    options that shape the graph and, for text towers, the token-id bound the runtime checks inputs against."""
+    from .._version import __version__
+
+    meta = {"fastenc.version": __version__, "fastenc.opset": str(opset),
+            "fastenc.dtype": str(dtype).replace("torch.", ""), "fastenc.optimized": str(bool(optimize)).lower(),
+            "fastenc.nested_outputs": str(bool(tower.nested)).lower()}  # fmt: skip
+    rows = token_rows(tower.module, tower.kind)
+    if rows:
+        meta["fastenc.vocab_size"] = str(rows)
+    return meta
+
+
+def read_metadata(path) -> dict[str, str]:
+    """The metadata_props of an ONNX file (weights not read). InputError naming the path when it is not one."""
+    onnx = _need("onnx")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # noqa: BLE001 - protobuf's DecodeError and friends: not an ONNX file
+        raise InputError(f"path {str(path)!r} is not an ONNX model ({type(e).__name__}: {e})") from e
+    return {p.key: p.value for p in proto.metadata_props}
 
 
 # ------------------------------------------------------------------------------------------------- export
@@ -454,16 +512,22 @@ def export_onnx(
     quantize: str | None = None,
     min_cosine: float | None = None,
     nested_outputs: bool = False,
+    int8_format: str | None = None,
+    metadata: dict[str, str] | None = None,
 ) -> ExportReport:
     """Export `model` to ONNX at `path` and return what was written (see the module docstring).
 
     quantize="int8-dynamic": the linear layers' MatMuls get int8 weights (ORT dynamic quantization, CPU); the
     report's `quantization` holds the int8-vs-fp32 accuracy on a fixed probe set, and the export is refused
     (InputError, nothing written) when the pooled-embedding cosine falls below `min_cosine` (default 0.99); see
-    fastenc/export/quantize.py. nested_outputs=True (joint CLIP / SigLIP models): the nested text_model_output /
+    fastenc/export/quantize.py. int8_format: "auto" (None: the CPU's, see quantize.choose_int8_format), "s8",
+    "s8-reduce-range" or "u8". nested_outputs=True (joint CLIP / SigLIP models): the nested text_model_output /
     vision_model_output tensors become outputs too, named "text_model_output.pooler_output" and so on (what
-    fastenc.runtime needs to return complete CLIPOutput / SiglipOutput objects)."""
-    from .quantize import MIN_COSINE, check_quantize, quantization_report, quantize_int8_dynamic
+    fastenc.runtime needs to return complete CLIPOutput / SiglipOutput objects). Every file records in its
+    metadata_props the class, its ModelOutput class, the input / output names, fastenc's version, the opset, dtype,
+    whether ORT's fusions ran, the text position limit and token-id bound (`export_record`); `metadata` adds str ->
+    str entries (fastenc.runtime's cache stores the weights' fingerprint and the export options there)."""
+    from .quantize import MIN_COSINE, check_int8_format, check_quantize, quantization_report, quantize_int8_dynamic
 
     t0 = time.perf_counter()
     say = progress or (lambda msg: None)
@@ -476,11 +540,13 @@ def export_onnx(
     if not isinstance(nested_outputs, bool):
         raise InputError(f"nested_outputs must be a bool, got {type(nested_outputs).__name__}")
     tower.nested = nested_outputs
+    extra = check_metadata(metadata)
     out_path = check_output_path(path)
     onnx = _need("onnx")
     model_dtype = next(tower.module.parameters()).dtype
     out_dtype = check_dtype(dtype, model_dtype)
     quantize = check_quantize(quantize, out_dtype, optimize, tower.kind)
+    int8 = check_int8_format(quantize, int8_format)  # (format, reason, cpu) or None
     if min_cosine is None:
         min_cosine = MIN_COSINE
     if isinstance(min_cosine, bool) or not isinstance(min_cosine, (int, float)) or not -1.0 <= min_cosine <= 1.0:
@@ -505,10 +571,16 @@ def export_onnx(
                 "fastenc.inputs": ",".join(tower.inputs)}  # fmt: skip
         if quantize:
             meta["fastenc.quantize"] = quantize
+            meta["fastenc.int8_format"], meta["fastenc.int8_cpu"] = int8[0].name, f"{int8[2].describe()}: {int8[1]}"
         if tower.nested_classes:
             meta["fastenc.nested_classes"] = ",".join(f"{k}={v}" for k, v in tower.nested_classes.items())
         if tower.max_sequence:
             meta["fastenc.max_sequence"] = str(tower.max_sequence)
+        meta.update(export_record(tower, opset=opset, dtype=out_dtype, optimize=optimize))
+        clash = sorted(set(meta) & set(extra))
+        if clash:
+            raise InputError(f"metadata: {clash} are written by the export itself; choose other keys")
+        meta.update(extra)
         for k, v in meta.items():
             proto.metadata_props.add(key=k, value=v)
         final = tmp / "final" / out_path.name
@@ -523,14 +595,16 @@ def export_onnx(
             onnx.checker.check_model(str(plain))
         if quantize:
             say(f"quantizing the linear layers ({quantize})")
-            n, staged = quantize_int8_dynamic(plain, final, external)
+            n, staged = quantize_int8_dynamic(plain, final, external, int8[0])
             say("int8 vs fp32 on the probe set")
-            quant = quantization_report(tower, plain, final, min_cosine=float(min_cosine), quantized_matmuls=n)
+            quant = quantization_report(tower, plain, final, min_cosine=float(min_cosine), quantized_matmuls=n,
+                                        fmt=int8[0], format_reason=int8[1], cpu=int8[2])  # fmt: skip
             if not quant.ok:
                 raise InputError(
                     f"quantize={quantize!r} breaks parity for this {tower.class_name}: pooled-embedding cosine vs "
                     f"fp32 min {quant.cosine_min:.5f} < min_cosine {min_cosine} (mean {quant.cosine_mean:.5f}, "
-                    f"top-1 agreement {quant.top1_agreement:.3f} on {quant.probe}); nothing was written"
+                    f"top-1 agreement {quant.top1_agreement:.3f} on {quant.probe}; int8_format {int8[0].name!r}: "
+                    f"{int8[1]}); nothing was written"
                 )
         elif optimize:
             say(f"ORT transformer optimizer (model_type={tower.ort_model_type})")
