@@ -11,6 +11,7 @@ fastenc encode --pipeline DIR --prompt "..." [--negative-prompt "..."] [--out em
 fastenc embed  --model DIR --input SRC --out DIR [--tower image|text|both] [--batch N] [--ray [ADDRESS]] [...]
 fastenc search --index DIR (--text "..." | --image IMG | --ids FILE) [--k K] [--faiss IVF-PQ] [--json]
 fastenc finetune --model DIR | --tiny [clip|siglip]  --data DIR | --synthetic N  [--steps ...] [--accum ...] [...]
+fastenc cache  [--clear [--what onnx|prompts|digests|cuda|autotune|all]] [--prompt-cache DIR] [--json]
 
 Exit status: 0 on success, 1 when a parity check fails (tokens: the prompt is truncated), 2 on bad input (one line on
 stderr, `fastenc <command>: error: ...`, no traceback).
@@ -82,6 +83,9 @@ def _parser() -> argparse.ArgumentParser:
     from .train import add_finetune_parser  # fastenc finetune
 
     add_finetune_parser(sub)
+    from .cache_cli import add_cache_parser  # fastenc cache
+
+    add_cache_parser(sub)
     return p
 
 
@@ -140,7 +144,7 @@ def cmd_parity(args) -> int:
     model = model.to(device=device, dtype=dtype).eval()
     fast = fastenc.optimize(model, backend=args.backend, strict=args.strict)
     inputs = clip_inputs(model.config, args.batch, device=device, dtype=dtype, seq=args.seq)
-    report = compare(model, fast, inputs)
+    report = compare(model, fast, inputs, requested=args.backend)
     report.model = f"{type(model).__name__} ({label})"
     speed = None
     if getattr(args, "speed_calls", 0):  # demo: the speed half of the promise, measured here (benchmark/speed.py)
@@ -151,7 +155,11 @@ def cmd_parity(args) -> int:
             print(report.table(), flush=True)
             print(f"timing {args.speed_calls} interleaved calls (the first fastenc call may export to ONNX)...",
                   flush=True)  # fmt: skip
-        speed = speed_report(model, inputs, fast=fast, calls=args.speed_calls)
+
+        def progress(line):  # stderr: the report and the closing speed line on stdout stay as they are
+            print(f"fastenc {args.cmd}: {line}", file=sys.stderr, flush=True)
+
+        speed = speed_report(model, inputs, fast=fast, calls=args.speed_calls, progress=progress)
     if args.json:
         print(json.dumps({**report.to_dict(), **({"speed": speed} if speed else {})}, indent=2))
     elif speed:

@@ -23,13 +23,14 @@ class FieldError:
 @dataclass
 class ParityReport:
     model: str
-    backend: str
+    backend: str  # what ran, read from fastenc.trace() (see ran_backend), not the setting asked for
     dtype: str
     device: str
     tolerance_rel: float
     fields: list[FieldError] = field(default_factory=list)
     ops: dict = field(default_factory=dict)  # "backend.op" -> calls
     fallbacks: list = field(default_factory=list)
+    requested: str = ""  # the backend optimize was asked for (the CLI's --backend), when known
 
     @property
     def ok(self) -> bool:
@@ -41,7 +42,9 @@ class ParityReport:
         return d
 
     def table(self) -> str:
-        lines = [f"parity of {self.model} ({self.dtype}, {self.device}) vs transformers, backend={self.backend}:"]
+        asked = f" (requested {self.requested})" if self.requested and self.requested != self.backend else ""
+        head = f"parity of {self.model} ({self.dtype}, {self.device}) vs transformers"
+        lines = [f"{head}, backend={self.backend}{asked}:"]
         lines.append(f"  {'output':<44} {'shape':<18} {'max abs err':>12} {'max rel err':>12}  ok")
         for f in self.fields:
             shape = "x".join(map(str, f.shape))
@@ -75,8 +78,24 @@ def _flatten(prefix: str, out) -> dict[str, torch.Tensor]:
 DEFAULT_TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 
 
-def compare(reference_model, fast_model, inputs: dict, *, tolerance_rel: float | None = None) -> ParityReport:
-    """Run both models on `inputs` (no grad) and report every output tensor's error."""
+# ops that run on torch whatever the backend (GEMMs on cuBLAS / MKL, wrapped linears as their module) and export
+# steps: they do not say which backend ran the tower
+_NOT_A_BACKEND_CHOICE = ("linear", "module", "export")
+
+
+def ran_backend(counts) -> str:
+    """The backend(s) that ran a traced call, from `fastenc.trace()` counts ("backend.op" -> calls): those of the
+    tower's ops other than the GEMMs (torch everywhere), joined with "+" when several ran; "none" if nothing ran."""
+    ops = [key.split(".", 1) for key in counts if counts[key]]
+    chosen = {b for b, op in ops if op not in _NOT_A_BACKEND_CHOICE} or {b for b, op in ops if op != "export"}
+    return "+".join(sorted(chosen)) or "none"
+
+
+def compare(
+    reference_model, fast_model, inputs: dict, *, tolerance_rel: float | None = None, requested: str = ""
+) -> ParityReport:
+    """Run both models on `inputs` (no grad) and report every output tensor's error; the report's backend is what
+    `fastenc.trace()` saw run (`ran_backend`), `requested` what optimize was asked for."""
     params = next(reference_model.parameters())
     tol = DEFAULT_TOLERANCE.get(params.dtype, 1e-4) if tolerance_rel is None else tolerance_rel
     with torch.no_grad():
@@ -88,7 +107,8 @@ def compare(reference_model, fast_model, inputs: dict, *, tolerance_rel: float |
         raise InputError(f"output fields differ: transformers {sorted(ref_f)} vs fastenc {sorted(got_f)}")
     report = ParityReport(
         model=type(reference_model).__name__,
-        backend=fast_model._fastenc.backend,
+        backend=ran_backend(t.counts),
+        requested=requested,
         dtype=str(params.dtype).replace("torch.", ""),
         device=str(params.device),
         tolerance_rel=tol,

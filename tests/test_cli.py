@@ -16,7 +16,7 @@ SUBPACKAGES = ("export", "ops", "models", "distributed", "diagnostics", "runtime
 
 
 def _python(code: str, **env) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900,
                           env={**os.environ, **env})  # fmt: skip
 
 
@@ -160,7 +160,78 @@ def test_errors_through_the_console_entry_point(tmp_path):
         (["bench", "--report", str(tmp_path / "missing.jsonl")], {}, "is not a file"),
     ):
         proc = subprocess.run([sys.executable, "-m", "fastenc.cli", *argv], capture_output=True, text=True,
-                              timeout=600, env={**os.environ, **env})  # fmt: skip
+                              timeout=900, env={**os.environ, **env})  # fmt: skip
         assert proc.returncode == 2, (argv, proc.stderr)
         assert "Traceback" not in proc.stderr and message in proc.stderr, proc.stderr
         assert proc.stderr.strip().splitlines()[-1].startswith(f"fastenc {argv[0]}: error: "), proc.stderr
+
+
+# ------------------------------------------------------------------------------- the demo says what it did (#25)
+
+
+def test_ran_backend_reads_the_trace():
+    from fastenc.parity import ran_backend
+
+    assert ran_backend({"onnxruntime.export": 1, "onnxruntime.forward": 1}) == "onnxruntime"
+    assert ran_backend({"torch.linear": 8, "triton.attention": 2, "triton.layer_norm": 4}) == "triton"
+    assert ran_backend({"torch.linear": 8, "triton.attention": 1, "torch.attention": 1}) == "torch+triton"
+    assert ran_backend({"torch.linear": 4, "torch.module": 1}) == "torch"
+    assert ran_backend({}) == "none"
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
+def test_demo_parity_header_names_the_backend_that_ran(backend, capsys, monkeypatch, tmp_path):
+    """Issue 25: the header said backend=torch while ONNX Runtime ran every op; it is read from fastenc.trace()."""
+    monkeypatch.delenv("FASTENC_BACKEND", raising=False)
+    monkeypatch.setenv("FASTENC_CACHE", str(tmp_path))
+    argv = ["demo", "--shape", "tiny", "--layers", "1", "--batch", "2", "--device", "cpu", "--speed-calls", "0"]
+    assert cli.main([*argv, "--backend", backend]) == 0
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if line.startswith("parity of "))
+    assert header.endswith(f"backend={backend}:"), header
+    assert f"{backend}." in out  # the op table agrees
+    assert cli.main([*argv, "--backend", backend, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["backend"] == backend and report["requested"] == backend
+    if backend == "onnxruntime":
+        assert set(report["ops"]) <= {"onnxruntime.forward", "onnxruntime.export"}
+
+
+def test_demo_timing_loop_reports_progress_on_stderr(capsys, monkeypatch, tmp_path):
+    """Issue 25: the demo's timing loop printed nothing for 14 minutes under load. Progress goes to stderr (first
+    calls, warm-up, rounds); stdout still ends with the speed line."""
+    monkeypatch.delenv("FASTENC_BACKEND", raising=False)
+    monkeypatch.setenv("FASTENC_CACHE", str(tmp_path))
+    argv = ["demo", "--shape", "tiny", "--layers", "1", "--batch", "2", "--backend", "torch", "--device", "cpu"]
+    assert cli.main([*argv, "--speed-calls", "3"]) == 0
+    captured = capsys.readouterr()
+    err = captured.err.splitlines()
+    assert any(line.startswith("fastenc demo: fastenc candidate 1/") and "ready in" in line for line in err), err
+    assert any(line.startswith("fastenc demo: warm-up: ") for line in err), err
+    assert "fastenc demo: timing 3 interleaved round(s) of 3 competitors" in err, err
+    rounds = [line for line in err if line.startswith("fastenc demo: round ")]
+    assert rounds[0].startswith("fastenc demo: round 1/3: p50 so far transformers eager ") and "round 3/3" in rounds[-1]
+    assert captured.out.strip().splitlines()[-1].startswith("speed (CPU, "), captured.out
+
+
+def test_speed_report_progress_callback(monkeypatch):
+    import torch
+    from transformers import CLIPTextModel
+
+    import fastenc._dispatch as dispatch
+    from fastenc.benchmark.speed import speed_report
+    from fastenc.models.configs import clip_config
+    from fastenc.parity import clip_inputs
+
+    torch.manual_seed(0)
+    model = CLIPTextModel(clip_config("tiny", layers=1).text_config).eval()
+    fast = fastenc.optimize(model, backend="torch")
+    inputs = clip_inputs(model.config, 2, seq=8)
+    with pytest.raises(fastenc.InputError, match="progress"):
+        speed_report(model, inputs, fast=fast, calls=1, progress="stderr")
+    monkeypatch.setattr(dispatch, "onnxruntime_installed", lambda: False)  # the torch candidate only: no export
+    lines = []
+    rep = speed_report(model, inputs, fast=fast, calls=2, progress=lines.append)
+    assert rep["calls"] == 2
+    assert lines[0] == "fastenc candidate 1/1: first calls (may export to ONNX, compile or capture)"
+    assert [line.split(":")[0] for line in lines if line.startswith("round ")] == ["round 1/2", "round 2/2"]

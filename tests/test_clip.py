@@ -287,9 +287,11 @@ def test_unsupported_model_class():
         fastenc.optimize(torch.nn.Linear(2, 2))
 
 
-def test_unsupported_activation_and_bad_backend_name():
-    with pytest.raises(fastenc.UnsupportedModelError, match="hidden_act"):
-        fastenc.optimize(build(CLIPTextModel, make_config(act="silu")))
+def test_activation_without_a_kernel_and_bad_backend_name():
+    model = build(CLIPTextModel, make_config(act="silu"))  # runs as its module (tests/test_config_fields.py)
+    ref, got, t = run_both(model, fastenc.optimize(model, backend="torch"), inputs_for(model, 2, seq=6))
+    compare_outputs(ref, got)
+    assert t.counts["torch.module"] == 2
     with pytest.raises(fastenc.InputError, match="backend"):
         fastenc.optimize(build(CLIPTextModel, make_config()), backend="gpu")
 

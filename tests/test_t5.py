@@ -220,9 +220,15 @@ def test_bad_inputs_raise_named_errors():
 
 def test_unsupported_configs():
     config = make_config()
-    config.dense_act_fn = "silu"
-    with pytest.raises(fastenc.UnsupportedModelError, match="dense_act_fn"):
+    config.is_decoder = True
+    with pytest.raises(fastenc.UnsupportedModelError, match="is_decoder"):
         fastenc.optimize(build(config))
+    config = make_config()
+    config.dense_act_fn = "silu"  # no fused kernel: runs as its module (tests/test_config_fields.py)
+    model = build(config)
+    ref, got, t = run_both(model, fastenc.optimize(model, backend="torch"), inputs_for(2, 5))
+    compare_outputs(ref, got)
+    assert t.counts["torch.module"] == 2
 
 
 # ------------------------------------------------------------------------------------------------------ precision

@@ -7,13 +7,19 @@ import torch
 
 from ..errors import InputError
 
+PROGRESS_EVERY_S = 5.0  # during the timing rounds, a progress line at most this often (and after the first / last)
 
-def speed_report(model, inputs: dict, *, fast=None, calls: int = 20, warmup: int = 2) -> dict:
+
+def speed_report(model, inputs: dict, *, fast=None, calls: int = 20, warmup: int = 2, progress=None) -> dict:
     """transformers (eager and SDPA attention) against fastenc's best backend here, on the same model and inputs:
     ONNX Runtime on a CPU (when installed; the torch backend otherwise), the fused model `fast` and the same with CUDA
     graphs on a GPU (the faster of the two is reported). Timing is interleaved (each round calls every competitor
     once) and reported as the p50 over `calls` rounds; the fastenc backend is named from what `fastenc.trace()`
-    recorded in a traced call, not assumed."""
+    recorded in a traced call, not assumed.
+
+    progress: None, or a callable taking one line of text: told what runs (each fastenc candidate's first calls,
+    the warm-up, then the timing rounds: after the first and the last and at most every PROGRESS_EVERY_S seconds
+    between, with each competitor's p50 so far), so minutes of timing under load never pass in silence."""
     import statistics
     import time
 
@@ -24,6 +30,9 @@ def speed_report(model, inputs: dict, *, fast=None, calls: int = 20, warmup: int
 
     if isinstance(calls, bool) or not isinstance(calls, int) or calls < 1:
         raise InputError(f"calls must be an int >= 1, got {calls!r}")
+    if progress is not None and not callable(progress):
+        raise InputError(f"progress must be None or a callable taking a str, got {type(progress).__name__}")
+    say = progress or (lambda _line: None)
     p = next(model.parameters())
     cuda = p.device.type == "cuda"
 
@@ -55,6 +64,8 @@ def speed_report(model, inputs: dict, *, fast=None, calls: int = 20, warmup: int
             candidates = [fast if fast is not None else optimize(model, backend="torch")]
         names = []
         for k, m in enumerate(candidates):
+            say(f"fastenc candidate {k + 1}/{len(candidates)}: first calls (may export to ONNX, compile or capture)")
+            t0 = time.perf_counter()
             with torch.inference_mode(), trace() as t:
                 m(**inputs)  # first call: exports / captures / compiles outside the timing
                 m(**inputs)
@@ -63,23 +74,32 @@ def speed_report(model, inputs: dict, *, fast=None, calls: int = 20, warmup: int
             if getattr(m, "_fastenc_graphs", None) is not None:
                 label += " + CUDA graphs"
             names.append(label)
+            say(f"fastenc candidate {k + 1}/{len(candidates)}: {label}, ready in {time.perf_counter() - t0:.1f} s")
 
             def run(m=m):
                 with torch.inference_mode():
                     return m(**inputs)
 
             competitors[f"fastenc {label}#{k}"] = run
-        for fn in competitors.values():
+        for name, fn in competitors.items():
+            say(f"warm-up: {warmup} call(s) of {name.split('#')[0]}")
             for _ in range(warmup):
                 fn()
         samples = {k: [] for k in competitors}
-        for _ in range(calls):
+        say(f"timing {calls} interleaved round(s) of {len(competitors)} competitors")
+        last_said = time.perf_counter()
+        for i in range(calls):
             for k, fn in competitors.items():
                 sync()
                 t0 = time.perf_counter()
                 fn()
                 sync()
                 samples[k].append((time.perf_counter() - t0) * 1e3)
+            now = time.perf_counter()
+            if i in (0, calls - 1) or now - last_said >= PROGRESS_EVERY_S:
+                last_said = now
+                so_far = ", ".join(f"{k.split('#')[0]} {statistics.median(v):.1f} ms" for k, v in samples.items())
+                say(f"round {i + 1}/{calls}: p50 so far {so_far}")
     finally:
         model.set_attn_implementation(before)
         if spinning is None:

@@ -124,6 +124,16 @@ def _adjacent(ts: tuple[torch.Tensor, ...]) -> bool:
     return True
 
 
+_data_ptr, _stride, _numel = torch.Tensor.data_ptr, torch.Tensor.stride, torch.Tensor.numel
+
+
+def layout_key(tensors) -> tuple:
+    """What a cached fused buffer was laid out from, compared on every call: each tensor's data pointer (storage and
+    offset), strides and element count. `p.data = p.data.t()` keeps the pointer and the version counter but not the
+    strides; `p.data = p.data[:n]` keeps both but not the size (contiguous rows: strides + count fix the shape)."""
+    return (*map(_data_ptr, tensors), *map(_stride, tensors), *map(_numel, tensors))
+
+
 def plain_linear(m) -> bool:
     """True when `m` computes exactly F.linear(x, m.weight, m.bias): an nn.Linear with no hooks. Wrappers (LoRA,
     quantized or parametrized linears) and hooked modules run as modules instead of through fused weights."""
@@ -139,14 +149,14 @@ def fuse_linears(rt: Runtime, owner: torch.nn.Module, names: tuple[str, ...]):
     the caller then runs them as modules.
 
     Hot path: the answer is kept per (owner, names) and reused while the structure generation is the same (no
-    module or parameter assigned anywhere since), no weight or bias moved (data pointers), no hook was added and
-    autograd does not record into the weights: a few attribute reads per call."""
+    module or parameter assigned anywhere since), no weight or bias moved or was laid out anew (`layout_key`), no
+    hook was added and autograd does not record into the weights: a few attribute reads per call."""
     slot = (id(owner), names)
     hit = None if torch.compiler.is_compiling() else rt.fused.get(slot)  # compiled graphs cat (see fused_rows)
     if hit is not None and hit[0] == structure_generation():
         tensors, ptrs, out = hit[1], hit[2], hit[3]
         if (
-            all(t.data_ptr() == p for t, p in zip(tensors, ptrs, strict=True))
+            layout_key(tensors) == ptrs
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
             and all(plain_linear(owner._modules[n]) for n in names)  # a hook can be added without registering
         ):
@@ -165,7 +175,7 @@ def fuse_linears(rt: Runtime, owner: torch.nn.Module, names: tuple[str, ...]):
         f is None or f.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
         for f, t in ((out[0], ws[0]), (out[1], bs[0]))
     ):
-        rt.fused[slot] = (gen, tensors, tuple(t.data_ptr() for t in tensors), out)
+        rt.fused[slot] = (gen, tensors, layout_key(tensors), out)
     return out
 
 

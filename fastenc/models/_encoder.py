@@ -16,6 +16,7 @@ from ._base import (
     check_no_extra_kwargs,
     fuse_linears,
     hidden_state_selection,
+    layout_key,
     linear,
     plain_linear,
     project,
@@ -24,6 +25,7 @@ from ._base import (
     shallow_copy_as,
     structure_generation,
 )
+from ._config import activation_module_name, compare, module_activation, run_activation_module, warn_mismatches
 
 QKV = ("q_proj", "k_proj", "v_proj")
 
@@ -33,28 +35,29 @@ def encoder_layers_forward(
     x: torch.Tensor,
     rt: Runtime,
     *,
-    activation: str,
     causal: bool,
     key_padding_mask: torch.Tensor | None,
     hidden_states: list | None,
     attentions: list | None,
     training: bool = False,
-    dropout_p: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Run pre-LN encoder layers (CLIP, SigLIP layout). x: (B, S, D). Returns (x, delta): the layer stack's output
-    is x + delta, left unsummed so the caller can fuse the add into its final norm.
+    is x + delta, left unsummed so the caller can fuse the add into its final norm. Everything transformers' layers
+    compute from their config is read from the layers' modules, as their forward does (see fastenc/models/_config.py):
+    the activation module, the norms' eps, the attention's num_heads / scale / dropout.
 
     hidden_states / attentions: lists to append each layer's output / probabilities to, or None."""
     b, s, d = x.shape
     plan = rt.plan(x.device)
-    slow = attentions is not None or (training and dropout_p > 0)
+    dropout = training and any(float(layer._modules["self_attn"].dropout) > 0 for layer in layers)
+    slow = attentions is not None or dropout
     mask = None if slow else plan.mask(key_padding_mask, causal, s, s, x.device)  # converted once per forward
     layer_norm, attention = plan.layer_norm, plan.attention
     autocast = torch.is_autocast_enabled(x.device.type)
     if not slow and not autocast and not tracing() and not torch.compiler.is_compiling():
-        weights = layer_weights(rt, layers)
-        if weights is not None:
-            return _fast_layers(weights, x, plan, mask, activation, hidden_states)
+        cached = layer_weights(rt, layers)
+        if cached is not None:
+            return _fast_layers(cached[1], x, plan, mask, cached[0], hidden_states)
     delta = None
     for layer in layers:
         mods = layer._modules  # dict reads, no nn.Module.__getattr__ in the loop
@@ -85,7 +88,7 @@ def encoder_layers_forward(
                 causal=causal,
                 key_padding_mask=key_padding_mask,
                 scale=attn.scale,
-                dropout_p=dropout_p,
+                dropout_p=float(attn.dropout) if training else 0.0,
                 training=training,
             )
             if attentions is not None:
@@ -96,7 +99,13 @@ def encoder_layers_forward(
         a = project(attn._modules["out_proj"], o)
         h, x = layer_norm(residual_dtype(a, x), w2["weight"], w2["bias"], ln2.eps, x)
         fc = mlp._modules
-        delta = project(fc["fc2"], project_activation(fc["fc1"], h, activation, plan))
+        act_module = fc["activation_fn"]
+        activation = module_activation(act_module)
+        if activation is None:  # an activation with no fused kernel: the linear, then the module
+            f = run_activation_module(rt, act_module, project(fc["fc1"], h))
+        else:
+            f = project_activation(fc["fc1"], h, activation, plan)
+        delta = project(fc["fc2"], f)
     return x, delta
 
 
@@ -106,17 +115,19 @@ def residual_dtype(branch: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return branch if branch.dtype == x.dtype else branch.to(x.dtype)
 
 
-def layer_weights(rt: Runtime, layers) -> list[tuple] | None:
-    """Per layer, the tensors `_fast_layers` reads, collected once per model and reused while they are current:
-    the structure generation is the same (no module or parameter assigned anywhere), the fused q/k/v buffers still
-    are the weights' storage (data pointers), no linear got a hook, and autograd does not record into the weights.
-    None when a layer has a linear that must run as a module (or autograd records): the general loop runs then."""
+def layer_weights(rt: Runtime, layers) -> tuple[str, list[tuple]] | None:
+    """(activation, per layer the tensors `_fast_layers` reads), collected once per model and reused while they are
+    current: the structure generation is the same (no module or parameter assigned anywhere), the fused q/k/v
+    buffers still are the weights' storage (data pointers, strides and sizes: `layout_key`, so `p.data = p.data.t()`
+    is seen), no linear or activation module got a hook, and autograd does not record into the weights. None when a
+    layer has a linear that must run as a module (or autograd records), or the layers' activation modules are not
+    one fused activation: the general loop runs then."""
     key = ("layers", id(layers))
     cache = rt.fused.get(key)
     if cache is not None and cache[0] == structure_generation() and cache[1] is layers:
         fused, ptrs, hooks, weights = cache[2], cache[3], cache[4], cache[5]
         if (
-            tuple(map(_data_ptr, fused)) == ptrs
+            layout_key(fused) == ptrs
             and not any(hooks)  # the linears' forward (pre-)hook dicts, all empty
             and not (torch.is_grad_enabled() and any(map(_requires_grad, fused)))
         ):
@@ -124,7 +135,10 @@ def layer_weights(rt: Runtime, layers) -> list[tuple] | None:
     gen = structure_generation()
     if not len(layers):
         return None
-    weights, fused, linears = [], [], []
+    weights, fused, linears, shared = [], [], [], True
+    acts = {module_activation(layer._modules["mlp"]._modules["activation_fn"]) for layer in layers}
+    if len(acts) != 1 or None in acts:
+        return None
     for layer in layers:
         mods = layer._modules
         attn, ln1, ln2, mlp = mods["self_attn"], mods["layer_norm1"], mods["layer_norm2"], mods["mlp"]
@@ -132,9 +146,11 @@ def layer_weights(rt: Runtime, layers) -> list[tuple] | None:
         lins = (am["q_proj"], am["k_proj"], am["v_proj"], am["out_proj"], fm["fc1"], fm["fc2"])
         if not all(map(plain_linear, lins)):
             return None
+        linears.append(fm["activation_fn"])  # its hook dicts join the checked ones
         qkv = fuse_linears(rt, attn, QKV)
         if qkv is None or qkv[1] is None or qkv[0].requires_grad:  # a per-call cat (autograd): nothing to keep
             return None
+        shared = shared and _same_storage(qkv[0], am["q_proj"]._parameters["weight"])
         p1, p2 = ln1._parameters, ln2._parameters
         po, pf1, pf2 = (m._parameters for m in lins[3:])
         weights.append(  # modules for eps / num_heads / scale, read each call (plain attributes, not registered)
@@ -146,11 +162,14 @@ def layer_weights(rt: Runtime, layers) -> list[tuple] | None:
         linears.extend(lins)
     fused = tuple(fused)
     hooks = tuple(d for m in linears for d in (m._forward_hooks, m._forward_pre_hooks))
-    rt.fused[key] = (gen, layers, fused, tuple(map(_data_ptr, fused)), hooks, weights)
-    return weights
+    cached = (acts.pop(), weights)
+    if shared:  # a per-call cat of re-laid-out weights (non-contiguous) is a copy: never kept
+        rt.fused[key] = (gen, layers, fused, layout_key(fused), hooks, cached)
+    return cached
 
 
-_data_ptr = torch.Tensor.data_ptr
+def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
 def _requires_grad(t) -> bool:
@@ -181,16 +200,6 @@ def _fast_layers(weights, x, plan, mask, activation, hidden_states):
         h, x = layer_norm(lin(o, wo, bo), w2, b2, ln2.eps, x)
         delta = lin(linear_act(h, wf1, bf1), wf2, bf2)
     return x.view(b, s, d), delta.view(b, s, d)
-
-
-def activation_of(config, attr: str = "hidden_act") -> str:
-    """fastenc's name for the activation that config.<attr> names; UnsupportedModelError if none is fused."""
-    act = getattr(config, attr, None)
-    if act not in ops.HF_ACTIVATIONS:
-        raise UnsupportedModelError(
-            f"config.{attr}={act!r} has no fused kernel; supported: {sorted(ops.HF_ACTIVATIONS)}"
-        )
-    return ops.HF_ACTIVATIONS[act]
 
 
 def finish_hidden(hidden: list | None, selection: set[int] | None):
@@ -317,20 +326,17 @@ def image_embeddings(tower, pixel_values, interpolate_pos_encoding):
 
 def run_encoder(tower, x, rt: Runtime, *, causal, key_padding_mask, output_attentions, output_hidden_states):
     """tower.encoder.layers over x. Returns (x, delta, hidden list or None, attentions list or None)."""
-    config = tower.config
     hidden = [x] if output_hidden_states is not False else None
     attns = [] if output_attentions else None
     x, delta = encoder_layers_forward(
         tower._modules["encoder"]._modules["layers"],
         x,
         rt,
-        activation=activation_of(config),
         causal=causal,
         key_padding_mask=key_padding_mask,
         hidden_states=hidden,
         attentions=attns,
         training=tower.training,
-        dropout_p=float(getattr(config, "attention_dropout", 0.0)),
     )
     return x, delta, hidden, attns
 
@@ -392,11 +398,51 @@ def model_output(output, return_dict):
 
 
 def check_config(model) -> None:
-    """Raise UnsupportedModelError for tower configs the fused encoder does not reproduce."""
-    for tower in (getattr(model, "text_model", None), getattr(model, "vision_model", None), model):
+    """Raise UnsupportedModelError for towers the fused encoder does not reproduce, and warn
+    (ConfigMismatchWarning) for every forward-relevant config field that no longer says what the modules compute
+    (see fastenc/models/_config.py): the fused towers follow the modules, as transformers' forward does."""
+    mismatches: list[str] = []
+    for name, tower in (("text_model", getattr(model, "text_model", None)),
+                        ("vision_model", getattr(model, "vision_model", None)), ("", model)):  # fmt: skip
         if tower is None or not hasattr(tower, "encoder"):
             continue
-        activation_of(tower.config)
         for layer in tower.encoder.layers:
-            if not hasattr(layer, "self_attn") or not hasattr(layer.self_attn, "q_proj"):
+            mods = layer._modules
+            attn, mlp = mods.get("self_attn"), mods.get("mlp")
+            if attn is None or "q_proj" not in attn._modules or mlp is None or "activation_fn" not in mlp._modules:
                 raise UnsupportedModelError(f"{type(layer).__name__} is not a CLIP encoder layer fastenc knows")
+            d = attn.embed_dim
+            if attn.num_heads * attn.head_dim != d:  # transformers' forward views heads of head_dim
+                raise UnsupportedModelError(
+                    f"{type(attn).__name__} has num_heads={attn.num_heads} x head_dim={attn.head_dim} != "
+                    f"embed_dim={d}; fastenc needs heads that tile the width"
+                )
+        _audit_tower(mismatches, f"{name}." if name else "", tower)
+    warn_mismatches(type(model).__name__, mismatches)
+
+
+def _audit_tower(mismatches: list[str], prefix: str, tower) -> None:
+    """Compare every config field the tower's modules were built from with what the modules hold now."""
+    config = tower.config
+    layers = tower.encoder.layers
+    if not len(layers):
+        return
+    layer = layers[0]
+    acts = sorted({type(m._modules["mlp"]._modules["activation_fn"]).__name__ for m in layers})
+    named = getattr(config, "hidden_act", None)
+    built = activation_module_name(config, "hidden_act")
+    if acts != [built]:
+        kernel = "fused" if named in ops.HF_ACTIVATIONS else "no fused kernel"
+        mismatches.append(
+            f"{prefix}config.hidden_act={named!r} (transformers builds {built}; {kernel}) "
+            f"but the layers' activation_fn is {', '.join(acts)}"
+        )
+    attn = layer._modules["self_attn"]
+    compare(mismatches, config, "num_attention_heads", attn.num_heads, f"{prefix}layers' self_attn.num_heads")
+    compare(mismatches, config, "attention_dropout", float(attn.dropout), f"{prefix}layers' self_attn.dropout")
+    compare(mismatches, config, "layer_norm_eps", float(layer._modules["layer_norm1"].eps),
+            f"{prefix}layers' layer_norm1.eps")  # fmt: skip
+    if "eos_token_id" in tower.__dict__:  # CLIP text: the pooling rule reads the model's own attribute
+        compare(mismatches, config, "eos_token_id", tower.eos_token_id, f"{prefix}eos_token_id (the pooling rule)")
+    if "use_head" in tower.__dict__:  # SigLIP vision
+        compare(mismatches, config, "vision_use_head", tower.use_head, f"{prefix}use_head")

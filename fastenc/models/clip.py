@@ -45,7 +45,8 @@ def text_tower_forward(
     last, input_ids, hidden, attns = text_transformer(
         tower, rt, input_ids, attention_mask, position_ids, causal=True, oa=output_attentions, oh=output_hidden_states
     )
-    eos = tower.config.eos_token_id
+    # the model's own eos_token_id (set from the config at construction), as transformers' forward reads it
+    eos = tower.__dict__.get("eos_token_id", tower.config.eos_token_id)
     if eos == 2:  # legacy configs (before transformers PR 24773): the EOS token has the highest id
         pos = input_ids.argmax(dim=-1)
     else:  # first position of eos_token_id (pad may equal eos)

@@ -29,9 +29,9 @@ from transformers.models.siglip2.modeling_siglip2 import Siglip2Output
 from .. import ops
 from ..errors import InputError
 from ._base import Runtime, check_device, linear, project, project_activation
+from ._config import module_activation, run_activation_module
 from ._encoder import (
     FastencModelMixin,
-    activation_of,
     final_norm,
     image_embeddings,
     model_output,
@@ -54,7 +54,7 @@ def text_tower_forward(
     )
 
 
-def attention_pooling_head(head, last: torch.Tensor, rt: Runtime, activation: str, key_padding_mask=None):
+def attention_pooling_head(head, last: torch.Tensor, rt: Runtime, key_padding_mask=None):
     """Siglip(2)MultiheadAttentionPoolingHead: a learned probe attends over the patches. last: (B, N, D) -> (B, D)."""
     b, n, d = last.shape
     mha = head.attention
@@ -68,7 +68,13 @@ def attention_pooling_head(head, last: torch.Tensor, rt: Runtime, activation: st
     o = project(mha.out_proj, o.transpose(1, 2).reshape(b, 1, d))  # (B, 1, D)
     ln = head.layernorm
     h = ops.layer_norm(o, ln.weight, ln.bias, ln.eps, **rt.kw)
-    f = project_activation(head.mlp.fc1, h, activation, rt.plan(last.device))
+    mlp = head.mlp._modules
+    act_module = mlp["activation_fn"]
+    activation = module_activation(act_module)  # the head's own module, as transformers' forward computes
+    if activation is None:
+        f = run_activation_module(rt, act_module, project(mlp["fc1"], h))
+    else:
+        f = project_activation(mlp["fc1"], h, activation, rt.plan(last.device))
     return (o + project(head.mlp.fc2, f))[:, 0]
 
 
@@ -89,7 +95,7 @@ def vision_tower_forward(
     last = final_norm(tower.post_layernorm, x, delta, hidden, rt)
     pooled = None
     if getattr(tower, "use_head", True) and hasattr(tower, "head"):
-        pooled = attention_pooling_head(tower.head, last, rt, activation_of(tower.config), key_padding_mask)
+        pooled = attention_pooling_head(tower.head, last, rt, key_padding_mask)
     return tower_output(
         BaseModelOutputWithPooling, last, pooled, hidden, attns, output_hidden_states, len(tower.encoder.layers)
     )

@@ -45,7 +45,7 @@ from transformers import T5EncoderModel
 from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
 
 from .. import ops
-from .._trace import record, tracing
+from .._trace import fall_back, record, tracing
 from ..errors import InputError, UnsupportedModelError
 from ..ops.reference import attention_with_probs, relative_position_buckets
 from ._base import (
@@ -53,13 +53,15 @@ from ._base import (
     check_device,
     fuse_linears,
     hidden_state_selection,
+    layout_key,
     linear,
     norm_eps,
     plain_linear,
     project,
     structure_generation,
 )
-from ._encoder import FastencModelMixin, activation_of, finish_hidden, model_output, residual_dtype
+from ._config import activation_module_name, compare, module_activation, run_activation_module, warn_mismatches
+from ._encoder import FastencModelMixin, finish_hidden, model_output, residual_dtype
 
 try:
     from transformers import UMT5EncoderModel
@@ -93,16 +95,25 @@ def _linear_fp32_out(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def check_t5_config(model) -> None:
-    """Raise UnsupportedModelError for T5 / UMT5 encoder configs the fused tower does not reproduce."""
+    """Raise UnsupportedModelError for T5 / UMT5 encoders the fused tower does not reproduce, and warn
+    (ConfigMismatchWarning) for every forward-relevant config field that no longer says what the modules compute
+    (see fastenc/models/_config.py): the fused tower follows the modules, as transformers' forward does."""
     config = model.config
     if getattr(config, "is_decoder", False):
         raise UnsupportedModelError("fastenc fuses T5 encoders only (config.is_decoder=True)")
-    activation_of(config, "dense_act_fn")
     stack = model.encoder
     if not len(stack.block) or not stack.block[0].layer[0].SelfAttention.has_relative_attention_bias:
         raise UnsupportedModelError("the first T5 block has no relative_attention_bias; fastenc needs it")
+    first = stack.block[0].layer[0].SelfAttention
+    if first.is_decoder:
+        raise UnsupportedModelError("fastenc fuses T5 encoders only (the attention modules have is_decoder=True)")
     for block in stack.block:
         attn = block.layer[0].SelfAttention
+        if attn.has_relative_attention_bias and any(
+            getattr(attn, n) != getattr(first, n)
+            for n in ("relative_attention_num_buckets", "relative_attention_max_distance", "is_decoder")
+        ):
+            raise UnsupportedModelError("T5 blocks with different relative-position bucket settings are not supported")
         if any(getattr(attn, n, None) is None for n in ("q", "k", "v", "o")):
             raise UnsupportedModelError(f"{type(attn).__name__} is not a T5 attention fastenc knows")
         if any(getattr(attn, n).bias is not None for n in ("q", "k", "v", "o")):
@@ -110,6 +121,40 @@ def check_t5_config(model) -> None:
         ff = block.layer[-1].DenseReluDense
         if not (hasattr(ff, "wi") or (hasattr(ff, "wi_0") and hasattr(ff, "wi_1"))) or not hasattr(ff, "wo"):
             raise UnsupportedModelError(f"{type(ff).__name__} is not a T5 feed-forward fastenc knows")
+        if "act" not in ff._modules:
+            raise UnsupportedModelError(f"{type(ff).__name__} has no `act` module; fastenc needs T5's layout")
+    _audit_t5(model)
+
+
+def _audit_t5(model) -> None:
+    """Compare the config fields T5's modules were built from with what the modules hold now."""
+    config, blocks = model.config, model.encoder.block
+    attn = blocks[0].layer[0].SelfAttention
+    ff = blocks[0].layer[-1]
+    dense = ff.DenseReluDense
+    mismatches: list[str] = []
+    acts = sorted({type(b.layer[-1].DenseReluDense._modules["act"]).__name__ for b in blocks})
+    built = activation_module_name(config, "dense_act_fn")
+    if acts != [built]:
+        mismatches.append(
+            f"config.dense_act_fn={getattr(config, 'dense_act_fn', None)!r} (transformers builds {built}) but the "
+            f"feed-forward act is {', '.join(acts)}"
+        )
+    gated = "wi_0" in dense._modules
+    compare(mismatches, config, "is_gated_act", gated, "the feed-forward's gating (wi_0 / wi_1)")
+    proj = getattr(config, "feed_forward_proj", None)
+    if isinstance(proj, str) and (proj.split("-")[0] == "gated") != gated:
+        mismatches.append(f"config.feed_forward_proj={proj!r} but the feed-forward is {type(dense).__name__}")
+    for attr, actual, what in (
+        ("relative_attention_num_buckets", attn.relative_attention_num_buckets, "SelfAttention's"),
+        ("relative_attention_max_distance", attn.relative_attention_max_distance, "SelfAttention's"),
+        ("num_heads", attn.n_heads, "SelfAttention.n_heads"),
+        ("d_kv", attn.key_value_proj_dim, "SelfAttention.key_value_proj_dim"),
+        ("layer_norm_epsilon", norm_eps(ff._modules["layer_norm"]), "layer_norm.variance_epsilon"),
+        ("dropout_rate", float(ff._modules["dropout"].p), "the dropout modules' p"),
+    ):
+        compare(mismatches, config, attr, actual, what if "." in what else f"{what} {attr}")
+    warn_mismatches(type(model).__name__, mismatches)
 
 
 def _embed(stack, input_ids, attention_mask, inputs_embeds):
@@ -156,23 +201,27 @@ def _embed(stack, input_ids, attention_mask, inputs_embeds):
 # ------------------------------------------------------------------------------------------------------ tower
 
 
-def t5_layer_weights(rt: Runtime, blocks) -> list[tuple] | None:
-    """Per block, what `_t5_fast_layers` reads, collected once per model and reused while current (as
+def t5_layer_weights(rt: Runtime, blocks) -> tuple[str, list[tuple]] | None:
+    """(activation, per block what `_t5_fast_layers` reads), collected once per model and reused while current (as
     `_encoder.layer_weights` for CLIP / SigLIP: same structure generation, the fused q/k/v and wi_0/wi_1 buffers are
-    still the weights' storage, no linear got a hook, autograd does not record into the weights). None where a
-    block needs the general loop: a wrapped or hooked linear, a relative-bias table past block 0 (UMT5), autograd."""
+    still the weights' storage with the same layout (`layout_key`), no linear got a hook, autograd does not record
+    into the weights). None where a block needs the general loop: a wrapped or hooked linear, a relative-bias table
+    past block 0 (UMT5), autograd, activation modules that are not one fused activation."""
     key = ("t5-blocks", id(blocks))
     cache = rt.fused.get(key)
     if cache is not None and cache[0] == structure_generation() and cache[1] is blocks:
         fused, ptrs, hooks, weights = cache[2], cache[3], cache[4], cache[5]
         if (
-            tuple(t.data_ptr() for t in fused) == ptrs
+            layout_key(fused) == ptrs
             and not any(hooks)
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in fused))
         ):
             return weights
     gen = structure_generation()
     if not len(blocks):
+        return None
+    acts = {module_activation(_ff_act(block)) for block in blocks}
+    if len(acts) != 1 or None in acts:  # an activation with no fused kernel, or mixed ones: the general loop
         return None
     weights, fused, linears = [], [], []
     for i, block in enumerate(blocks):
@@ -197,11 +246,17 @@ def t5_layer_weights(rt: Runtime, blocks) -> list[tuple] | None:
              ff._modules["layer_norm"], wi[0], n_gate, fm["wo"]._parameters["weight"])
         )  # fmt: skip
         fused.extend(m._parameters["weight"] for m in lins)
-        linears.extend(lins)
+        linears.extend((*lins, _ff_act(block)))
     fused = tuple(fused)
     hooks = tuple(d for m in linears for d in (m._forward_hooks, m._forward_pre_hooks))
-    rt.fused[key] = (gen, blocks, fused, tuple(t.data_ptr() for t in fused), hooks, weights)
-    return weights
+    cached = (acts.pop(), weights)
+    rt.fused[key] = (gen, blocks, fused, layout_key(fused), hooks, cached)
+    return cached
+
+
+def _ff_act(block):
+    """The activation module of a T5 block's feed-forward (built from config.dense_act_fn at construction)."""
+    return block._modules["layer"][-1]._modules["DenseReluDense"]._modules["act"]
 
 
 def _is_storage_of(buffer: torch.Tensor, m) -> bool:
@@ -225,7 +280,7 @@ def _t5_fast_layers(weights, x, plan, amask, act: str, cdt: torch.dtype):
             h, x = rms_norm(residual_dtype(delta, x), ln1._parameters["weight"], norm_eps(ln1), x)
         nh, dk = attn.n_heads, attn.key_value_proj_dim
         q, k, v = lin(h.to(cdt), wqkv).view(b, s, 3, nh, dk).permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, S, Dk)
-        o = attention(q, k, v, amask, 1.0, table).transpose(1, 2).reshape(b, s, nh * dk)
+        o = attention(q, k, v, amask, _scaling(attn), table).transpose(1, 2).reshape(b, s, nh * dk)
         a = lin(o.to(wo.dtype), wo).to(x.dtype)
         h, x = rms_norm(a, ln2._parameters["weight"], norm_eps(ln2), x)
         h = h.to(cdt)
@@ -243,7 +298,6 @@ def t5_encoder_forward(
 ) -> BaseModelOutputWithPastAndCrossAttentions:
     """The T5 / UMT5 encoder stack of `model` (model.encoder: embed_tokens, block, final_layer_norm)."""
     stack = model.encoder
-    config = model.config
     x, mask = _embed(stack, input_ids, attention_mask, inputs_embeds)
     b, s, _ = x.shape
     blocks = stack.block
@@ -263,15 +317,15 @@ def t5_encoder_forward(
     def visible(t):  # hidden states as returned: the model dtype, saturated (no inf)
         return t.clamp(-FP16_MAX, FP16_MAX).to(out_dtype) if wide else t
 
+    first = blocks[0].layer[0].SelfAttention  # the bucket settings transformers' compute_bias reads (its module's)
     lut = relative_position_buckets(
         s,
         s,
-        bidirectional=not getattr(config, "is_decoder", False),
-        num_buckets=config.relative_attention_num_buckets,
-        max_distance=config.relative_attention_max_distance,
+        bidirectional=not first.is_decoder,
+        num_buckets=first.relative_attention_num_buckets,
+        max_distance=first.relative_attention_max_distance,
         device=x.device,
     )  # (2S - 1,) int32
-    act = activation_of(config, "dense_act_fn")
     hidden = [visible(x)] if output_hidden_states is not False else None
     attns = [] if output_attentions else None
     table = None
@@ -284,6 +338,7 @@ def t5_encoder_forward(
             or torch.is_autocast_enabled(x.device.type)):  # fmt: skip
         weights = t5_layer_weights(rt, blocks)
     if weights is not None:
+        act, weights = weights
         table = weights[0][0]
         amask = plan.mask(mask, False, s, s, x.device, rel_bias=(table, lut), dtype=cdt)
         x, delta = _t5_fast_layers(weights, x, plan, amask, act, cdt)
@@ -314,10 +369,10 @@ def t5_encoder_forward(
         if attns is not None:
             rt.fallback("attention", "output_attentions=True needs the probabilities")
             record("torch", "attention")
-            o, p = attention_with_probs(q, k, v, mask, None, table, lut, scale=1.0)
+            o, p = attention_with_probs(q, k, v, mask, None, table, lut, scale=_scaling(attn))
             attns.append(p)
         else:
-            o = attention(q, k, v, amask, 1.0, table)  # (B, H, S, Dk), a view of (B, S, H, Dk)
+            o = attention(q, k, v, amask, _scaling(attn), table)  # (B, H, S, Dk), a view of (B, S, H, Dk)
         o = o.transpose(1, 2).reshape(b, s, nh * dk)  # free for the kernel's layout
         a = branch_linear(o, am["o"])  # (B, S, D), x.dtype
         ln = ff._modules["layer_norm"]
@@ -325,6 +380,8 @@ def t5_encoder_forward(
         h = h.to(cdt)
         mlp = ff._modules["DenseReluDense"]
         mm = mlp._modules
+        act_module = mm["act"]
+        act = module_activation(act_module)  # the module transformers' forward calls (None: no fused kernel)
         if "wi_0" in mm:
             fused = fuse_linears(rt, mlp, ("wi_0", "wi_1"))  # (2F, D)
             if fused is not None:
@@ -333,7 +390,12 @@ def t5_encoder_forward(
                 g, u = gu[..., :n], gu[..., n:]
             else:
                 g, u = project(mm["wi_0"], h), project(mm["wi_1"], h)
-            f = plan.gated_activation(g, u, act)  # (B, S, F)
+            if act is None:
+                f = run_activation_module(rt, act_module, g) * u
+            else:
+                f = plan.gated_activation(g, u, act)  # (B, S, F)
+        elif act is None:
+            f = run_activation_module(rt, act_module, project(mm["wi"], h))
         else:
             f = plan.bias_activation(project(mm["wi"], h), None, act)
         delta = branch_linear(f, mm["wo"])
@@ -356,7 +418,10 @@ class _FastT5EncoderBase(FastencModelMixin):
     fastenc_check_config = staticmethod(check_t5_config)
 
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, **kwargs):
-        if self.training and float(getattr(self.config, "dropout_rate", 0.0)) > 0:
+        if getattr(self.config, "is_decoder", False):  # transformers' T5Stack reads it per call: a causal mask
+            _fall_back_to_transformers(self, "config.is_decoder=True (a causal mask) runs the transformers forward")
+            return self._fastenc_base.forward(self, input_ids, attention_mask, inputs_embeds, **kwargs)
+        if self.training and _dropout_active(self):
             self._fastenc.fallback("t5_encoder", "training-mode dropout runs the transformers forward")
             return self._fastenc_base.forward(self, input_ids, attention_mask, inputs_embeds, **kwargs)
         oa, oh, rd = self._flags(kwargs)
@@ -370,6 +435,26 @@ class _FastT5EncoderBase(FastencModelMixin):
             output_hidden_states=oh,
         )
         return model_output(out, rd)
+
+
+def _fall_back_to_transformers(model, why: str) -> None:
+    """The whole forward runs transformers' own (also on backend="torch": the fused tower does not compute it)."""
+    fall_back("t5_encoder", model._fastenc.backend, "transformers", why, strict=model._fastenc.strict)
+
+
+def _dropout_active(model) -> bool:
+    """A dropout that transformers' forward applies in training mode: its dropout modules' p and the attention's
+    dropout attribute (both built from config.dropout_rate at construction)."""
+    for m in model.encoder.modules():
+        p = m.p if isinstance(m, torch.nn.Dropout) else m.__dict__.get("dropout")  # T5Attention.dropout: a float
+        if isinstance(p, int | float) and p > 0:
+            return True
+    return False
+
+
+def _scaling(attn) -> float:
+    """The attention's score scale, 1.0 in T5 (no 1 / sqrt(d_kv)): the module's own attribute where it has one."""
+    return float(attn.__dict__.get("scaling", 1.0))
 
 
 class FastT5EncoderModel(_FastT5EncoderBase, T5EncoderModel):
