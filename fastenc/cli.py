@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 
 from ._cli_common import (  # noqa: F401 - re-exported: subcommands and tests use fastenc.cli's names
     BAD_INPUT,
@@ -181,15 +182,30 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
     args.argv = argv
-    try:
-        if args.cmd in ("demo", "parity"):
-            return cmd_parity(args)
-        return args.func(args)
-    except FastencError as e:
-        return fail(args.cmd, e)
-    except KeyboardInterrupt:
-        print(f"fastenc {args.cmd}: interrupted", file=sys.stderr)
-        return 130
+    with warnings.catch_warnings():
+        warnings.showwarning = _one_line_warnings(args.cmd, warnings.showwarning)
+        try:
+            if args.cmd in ("demo", "parity"):
+                return cmd_parity(args)
+            return args.func(args)
+        except FastencError as e:
+            return fail(args.cmd, e)
+        except KeyboardInterrupt:
+            print(f"fastenc {args.cmd}: interrupted", file=sys.stderr)
+            return 130
+
+
+def _one_line_warnings(command: str, other):
+    """fastenc's own warnings (fall-backs, cache writes, config mismatches) as one `fastenc <command>: <Kind>: ...`
+    line on stderr instead of Python's file:line form with a source line; other libraries' warnings unchanged."""
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if not category.__module__.startswith("fastenc"):
+            return other(message, category, filename, lineno, file, line)
+        text = " ".join(str(message).split()).removeprefix("fastenc: ")
+        print(f"fastenc {command}: {category.__name__}: {text}", file=file or sys.stderr)
+
+    return show
 
 
 if __name__ == "__main__":

@@ -235,3 +235,27 @@ def test_speed_report_progress_callback(monkeypatch):
     assert rep["calls"] == 2
     assert lines[0] == "fastenc candidate 1/1: first calls (may export to ONNX, compile or capture)"
     assert [line.split(":")[0] for line in lines if line.startswith("round ")] == ["round 1/2", "round 2/2"]
+
+
+def test_fastenc_warnings_are_one_line_in_the_cli(monkeypatch, capsys, recwarn):
+    """A fastenc warning raised while a subcommand runs (a fall-back, a cache write) is one `fastenc <cmd>: Kind: ...`
+    line on stderr, not Python's `file:line: Kind: ...` plus a source line; other libraries' warnings keep theirs."""
+    import warnings
+
+    import fastenc.cli as cli
+    from fastenc import FallbackWarning
+
+    def fake_parity(args):
+        msg = "fastenc: the ONNX export failed\n  (ValueError: x);\n running torch"
+        warnings.warn(msg, FallbackWarning, stacklevel=1)
+        warnings.warn("a library's own warning", DeprecationWarning, stacklevel=1)
+        return 0
+
+    monkeypatch.setattr(cli, "cmd_parity", fake_parity)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        assert cli.main(["demo"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert "fastenc demo: FallbackWarning: the ONNX export failed (ValueError: x); running torch" in err
+    assert not any("test_cli.py" in line and "FallbackWarning" in line for line in err)
+    assert [str(w.message) for w in recwarn if w.category is DeprecationWarning] == ["a library's own warning"]
