@@ -20,10 +20,14 @@ adapters, scaling, merged). A batch runs the encoder only on its rows that miss,
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
+import secrets
 import sys
 import threading
+import time
 import warnings
 from collections import OrderedDict
 from pathlib import Path
@@ -104,11 +108,14 @@ def optimize_pipeline(pipe, backend: str = "auto", strict: bool = False, *, cuda
         if strict:
             raise UnsupportedModelError(msg)
         warnings.warn(msg, FallbackWarning, stacklevel=3)
-    originals = pipe.__dict__.setdefault("_fastenc_originals", {})
+    originals = pipe.__dict__.setdefault("_fastenc_originals", {})  # name -> (what optimize found, what it set)
     for name, comp in swaps.items():
         _unwrap_cache(comp)
         fast = optimize_model(comp, backend=backend, strict=strict, cuda_graphs=cuda_graphs)
-        originals.setdefault(name, comp)  # the transformers model the first optimize found
+        found, installed = originals.get(name, (None, None))
+        # the component an earlier optimize installed keeps that optimize's original; anything else (the caller
+        # swapped it: `pipe.text_encoder = other`) is itself what restore_pipeline puts back
+        originals[name] = (found if comp is installed else comp, fast)
         if prompt_cache is not None:
             prompt_cache.attach(fast, name)
         _set_component(pipe, name, fast)
@@ -127,11 +134,14 @@ def _set_component(pipe, name: str, module) -> None:
 
 
 def restore_pipeline(pipe):
-    """Undo `optimize_pipeline`: put the original transformers components back (their weights were shared, so every
-    change made meanwhile is kept). Returns pipe."""
+    """Undo `optimize_pipeline`: put back the components optimize found (their weights were shared, so every change
+    made meanwhile is kept). Only a component that still is the fused tower optimize installed is put back: one the
+    caller swapped meanwhile (`pipe.text_encoder = other`) stays, and after a re-optimize of a swapped pipeline the
+    swap (`other`) is what comes back. Returns pipe."""
     originals = pipe.__dict__.pop("_fastenc_originals", {})
-    for name, comp in originals.items():
-        _set_component(pipe, name, comp)
+    for name, (found, installed) in originals.items():
+        if getattr(pipe, name, None) is installed:
+            _set_component(pipe, name, found)
     pipe.__dict__.pop("_fastenc_prompt_cache", None)
     pipe.__dict__.pop("_fastenc_components", None)
     return pipe
@@ -258,6 +268,18 @@ def weights_fingerprint(module: torch.nn.Module) -> str:
 # ---------------------------------------------------------------------------------------------------- prompt cache
 
 
+DEFAULT_MAX_DISK_BYTES = 10 * 2**30  # PromptCache's default bound of its folder
+_ENTRY_SUFFIX = ".safetensors"
+_TMP_SUFFIX = ".tmp"
+_STALE_TMP_NS = 3600 * 10**9  # a temporary file this old is a crashed writer's
+_RESCAN_EVERY = 64  # writes between two scans of the folder (other processes write to it too)
+
+
+class PromptCacheWarning(UserWarning):
+    """The prompt cache's disk side could not be used as asked (an entry failed its check and was recomputed, the
+    folder is not writable or full); the encode itself went on and returned the encoder's own output."""
+
+
 class PromptCache:
     """Per-prompt cache of encoder outputs, in memory (LRU over at most `max_entries` entries and `max_bytes` bytes of
     tensors, kept on the encoder's device) and optionally on disk (`path`: one safetensors file per prompt and
@@ -266,10 +288,21 @@ class PromptCache:
     SDXL's OpenCLIP bigG 33 x 77 x 1280 fp16 = 6.5 MB per prompt, CLIP-L 13 x 77 x 768 = 1.5 MB.
 
     Attach it with `fastenc.optimize(pipe, prompt_cache=cache)` (or `cache.attach(module)` for a single encoder).
-    `cache.stats` -> {"hits", "misses", "disk_hits", "bypassed", "entries", "bytes", "fingerprint_s"};
-    `cache.clear()` empties memory (and the folder with disk=True). Keys carry the weights' fingerprint, so a changed
-    weight never serves a stale entry (old entries age out of the LRU); `check_weights=False` skips the fingerprint
-    (keyed by the parameters' identity instead: faster, but in-place weight edits then go unseen).
+    `cache.stats` -> {"hits", "misses", "disk_hits", "bypassed", "entries", "bytes", "fingerprint_s", "disk_bytes",
+    "disk_evicted", "disk_rejected", "disk_write_errors"}; `cache.clear()` empties memory (and the folder with
+    disk=True). Keys carry the weights' fingerprint, so a changed weight never serves a stale entry (old entries age
+    out of the LRU); `check_weights=False` skips the fingerprint (keyed by the parameters' identity instead: faster,
+    but in-place weight edits then go unseen).
+
+    The disk side serves only what it wrote: each file records its key and a digest (BLAKE2b) of its metadata and of
+    every tensor's name, dtype, shape and bytes, both checked on every read. A file that fails (a flipped byte,
+    truncated, garbage, another entry's file under this name) is a miss: it is removed, recomputed and rewritten,
+    with one `PromptCacheWarning` per file. Files are written atomically (a unique temporary name, fsync, rename):
+    a crash never leaves a partial file under an entry's name. A folder that cannot be written (read-only, full,
+    missing) leaves the encode uncached on disk with one warning (again after a write succeeded). The folder is bounded
+    by `max_disk_bytes` (default 10 GiB, None: unbounded): least recently used files (by access time, set on every
+    read and hit) are removed until it fits; an entry larger than the bound is not written. The bound is enforced by
+    this process after its writes (other processes sharing the folder enforce their own).
 
     Calls the cache cannot key (output_attentions=True, extra positional or keyword arguments, inputs_embeds, a
     module in training mode or autograd recording into its weights) run the encoder and count as `bypassed`."""
@@ -280,12 +313,16 @@ class PromptCache:
         path: str | Path | None = None,
         *,
         max_bytes: int = 2**30,
+        max_disk_bytes: int | None = DEFAULT_MAX_DISK_BYTES,
         check_weights: bool = True,
     ):
-        for arg, value in (("max_entries", max_entries), ("max_bytes", max_bytes)):
+        for arg, value in (("max_entries", max_entries), ("max_bytes", max_bytes), ("max_disk_bytes", max_disk_bytes)):
+            if arg == "max_disk_bytes" and value is None:
+                continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise InputError(f"{arg} must be a positive int, got {value!r}")
+                raise InputError(f"{arg} must be a positive int{' or None' * (arg == 'max_disk_bytes')}, got {value!r}")
         self.max_bytes = max_bytes
+        self.max_disk_bytes = max_disk_bytes
         self.nbytes = 0
         if not isinstance(check_weights, bool):
             raise InputError(f"check_weights must be a bool, got {check_weights!r}")
@@ -294,11 +331,19 @@ class PromptCache:
         if self.path is not None:
             if self.path.exists() and not self.path.is_dir():
                 raise InputError(f"path {str(self.path)!r} exists and is not a directory")
-            self.path.mkdir(parents=True, exist_ok=True)
+            try:
+                self.path.mkdir(parents=True, exist_ok=True)
+            except OSError:  # read-only or under a file: the first write says so (once) and the cache stays in memory
+                pass
         self.check_weights = check_weights
         self._mem: OrderedDict[str, tuple[type, dict]] = OrderedDict()
         self._lock = threading.Lock()
+        self._warned: set[str] = set()  # disk files already warned about (one warning per file)
+        self._write_warned = False  # a failed write warned; re-armed by the next successful write
+        self._disk_bytes: int | None = None  # bytes of entry files in `path` as last scanned, plus this process' writes
+        self._writes_since_scan = 0
         self.hits = self.misses = self.disk_hits = self.bypassed = 0
+        self.disk_evicted = self.disk_rejected = self.disk_write_errors = 0
         self.fingerprint_s = 0.0
 
     # -- bookkeeping
@@ -312,6 +357,10 @@ class PromptCache:
             "entries": len(self._mem),
             "bytes": self.nbytes,
             "fingerprint_s": round(self.fingerprint_s, 6),
+            "disk_bytes": self._disk_bytes,
+            "disk_evicted": self.disk_evicted,
+            "disk_rejected": self.disk_rejected,
+            "disk_write_errors": self.disk_write_errors,
         }
 
     def __len__(self) -> int:
@@ -325,11 +374,14 @@ class PromptCache:
             self._mem.clear()
             self.nbytes = 0
         if disk and self.path is not None:
-            for f in self.path.glob("*.safetensors"):
-                f.unlink(missing_ok=True)
+            for pattern in ("*.safetensors", f".*{_TMP_SUFFIX}"):
+                for f in self.path.glob(pattern):
+                    f.unlink(missing_ok=True)
+            self._disk_bytes = None
 
     def reset_stats(self) -> None:
         self.hits = self.misses = self.disk_hits = self.bypassed = 0
+        self.disk_evicted = self.disk_rejected = self.disk_write_errors = 0
         self.fingerprint_s = 0.0
 
     # -- attaching
@@ -342,22 +394,55 @@ class PromptCache:
         return module
 
     # -- storage
+    def _file(self, key: str) -> Path:
+        return self.path / f"{key}{_ENTRY_SUFFIX}"
+
     def _get(self, key: str, device: torch.device):
         with self._lock:
             hit = self._mem.get(key)
             if hit is not None:
                 self._mem.move_to_end(key)
-                return hit, False
+        if hit is not None:
+            if self.path is not None:
+                _touch(self._file(key))  # an access: the disk LRU sees it too
+            return hit, False
         if self.path is None:
             return None, False
-        f = self.path / f"{key}.safetensors"
-        if not f.is_file():
+        f = self._file(key)
+        try:
+            st = f.stat()
+            if self.max_disk_bytes is not None and st.st_size > self.max_disk_bytes:
+                raise _BadEntry(f"{st.st_size} bytes, more than max_disk_bytes={self.max_disk_bytes} (never written)")
+            data = f.read_bytes()
+        except (FileNotFoundError, NotADirectoryError):
+            return None, False  # not cached (or removed meanwhile by another process's eviction; no folder)
+        except (OSError, _BadEntry) as e:
+            self._reject(f, e)
             return None, False
-        entry = _read_entry(f, device)
-        if entry is None:
+        try:
+            entry = _decode_entry(data, key, device)
+        except _BadEntry as e:
+            self._reject(f, e)
             return None, False
+        _touch(f)
         self._put(key, entry, write=False)
         return entry, True
+
+    def _reject(self, f: Path, why: BaseException) -> None:
+        """An entry file that is not what this cache wrote under that name: removed (it is recomputed and rewritten
+        by the miss), one warning per file."""
+        self.disk_rejected += 1
+        with contextlib.suppress(OSError):
+            f.unlink()
+        with self._lock:
+            first = f.name not in self._warned
+            self._warned.add(f.name)
+        if first and not (isinstance(why, _BadEntry) and why.legacy):
+            warnings.warn(
+                f"PromptCache: ignored and removed {str(f)!r} ({why}); the entry is recomputed",
+                PromptCacheWarning,
+                stacklevel=5,
+            )
 
     def _put(self, key: str, entry, write: bool = True) -> None:
         size = sum(t.numel() * t.element_size() for t in entry[1].values())
@@ -371,7 +456,82 @@ class PromptCache:
                 _, dropped = self._mem.popitem(last=False)
                 self.nbytes -= sum(t.numel() * t.element_size() for t in dropped[1].values())
         if write and self.path is not None:
-            _write_entry(self.path / f"{key}.safetensors", entry)
+            self._write(key, entry)
+
+    def _write(self, key: str, entry) -> None:
+        """Store one entry on disk, atomically; a failure (read-only or full folder) warns once and is otherwise
+        ignored: the entry stays in memory and the encode goes on."""
+        data = _encode_entry(key, entry)
+        if self.max_disk_bytes is not None and len(data) > self.max_disk_bytes:
+            return  # larger than the whole folder's bound: never stored
+        f = self._file(key)
+        try:
+            try:
+                _atomic_write(f, data)
+            except FileNotFoundError:  # the folder was removed meanwhile: make it again, once
+                self.path.mkdir(parents=True, exist_ok=True)
+                _atomic_write(f, data)
+        except OSError as e:
+            self.disk_write_errors += 1
+            with self._lock:
+                first, self._write_warned = not self._write_warned, True
+            if first:
+                warnings.warn(
+                    f"PromptCache: cannot write to {str(self.path)!r} ({e.strerror or e}); entries stay in memory "
+                    "only, the encode is not cached on disk",
+                    PromptCacheWarning,
+                    stacklevel=5,
+                )
+            return
+        with self._lock:
+            self._write_warned = False
+            self._writes_since_scan += 1
+            if self._disk_bytes is not None:
+                self._disk_bytes += len(data)
+            scan = self.max_disk_bytes is not None and (
+                self._disk_bytes is None
+                or self._disk_bytes > self.max_disk_bytes
+                or self._writes_since_scan >= _RESCAN_EVERY
+            )
+        if scan:
+            self._evict(keep=f)
+
+    def _evict(self, keep: Path | None = None) -> None:
+        """Scan the folder and remove least recently used entry files (oldest access or modification time first)
+        until their total is at most max_disk_bytes; temporary files of crashed writers older than an hour go too."""
+        files, total, now = [], 0, time.time_ns()
+        try:
+            with os.scandir(self.path) as it:
+                for e in it:
+                    try:
+                        if e.name.endswith(_ENTRY_SUFFIX) and e.is_file(follow_symlinks=False):
+                            st = e.stat(follow_symlinks=False)
+                            files.append((max(st.st_atime_ns, st.st_mtime_ns), e.name, st.st_size))
+                            total += st.st_size
+                        elif e.name.endswith(_TMP_SUFFIX) and now - e.stat().st_mtime_ns > _STALE_TMP_NS:
+                            os.unlink(e.path)
+                    except OSError:  # removed meanwhile
+                        continue
+        except OSError:
+            return
+        files.sort()
+        evicted = 0
+        for _, name, size in files:
+            if total <= self.max_disk_bytes:
+                break
+            if keep is not None and name == keep.name:
+                continue
+            try:
+                os.unlink(self.path / name)
+                evicted += 1
+            except FileNotFoundError:  # another process removed it
+                pass
+            except OSError:  # cannot be removed: it stays counted
+                continue
+            total -= size
+        with self._lock:
+            self._disk_bytes, self._writes_since_scan = total, 0
+            self.disk_evicted += evicted
 
 
 def _unwrap_cache(module) -> None:
@@ -381,41 +541,131 @@ def _unwrap_cache(module) -> None:
 
 
 _OUTPUT_MODULE_PREFIX = "transformers."
+_FORMAT = "fastenc.PromptCache/2"  # the metadata's "format"; files without one are an older fastenc's (a miss)
 
 
-def _write_entry(path: Path, entry) -> None:
-    from safetensors.torch import save_file
+class _BadEntry(Exception):
+    """A disk entry that fails its checks (the reason is the message); legacy: written by an older fastenc."""
+
+    def __init__(self, why: str, legacy: bool = False):
+        super().__init__(why)
+        self.legacy = legacy
+
+
+def _touch(f: Path) -> None:
+    """Set f's access and modification times to now (the disk LRU's clock); a vanished file is fine."""
+    with contextlib.suppress(OSError):
+        os.utime(f)
+
+
+def _tensor_bytes(t: torch.Tensor):
+    """t's bytes (a CPU contiguous tensor) as a numpy uint8 array, any dtype (bf16 too)."""
+    return t.reshape(-1).view(torch.uint8).numpy()
+
+
+def _entry_digest(meta: dict, tensors: dict) -> str:
+    """BLAKE2b-256 over the entry's metadata (format, key, output class, field list, tuple lengths) and, in field
+    order, every tensor's name, dtype, shape and bytes; each part length-prefixed."""
+    h = hashlib.blake2b(digest_size=32)
+
+    def part(b: bytes) -> None:
+        h.update(len(b).to_bytes(8, "little"))
+        h.update(b)
+
+    for k in ("format", "key", "class", "fields", "tuples"):
+        part(f"{k}={meta[k]}".encode())
+    for name in json.loads(meta["fields"]):
+        t = tensors[name]
+        part(repr((name, str(t.dtype), tuple(t.shape))).encode())
+        part(_tensor_bytes(t).tobytes())
+    return h.hexdigest()
+
+
+def _encode_entry(key: str, entry) -> bytes:
+    """The safetensors bytes of one entry: its tensors (on the CPU) and metadata {format, key, class, fields,
+    tuples, digest}."""
+    from safetensors.torch import save
 
     cls, fields, tuples = entry
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in fields.items()}
     meta = {
+        "format": _FORMAT,
+        "key": key,
         "class": f"{cls.__module__}:{cls.__qualname__}",
         "fields": json.dumps(list(fields)),
         "tuples": json.dumps(tuples),
     }
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(path)
+    meta["digest"] = _entry_digest(meta, tensors)
+    return save(tensors, metadata=meta)
 
 
-def _read_entry(path: Path, device: torch.device):
-    """(output class, fields) from a cache file; None for a file that is not one (it is then ignored)."""
+def _decode_entry(data: bytes, key: str, device: torch.device):
+    """(output class, fields, tuples) from an entry file's bytes, checked: _BadEntry unless it is a well-formed file
+    of this format, records `key`, and its tensors match the digest it carries."""
     import importlib
 
-    from safetensors import safe_open
+    from safetensors import SafetensorError
+    from safetensors.torch import load
 
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            mod, _, qual = meta.get("class", "").partition(":")
-            if not mod.startswith(_OUTPUT_MODULE_PREFIX):
-                return None
-            cls = getattr(importlib.import_module(mod), qual)
-            fields = {k: f.get_tensor(k).to(device) for k in json.loads(meta["fields"])}
-            tuples = {str(k): int(v) for k, v in json.loads(meta["tuples"]).items()}
-    except (OSError, KeyError, ValueError, AttributeError, ImportError, TypeError):
-        return None
-    return cls, fields, tuples
+        if len(data) < 8:
+            raise _BadEntry(f"{len(data)} bytes, shorter than a safetensors header")
+        n = int.from_bytes(data[:8], "little")
+        if n > len(data) - 8:
+            raise _BadEntry(f"truncated: header of {n} bytes in a {len(data)}-byte file")
+        header = json.loads(data[8 : 8 + n])
+        meta = header.get("__metadata__") or {}
+        if meta.get("format") != _FORMAT:
+            legacy = "format" not in meta and "class" in meta and "fields" in meta
+            raise _BadEntry(f"not a {_FORMAT} entry", legacy=legacy)
+        if meta.get("key") != key:
+            raise _BadEntry(f"the entry of key {str(meta.get('key'))[:16]}..., not of this file's key")
+        tensors = load(data)
+        names = json.loads(meta["fields"])
+        if not isinstance(names, list) or sorted(names) != sorted(tensors):
+            raise _BadEntry("its tensors are not the fields its metadata lists")
+        if meta.get("digest") != _entry_digest(meta, tensors):
+            raise _BadEntry("its tensors do not match the digest written with them")
+        mod, _, qual = meta["class"].partition(":")
+        if not mod.startswith(_OUTPUT_MODULE_PREFIX):
+            raise _BadEntry(f"output class {meta['class']!r} is not a transformers output")
+        cls = importlib.import_module(mod)
+        for part in qual.split("."):
+            cls = getattr(cls, part)
+        tuples = {str(k): int(v) for k, v in json.loads(meta["tuples"]).items()}
+    except _BadEntry:
+        raise
+    except (SafetensorError, ValueError, KeyError, TypeError, AttributeError, ImportError, RuntimeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise _BadEntry(f"not a readable entry: {type(e).__name__}: {first}") from None
+    return cls, {k: tensors[k].to(device) for k in names}, tuples
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that `path` is either absent, its old content or all of `data`: a unique temporary
+    file in the same folder, written, fsynced, renamed over `path` (then the folder fsynced, where it can be). On
+    any failure the temporary file is removed and the error raised."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(6)}{_TMP_SUFFIX}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):  # the rename itself survives a power loss once the folder is synced
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
 
 
 class _CachedForward:
@@ -510,8 +760,6 @@ class _CachedForward:
         return _assemble(rows, return_dict)
 
     def _fingerprint(self, module) -> str:
-        import time
-
         t0 = time.perf_counter()
         if self.cache.check_weights:
             fp = weights_fingerprint(module)
@@ -590,6 +838,7 @@ def load_pipeline(path, *, dtype: torch.dtype = torch.float32, device=None, flag
     except ImportError:
         raise InputError(f"{flag} needs diffusers: pip install 'fastenc[diffusers]'") from None
     from diffusers.utils import logging as dlog
+    from safetensors import SafetensorError
     from transformers.utils import logging as tlog
 
     bars = (dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled())
@@ -599,7 +848,7 @@ def load_pipeline(path, *, dtype: torch.dtype = torch.float32, device=None, flag
         with warnings.catch_warnings():  # newer diffusers deprecate torch_dtype= in favour of dtype=; older lack it
             warnings.filterwarnings("ignore", message=".*torch_dtype.*")
             pipe = diffusers.DiffusionPipeline.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, SafetensorError) as e:  # e.g. a cut weight file
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InputError(f"{flag} {str(path)!r} could not be loaded as a diffusers pipeline: {first}") from None
     finally:
@@ -612,6 +861,43 @@ def load_pipeline(path, *, dtype: torch.dtype = torch.float32, device=None, flag
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def check_clip_skip(pipe, clip_skip, flag: str = "clip_skip") -> None:
+    """InputError naming `flag` unless `clip_skip` is None or a layer count the pipeline's encode_prompt can skip:
+    an int in [0, L] for SD 1.x-style pipelines (they read hidden_states[-(clip_skip + 1)]), [0, L - 1] for SDXL /
+    SD3-style ones (a text_encoder_2 component: hidden_states[-(clip_skip + 2)]), L the fewest layers of the
+    pipeline's CLIP text encoders. A pipeline whose encode_prompt takes no clip_skip is left to `encode_prompt`."""
+    import inspect
+
+    if clip_skip is None or not hasattr(pipe, "encode_prompt"):
+        return
+    if "clip_skip" not in inspect.signature(pipe.encode_prompt).parameters:
+        return
+    if isinstance(clip_skip, bool) or not isinstance(clip_skip, int):
+        raise InputError(f"{flag} must be an int (layers to skip from the end), got {clip_skip!r}")
+    components = getattr(pipe, "components", {})
+    offset = 2 if "text_encoder_2" in components else 1
+    layers = {}
+    for name in ("text_encoder", "text_encoder_2"):
+        config = getattr(components.get(name), "config", None)
+        n = getattr(config, "num_hidden_layers", None)
+        if isinstance(n, int) and "clip" in str(getattr(config, "model_type", "")):
+            layers[name] = n
+    hi = min((n + 1 - offset for n in layers.values()), default=None)
+    if clip_skip < 0 or (hi is not None and clip_skip > hi):
+        where = ", ".join(f"{k} has {n} layers" for k, n in layers.items()) or "its text encoders"
+        bound = f"[0, {hi}]" if hi is not None else ">= 0"
+        raise InputError(f"{flag} must be in {bound} for {type(pipe).__name__} ({where}), got {clip_skip}")
+    te = components.get("text_encoder")
+    if offset == 1 and te is not None and not hasattr(te, "text_model"):
+        import transformers
+
+        raise InputError(
+            f"{flag}: {type(pipe).__name__}.encode_prompt applies clip_skip through text_encoder.text_model, which "
+            f"{getattr(te, '_fastenc_base', type(te)).__name__} of transformers {transformers.__version__} does not "
+            f"have (a diffusers / transformers mismatch); leave {flag} out"
+        )
 
 
 def encode_prompt(
@@ -630,6 +916,7 @@ def encode_prompt(
 
     if not hasattr(pipe, "encode_prompt"):
         raise UnsupportedModelError(f"{type(pipe).__name__} has no encode_prompt")
+    check_clip_skip(pipe, clip_skip)
     params = inspect.signature(pipe.encode_prompt).parameters
     device = device if device is not None else getattr(pipe, "_execution_device", None)
     options = {
@@ -700,9 +987,12 @@ def _sync() -> None:
 
 
 __all__ = [
+    "DEFAULT_MAX_DISK_BYTES",
     "ENCODER_COMPONENTS",
     "EncoderTimer",
     "PromptCache",
+    "PromptCacheWarning",
+    "check_clip_skip",
     "encode_prompt",
     "is_pipeline",
     "load_pipeline",

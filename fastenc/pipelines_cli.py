@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
+
+MAX_SEQUENCE_LENGTH = 512  # the T5 length diffusers' SD3 / FLUX pipelines accept (their check_inputs)
 
 
 def add_encode_parser(sub) -> None:
@@ -25,9 +28,16 @@ def add_encode_parser(sub) -> None:
     s.add_argument("--no-optimize", action="store_true", help="the untouched pipeline (the reference)")
     s.add_argument("--dtype", default="fp32", choices=["bf16", "fp16", "fp32"])
     s.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    s.add_argument("--images-per-prompt", type=int, default=1)
-    s.add_argument("--clip-skip", type=int, default=None, help="layers to skip from the end (CLIP encoders)")
-    s.add_argument("--max-sequence-length", type=int, default=None, help="T5 tokens (SD3 / FLUX)")
+    s.add_argument("--images-per-prompt", type=int, default=1, help="copies of each embedding (>= 1)")
+    s.add_argument(
+        "--clip-skip",
+        type=int,
+        default=None,
+        help="layers to skip from the end (CLIP encoders): 0..L for SD 1.x, 0..L-1 for SDXL / SD3 (L: encoder layers)",
+    )
+    s.add_argument(
+        "--max-sequence-length", type=int, default=None, help=f"T5 tokens (SD3 / FLUX), 1..{MAX_SEQUENCE_LENGTH}"
+    )
     s.add_argument("--json", action="store_true", help="print the report as JSON")
     s.set_defaults(func=cmd_encode)
 
@@ -46,6 +56,8 @@ def cmd_encode(args) -> int:
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise InputError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    if args.max_sequence_length is not None and args.max_sequence_length > MAX_SEQUENCE_LENGTH:
+        raise InputError(f"--max-sequence-length must be in [1, {MAX_SEQUENCE_LENGTH}], got {args.max_sequence_length}")
     if args.clip_skip is not None and args.clip_skip < 0:
         raise InputError(f"--clip-skip must be >= 0, got {args.clip_skip}")
     if args.negative_prompt is not None and len(args.negative_prompt) not in (1, len(args.prompt)):
@@ -55,8 +67,11 @@ def cmd_encode(args) -> int:
         )
     if args.out is not None:
         parent = os.path.dirname(os.path.abspath(args.out))
+        if os.path.isdir(args.out):
+            raise InputError(f"--out {args.out!r} is a directory; give the path of a .safetensors file to write")
         if not os.path.isdir(parent):
-            raise InputError(f"--out {args.out!r}: folder {parent!r} does not exist")
+            why = "is not a directory" if os.path.exists(parent) else "does not exist"
+            raise InputError(f"--out {args.out!r}: folder {parent!r} {why}")
     check_backend_env()
     device = parse_device(args.device)
     if args.backend == "triton" and device.type == "cpu" and "TRITON_INTERPRET" not in os.environ:
@@ -64,10 +79,11 @@ def cmd_encode(args) -> int:
         _reexec_with_interpreter(args.argv)
     import fastenc
 
-    from .pipelines import EncoderTimer, encode_prompt, load_pipeline
+    from .pipelines import EncoderTimer, check_clip_skip, encode_prompt, load_pipeline
 
     dtype = getattr(torch, DTYPES[args.dtype])
     pipe = load_pipeline(args.pipeline, dtype=dtype, device=device)
+    check_clip_skip(pipe, args.clip_skip, flag="--clip-skip")  # its range is the pipeline's encoders' layer count
     if not args.no_optimize:
         fastenc.optimize(pipe, backend=args.backend, strict=args.strict)
     prompts = args.prompt if len(args.prompt) > 1 else args.prompt[0]
@@ -105,9 +121,15 @@ def cmd_encode(args) -> int:
         "finite": {k: bool(torch.isfinite(v).all()) for k, v in out.items() if v.dtype.is_floating_point},
     }
     if args.out is not None:
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
-        save_file({k: v.detach().cpu().contiguous() for k, v in out.items()}, args.out)
+        from .pipelines import _atomic_write
+
+        data = save({k: v.detach().cpu().contiguous() for k, v in out.items()})
+        try:  # all or nothing under the name: a full disk never leaves a partial file
+            _atomic_write(Path(os.path.abspath(args.out)), data)
+        except OSError as e:
+            raise InputError(f"--out {args.out!r}: cannot write {len(data)} bytes: {e.strerror or e}") from None
         report["out"] = args.out
     if args.json:
         print(json.dumps(report, indent=2))

@@ -454,6 +454,9 @@ def test_cli_encode(dirs, pairs, tmp_path, capsys):
         (["--clip-skip", "-1"], "--clip-skip must be >= 0"),
         (["--max-sequence-length", "8"], "takes no max_sequence_length"),  # SD 1.x has no T5
         (["--out", "/nonexistent/dir/e.safetensors"], "does not exist"),
+        (["--clip-skip", "100"], "--clip-skip must be in [0, 3] for StableDiffusionPipeline (text_encoder has 3"),
+        (["--images-per-prompt", "-2"], "--images-per-prompt must be >= 1, got -2"),
+        (["--max-sequence-length", "100000"], "--max-sequence-length must be in [1, 512], got 100000"),
     ],
 )
 def test_cli_encode_bad_input(dirs, capsys, extra, message):
@@ -463,6 +466,76 @@ def test_cli_encode_bad_input(dirs, capsys, extra, message):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("fastenc encode: error:") and message in err[0], err
+
+
+def _one_error_line(capsys, argv, message):
+    from fastenc.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fastenc encode: error:") and message in err[0], err
+
+
+@pytest.mark.parametrize("family, skip", [("sdxl", 3), ("sd3", 3), ("sdxl", -1)])
+def test_cli_encode_clip_skip_range_of_two_encoder_pipelines(dirs, capsys, family, skip):
+    """SDXL / SD3 read hidden_states[-(clip_skip + 2)]: with 3-layer CLIP encoders the range is [0, 2]."""
+    argv = ["encode", "--pipeline", str(dirs[family]), "--prompt", "a cat", "--device", "cpu", "--backend", "torch"]
+    argv += ["--max-sequence-length", str(T5_LEN)] if family == "sd3" else []
+    message = "--clip-skip must be in [0, 2]" if skip >= 0 else "--clip-skip must be >= 0"
+    _one_error_line(capsys, argv + ["--clip-skip", str(skip)], message)
+    if skip == 3:  # the top of the range runs
+        from fastenc.cli import main
+
+        assert main(argv + ["--clip-skip", "2"]) == 0
+
+
+def test_cli_encode_sd_clip_skip_without_text_model(dirs, capsys):
+    """diffusers' SD 1.x applies clip_skip through text_encoder.text_model; a transformers CLIPTextModel without it
+    is one error line naming --clip-skip (where it has one, --clip-skip runs)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from fastenc.cli import main
+
+    argv = ["encode", "--pipeline", str(dirs["sd"]), "--prompt", "a cat", "--device", "cpu", "--clip-skip", "1"]
+    if hasattr(CLIPTextModel(CLIPTextConfig(hidden_size=8, intermediate_size=8, num_hidden_layers=1)), "text_model"):
+        assert main(argv) == 0
+    else:
+        _one_error_line(capsys, argv, "--clip-skip: StableDiffusionPipeline.encode_prompt applies clip_skip through")
+
+
+def test_cli_encode_out_must_be_a_writable_file(dirs, tmp_path, capsys, monkeypatch):
+    """--out a directory, --out under a regular file, and a disk that fills up while --out is written: one error line
+    each, exit 2, and never a partial file under --out's name."""
+    import errno
+    import os
+
+    argv = ["encode", "--pipeline", str(dirs["sd"]), "--prompt", "a cat", "--device", "cpu", "--backend", "torch"]
+    _one_error_line(capsys, argv + ["--out", str(tmp_path)], "is a directory")
+    (tmp_path / "file").write_text("x")
+    _one_error_line(capsys, argv + ["--out", str(tmp_path / "file" / "e.safetensors")], "is not a directory")
+    real_write = os.write
+
+    def full_write(fd, data):
+        if len(data) > 64:
+            return real_write(fd, data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    out = tmp_path / "out" / "e.safetensors"
+    out.parent.mkdir()
+    monkeypatch.setattr(os, "write", full_write)
+    _one_error_line(capsys, argv + ["--out", str(out)], "No space left on device")
+    assert list(out.parent.iterdir()) == []
+
+
+def test_cli_encode_truncated_weights_is_one_error_line(dirs, tmp_path, capsys):
+    import shutil
+
+    bad = tmp_path / "sd"
+    shutil.copytree(dirs["sd"], bad)
+    (weights,) = (bad / "text_encoder").glob("*.safetensors")
+    weights.write_bytes(weights.read_bytes()[:100])
+    argv = ["encode", "--pipeline", str(bad), "--prompt", "a cat", "--device", "cpu"]
+    _one_error_line(capsys, argv, "could not be loaded as a diffusers pipeline")
 
 
 def test_cli_bench_pipeline(dirs, tmp_path, capsys):
