@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ._cli_common import fail
+from ._files import human_bytes
 
 KINDS = ("onnx", "prompts", "digests", "cuda", "autotune")
 
@@ -172,14 +173,6 @@ def scan_caches(prompt_dirs: list[str] | None = None) -> list[CacheDir]:
     return caches
 
 
-def human(n: int) -> str:
-    for unit in ("B", "kB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} GB"
-
-
 def _table(caches: list[CacheDir]) -> str:
     from .runtime import cache_dir
 
@@ -188,14 +181,15 @@ def _table(caches: list[CacheDir]) -> str:
         if not c.path.exists():
             what = "absent"
         else:
-            what = f"{len(c.entries)} entr{'y' if len(c.entries) == 1 else 'ies'}, {human(c.entry_bytes)}"
+            what = f"{len(c.entries)} entr{'y' if len(c.entries) == 1 else 'ies'}, {human_bytes(c.entry_bytes)}"
         extra = ""
         if c.kind == "autotune" and c.other_bytes:
-            extra = f" (+{human(c.other_bytes)} of other programs' kernels, not fastenc's)"
+            extra = f" (+{human_bytes(c.other_bytes)} of other programs' kernels, not fastenc's)"
         elif c.foreign:
             extra = f" ({len(c.foreign)} item(s) fastenc did not write there, e.g. {c.foreign[0].name!r})"
         lines.append(f"  {c.kind:<9} {str(c.path):<48} {what}{extra}  [{c.note}]")
-    lines.append(f"total: {human(sum(c.entry_bytes for c in caches))} (clear with `fastenc cache --clear --what ...`)")
+    total = human_bytes(sum(c.entry_bytes for c in caches))
+    lines.append(f"total: {total} (clear with `fastenc cache --clear --what ...`)")
     return "\n".join(lines)
 
 
@@ -260,7 +254,7 @@ def cmd_cache(args) -> int:
         return 0
     if cleared is not None:
         print(f"cleared {cleared['entries']} entr{'y' if cleared['entries'] == 1 else 'ies'} "
-              f"({human(cleared['bytes'])}) of {args.what}")  # fmt: skip
+              f"({human_bytes(cleared['bytes'])}) of {args.what}")  # fmt: skip
     print(_table(caches))
     sys.stdout.flush()
     return 0

@@ -51,6 +51,7 @@ from pathlib import Path
 
 import torch
 
+from ._files import file_digest, human_bytes
 from ._trace import fall_back, record
 from .errors import BackendUnavailableError, FastencError, InputError
 from .models._base import structure_generation
@@ -707,14 +708,6 @@ class CacheWarning(UserWarning):
 DIGEST_SUFFIX = ".sha256"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _cached_files(file: Path) -> list[Path]:
     """The files of one cached export: the model, its external data if any."""
     data = file.with_name(file.name + ".data")
@@ -725,7 +718,7 @@ def write_digest(file: Path) -> Path:
     """Write `<file>.sha256` (sha256sum's format: one "<hex>  <name>" line per file of the export), atomically, after
     the export is complete: a cached export without it (an export killed before it) is never trusted."""
     side = file.with_name(file.name + DIGEST_SUFFIX)
-    text = "".join(f"{_sha256(f)}  {f.name}\n" for f in _cached_files(file))
+    text = "".join(f"{file_digest(f)}  {f.name}\n" for f in _cached_files(file))
     tmp = side.with_name(f".{side.name}.tmp-{os.getpid()}-{threading.get_ident()}")
     tmp.write_text(text)
     os.replace(tmp, side)
@@ -744,24 +737,16 @@ def check_digest(file: Path) -> str | None:
     for f in _cached_files(file):
         if f.name not in listed:
             return f"{f.name} is not in its {side.name}"
-        got = _sha256(f)
+        got = file_digest(f)
         if got != listed[f.name]:
             want = listed[f.name]
             return f"{f.name}'s sha256 is {got[:16]}…, its {side.name} says {want[:16]}… (truncated or changed)"
     return None
 
 
-def _size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n} B"  # pragma: no cover
-
-
 def announce_write(files: list[Path], what: str) -> None:
     """Say once, with paths and sizes, that fastenc wrote `files` outside the user's named outputs (a CacheWarning)."""
-    listed = ", ".join(f"{f} ({_size(f.stat().st_size)})" for f in files if f.exists())
+    listed = ", ".join(f"{f} ({human_bytes(f.stat().st_size)})" for f in files if f.exists())
     warnings.warn(f"fastenc: wrote {what} into the cache (${ENV_CACHE} moves it): {listed}", CacheWarning, stacklevel=2)
 
 

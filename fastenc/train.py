@@ -80,6 +80,7 @@ from pathlib import Path
 
 import torch
 
+from ._files import file_digest
 from .errors import FastencError, InputError, UnsupportedModelError
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -879,14 +880,6 @@ def _set_rng_state(s: dict) -> None:
     random.setstate(s["random"])
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 # how a run is run, not what it computes: free to differ on a resume
 _NOT_SETTINGS = ("model", "data", "output_dir", "workers", "progress", "save_processor", "save_every")
 _NOT_SETTINGS += ("keep_checkpoints", "resume")
@@ -935,7 +928,7 @@ def save_checkpoint(root: Path, trainer: ContrastiveTrainer, step: int, settings
         torch.save(state, tmp / "state.pt")
         _fsync(tmp / "state.pt")
         meta = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "fastenc": __version__, "step": step,
-                "state_sha256": _sha256(tmp / "state.pt"), "settings": settings}  # fmt: skip
+                "state_sha256": file_digest(tmp / "state.pt"), "settings": settings}  # fmt: skip
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
         _fsync_tree(tmp)
         if final.exists():  # a resume from an older checkpoint passes this step again
@@ -987,7 +980,7 @@ def load_checkpoint_state(path: Path, settings: dict) -> dict:
     if diff:
         raise InputError(f"{where} was written with other settings ({'; '.join(diff)}): resume with the same options")
     state_file = path / "state.pt"
-    if not state_file.is_file() or _sha256(state_file) != meta.get("state_sha256"):
+    if not state_file.is_file() or file_digest(state_file) != meta.get("state_sha256"):
         raise InputError(f"{where} is corrupt: state.pt is missing or does not match its sha256 in meta.json")
     try:
         state = torch.load(state_file, map_location="cpu", weights_only=True)

@@ -18,6 +18,7 @@ pytest.importorskip("onnxruntime")
 
 import fastenc  # noqa: E402
 from fastenc import runtime  # noqa: E402
+from fastenc._files import file_digest, human_bytes  # noqa: E402
 from fastenc.errors import FastencError, InputError  # noqa: E402
 from fastenc.export import export_onnx, to_onnx  # noqa: E402
 from fastenc.export.onnx_export import FP32_TOLERANCE  # noqa: E402
@@ -109,7 +110,7 @@ def test_cached_export_carries_its_fingerprint_options_and_version():
     assert meta["fastenc.dtype"] == "float32" and meta["fastenc.class"] == "CLIPTextModelWithProjection"
     assert '"quantize": null' in meta["fastenc.export_options"] and '"mask": true' in meta["fastenc.export_options"]
     side = file.with_name("model.onnx.sha256").read_text()
-    assert side == f"{runtime._sha256(file)}  model.onnx\n"  # sha256sum's format
+    assert side == f"{file_digest(file)}  model.onnx\n"  # sha256sum's format
 
 
 @pytest.mark.parametrize("strict", [False, True])
@@ -170,7 +171,7 @@ def test_the_export_written_into_the_cache_is_announced_once():
     file = cache_file(fast)
     side = file.with_name("model.onnx.sha256")
     for f in (file, side):
-        assert f"{f} ({runtime._size(f.stat().st_size)})" in notes[0]
+        assert f"{f} ({human_bytes(f.stat().st_size)})" in notes[0]
     again = fastenc.optimize(model, backend="onnxruntime")  # a cache hit writes nothing: says nothing
     with warnings.catch_warnings():
         warnings.simplefilter("error", runtime.CacheWarning)

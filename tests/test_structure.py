@@ -118,6 +118,7 @@ SUPPORT = (  # errors, tracing and the fall-back policy, backend choice, the CUD
     "fastenc._dispatch",
     "fastenc._cuda",
     "fastenc._version",
+    "fastenc._files",
 )
 
 

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from .._files import file_digest
 from ..errors import InputError, UnsupportedModelError
 from .reader import (
     IMAGE_KEYS,
@@ -247,7 +248,6 @@ class _BatchDataset:
 DIGEST_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json", ".txt", ".model", ".tiktoken")
 DIGEST_CACHE = "digests/files.json"  # under fastenc.runtime.cache_dir()
 DIGEST_CACHE_ENTRIES = 4096
-_HASH_CHUNK = 8 << 20
 
 
 def checkpoint_digest(model_dir: str) -> str:
@@ -342,12 +342,8 @@ class _DigestCache:
 
 
 def hash_file(path: str) -> str:
-    """blake2b-256 of a file's contents, read in 8 MiB chunks."""
-    h = hashlib.blake2b(digest_size=32)
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
+    """blake2b-256 of a weight, config or tokenizer file's contents: the checkpoint digest's unit."""
+    return file_digest(path, "blake2b")
 
 
 def text_length(config) -> int:
