@@ -23,12 +23,7 @@ from fastenc.errors import FastencError, InputError  # noqa: E402
 from fastenc.export import export_onnx, to_onnx  # noqa: E402
 from fastenc.export.onnx_export import FP32_TOLERANCE  # noqa: E402
 from tests.test_export import VOCAB, clip_config, t5_config  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("FASTENC_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv("FASTENC_BACKEND", raising=False)
+from tests.test_runtime import _cache  # noqa: E402, F401 - autouse: a cache folder per test, FASTENC_BACKEND unset
 
 
 def text_model(seed=0):
