@@ -1040,7 +1040,8 @@ def ort_class(fused: type, base: type) -> type:
         state = self._fastenc_ort
         why = why_not_ort(self, bound)
         if why is None:
-            check_ort_call(self, bound)  # bad input raises, as in transformers, before any export
+            if state.encoder is None:  # bad input raises, as in transformers, before the first export; once an
+                check_ort_call(self, bound)  # encoder exists, its bind makes the same checks against the export's bound
             try:
                 encoder = state.current(self)
             except Exception as e:  # noqa: BLE001 - any export / session failure: reported, then torch runs

@@ -260,6 +260,14 @@ def test_token_ids_outside_the_vocabulary_raise(tmp_path):
         with pytest.raises(InputError, match=rf"input_ids: token id {bad} is outside \[0, {VOCAB}\)"), torch.no_grad():
             fast(wrong, mask)
     assert fast._fastenc_ort.exports == 0  # refused before anything was exported
+    with torch.no_grad():
+        fast(ids, mask)  # exported now: the encoder's own checks refuse the same ids
+        assert fast._fastenc_ort.exports == 1
+        for bad in (-1, VOCAB):
+            wrong = ids.clone()
+            wrong[0, 1] = bad
+            with pytest.raises(InputError, match=rf"input_ids: token id {bad} is outside \[0, {VOCAB}\)"):
+                fast(wrong, mask)
 
 
 def test_token_bound_of_an_export_without_the_metadata_comes_from_the_graph(tmp_path):
