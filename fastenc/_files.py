@@ -1,12 +1,16 @@
-"""Support for what fastenc reads back from disk: a file's content digest, streamed, and sizes in words. Leaf module
-(standard library only), shared by the ONNX export cache, embed's checkpoint digests, fine-tuning checkpoints and
-`fastenc cache`."""
+"""Support for what fastenc writes and reads back: atomic writes, a file's content digest, streamed, and sizes in
+words. Leaf module (standard library only), shared by the ONNX export cache, the prompt cache, embed's checkpoint
+digests and FAISS records, fine-tuning checkpoints and `fastenc cache`."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import secrets
+from pathlib import Path
 
+TMP_SUFFIX = ".tmp"  # a writer's temporary file: .<name>.<pid>.<hex>.tmp beside its target (`fastenc cache` knows it)
 _CHUNK = 1 << 23  # 8 MiB reads: a 20 GB checkpoint is hashed in constant memory
 
 
@@ -27,3 +31,31 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` so that `path` is either absent, its old content or all of `data`: a unique temporary
+    file in the same folder, written, fsynced, renamed over `path` (then the folder fsynced, where it can be). On
+    any failure the temporary file is removed and the error raised."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(6)}{TMP_SUFFIX}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):  # the rename itself survives a power loss once the folder is synced
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)

@@ -36,11 +36,12 @@ from ._files import human_bytes
 
 KINDS = ("onnx", "prompts", "digests", "cuda", "autotune")
 
-_TMP = r"\..+\.tmp(-.+)?"  # a writer's temporary file: .<name>.tmp-<pid>-<tid> (runtime), .<name>.tmp (prompts)
+_TMP = r"\..+\.tmp(-.+)?"  # a writer's temporary file: .<name>.<pid>.<hex>.tmp (fastenc._files.atomic_write_bytes),
+# .<name>.tmp-<pid>-<tid> (runtime's optimised-graph save)
 _ENTRY_NAMES = {
     "onnx": re.compile(rf"[A-Za-z_][A-Za-z0-9_]*-[0-9a-f]{{8,64}}|{_TMP}"),
     "prompts": re.compile(rf"[0-9a-f]{{64}}\.safetensors|{_TMP}"),
-    "digests": re.compile(r"files\.json(\.tmp\.\d+)?"),
+    "digests": re.compile(rf"files\.json|{_TMP}"),
     "cuda": re.compile(r"torch.+-cu.+-[0-9a-f]{16}"),
 }
 

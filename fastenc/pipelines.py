@@ -24,7 +24,6 @@ import contextlib
 import hashlib
 import json
 import os
-import secrets
 import sys
 import threading
 import time
@@ -35,6 +34,7 @@ from pathlib import Path
 import torch
 
 from ._dispatch import FallbackWarning
+from ._files import TMP_SUFFIX, atomic_write_bytes
 from .errors import InputError, UnsupportedModelError
 
 # components a pipeline's encode_prompt / encode_image calls; any other transformers model is reported too
@@ -270,7 +270,6 @@ def weights_fingerprint(module: torch.nn.Module) -> str:
 
 DEFAULT_MAX_DISK_BYTES = 10 * 2**30  # PromptCache's default bound of its folder
 _ENTRY_SUFFIX = ".safetensors"
-_TMP_SUFFIX = ".tmp"
 _STALE_TMP_NS = 3600 * 10**9  # a temporary file this old is a crashed writer's
 _RESCAN_EVERY = 64  # writes between two scans of the folder (other processes write to it too)
 
@@ -374,7 +373,7 @@ class PromptCache:
             self._mem.clear()
             self.nbytes = 0
         if disk and self.path is not None:
-            for pattern in ("*.safetensors", f".*{_TMP_SUFFIX}"):
+            for pattern in ("*.safetensors", f".*{TMP_SUFFIX}"):
                 for f in self.path.glob(pattern):
                     f.unlink(missing_ok=True)
             self._disk_bytes = None
@@ -467,10 +466,10 @@ class PromptCache:
         f = self._file(key)
         try:
             try:
-                _atomic_write(f, data)
+                atomic_write_bytes(f, data)
             except FileNotFoundError:  # the folder was removed meanwhile: make it again, once
                 self.path.mkdir(parents=True, exist_ok=True)
-                _atomic_write(f, data)
+                atomic_write_bytes(f, data)
         except OSError as e:
             self.disk_write_errors += 1
             with self._lock:
@@ -508,7 +507,7 @@ class PromptCache:
                             st = e.stat(follow_symlinks=False)
                             files.append((max(st.st_atime_ns, st.st_mtime_ns), e.name, st.st_size))
                             total += st.st_size
-                        elif e.name.endswith(_TMP_SUFFIX) and now - e.stat().st_mtime_ns > _STALE_TMP_NS:
+                        elif e.name.endswith(TMP_SUFFIX) and now - e.stat().st_mtime_ns > _STALE_TMP_NS:
                             os.unlink(e.path)
                     except OSError:  # removed meanwhile
                         continue
@@ -639,33 +638,6 @@ def _decode_entry(data: bytes, key: str, device: torch.device):
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise _BadEntry(f"not a readable entry: {type(e).__name__}: {first}") from None
     return cls, {k: tensors[k].to(device) for k in names}, tuples
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that `path` is either absent, its old content or all of `data`: a unique temporary
-    file in the same folder, written, fsynced, renamed over `path` (then the folder fsynced, where it can be). On
-    any failure the temporary file is removed and the error raised."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(6)}{_TMP_SUFFIX}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):  # the rename itself survives a power loss once the folder is synced
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
 
 
 class _CachedForward:

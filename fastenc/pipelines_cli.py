@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 MAX_SEQUENCE_LENGTH = 512  # the T5 length diffusers' SD3 / FLUX pipelines accept (their check_inputs)
 
@@ -123,11 +122,11 @@ def cmd_encode(args) -> int:
     if args.out is not None:
         from safetensors.torch import save
 
-        from .pipelines import _atomic_write
+        from ._files import atomic_write_bytes
 
         data = save({k: v.detach().cpu().contiguous() for k, v in out.items()})
         try:  # all or nothing under the name: a full disk never leaves a partial file
-            _atomic_write(Path(os.path.abspath(args.out)), data)
+            atomic_write_bytes(os.path.abspath(args.out), data)
         except OSError as e:
             raise InputError(f"--out {args.out!r}: cannot write {len(data)} bytes: {e.strerror or e}") from None
         report["out"] = args.out

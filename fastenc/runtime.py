@@ -51,7 +51,7 @@ from pathlib import Path
 
 import torch
 
-from ._files import file_digest, human_bytes
+from ._files import atomic_write_bytes, file_digest, human_bytes
 from ._trace import fall_back, record
 from .errors import BackendUnavailableError, FastencError, InputError
 from .models._base import structure_generation
@@ -719,9 +719,7 @@ def write_digest(file: Path) -> Path:
     the export is complete: a cached export without it (an export killed before it) is never trusted."""
     side = file.with_name(file.name + DIGEST_SUFFIX)
     text = "".join(f"{file_digest(f)}  {f.name}\n" for f in _cached_files(file))
-    tmp = side.with_name(f".{side.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-    tmp.write_text(text)
-    os.replace(tmp, side)
+    atomic_write_bytes(side, text.encode())
     return side
 
 

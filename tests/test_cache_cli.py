@@ -93,7 +93,7 @@ def test_clear_refuses_a_folder_holding_anything_fastenc_did_not_write(caches, c
     code, err = run(["cache", "--clear"], capsys)  # "all" refuses too, before removing any other cache
     assert_one_error_line(code, err, "cache", "my_notes.txt")
     assert (caches / "fastenc" / "prompts" / f"{PROMPT}.safetensors").is_file()
-    link = caches / "fastenc" / "digests" / "files.json.tmp.1"
+    link = caches / "fastenc" / "digests" / ".files.json.1.0a1b2c.tmp"  # atomic_write_bytes' temp name
     mine.unlink()
     link.symlink_to(caches / "cuda")  # a symlink where a temp file would be: refused, not followed
     code, err = run(["cache", "--clear", "--what", "digests"], capsys)

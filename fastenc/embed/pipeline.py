@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .._files import file_digest
+from .._files import atomic_write_bytes, file_digest
 from ..errors import InputError, UnsupportedModelError
 from .reader import (
     IMAGE_KEYS,
@@ -324,17 +324,10 @@ class _DigestCache:
         entries = dict(list(self.entries.items())[-DIGEST_CACHE_ENTRIES:])
         data = (json.dumps({"version": 1, "entries": entries}, indent=0, sort_keys=True) + "\n").encode()
         new = not os.path.exists(self.path)
-        tmp = f"{self.path}.tmp.{os.getpid()}"
         try:
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, self.path)
+            atomic_write_bytes(self.path, data)
         except OSError:
-            try:
-                os.remove(tmp)
-            except OSError:
-                pass
             return
         if new:
             print(f"fastenc embed: caching weight-file digests in {self.path} ({len(data)} bytes; "
