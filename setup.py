@@ -4,7 +4,7 @@ This file adds the CUDA extension `fastenc._C`, built from csrc/ (*.cu plain CUD
 file with torch headers), when a CUDA build of torch and nvcc are importable/findable at build time. Under pip's
 default build isolation torch is not importable here, so the extension is skipped; build it with
 `pip install -e . --no-build-isolation` on a CUDA machine, or let fastenc JIT-build it on first use of
-backend="cuda" (fastenc/_cuda.py). A CPU-only torch installs cleanly without it.
+backend="cuda" (fastenc/core/cuda.py). A CPU-only torch installs cleanly without it.
 
 Environment:
   FASTENC_SKIP_CUDA_BUILD=1   skip the extension build

@@ -52,7 +52,7 @@ def bytes_moved(rows: int, n: int, dtype: torch.dtype, *, bias: bool, gated: boo
 
 def providers(activation, x, bias, up, gated):
     import fastenc
-    from fastenc import _cuda
+    from fastenc.core import cuda as _cuda
     from fastenc.kernels import activation as kernels
     from fastenc.ops.activation import activation_reference
 

@@ -69,7 +69,7 @@ def sdpa_mask(q, kpm, bias, causal):
 
 def providers(q, k, v, kpm, bias, causal):
     import fastenc
-    from fastenc import _cuda
+    from fastenc.core import cuda as _cuda
     from fastenc.kernels.attention import attention_forward
     from fastenc.ops.attention import attention_reference
 

@@ -67,7 +67,7 @@ def make_inputs(rows, n, dtype, weight_dtype, residual):
 
 def providers(op, x, r, w, b, eps):
     import fastenc
-    from fastenc import _cuda
+    from fastenc.core import cuda as _cuda
     from fastenc.kernels import norm as kernels
     from fastenc.ops.norm import rms_norm_reference
 
@@ -98,7 +98,7 @@ def providers(op, x, r, w, b, eps):
         "fastenc": fastenc_fn,
         "kernel": kernel_fn,
         "cuda": cuda_fn,  # the op on the csrc/ CUDA kernel
-        "cuda_kernel": cuda_kernel_fn,  # its launcher (fastenc/_cuda.py)
+        "cuda_kernel": cuda_kernel_fn,  # its launcher (fastenc/core/cuda.py)
         "torch": lambda: eager(x, r),
         "compile": lambda: compiled(x, r),
     }

@@ -253,8 +253,12 @@ def main(argv=None) -> int:
                         "bench": "onnx_cpu",
                         "model": label,
                         "provider": prov,
-                        "config": {**info, "batch": batch, "seq": seq or None,
-                                   "dtype": "int8-dynamic" if prov.endswith("int8") else "fp32"},  # fmt: skip
+                        "config": {
+                            **info,
+                            "batch": batch,
+                            "seq": seq or None,
+                            "dtype": "int8-dynamic" if prov.endswith("int8") else "fp32",
+                        },  # fmt: skip
                         "p50_ms": p50,
                         "p90_ms": percentile(samples[prov], 90),
                         "speedup_vs_sdpa": (sdpa / p50) if sdpa else None,

@@ -453,7 +453,7 @@ class Session:
             torch.backends.cuda.matmul.allow_tf32 = False  # fp32 rows stay IEEE fp32 (DESIGN.md); recorded in rows
             load_prebuilt(self)
             if load_cuda_ops:
-                from fastenc import _cuda
+                from fastenc.core import cuda as _cuda
 
                 t0 = time.perf_counter()
                 reason = _cuda.unavailable_reason()
@@ -528,7 +528,8 @@ def _inject_fault(phase: str, step: str) -> None:
 
 def load_prebuilt(s: Session | None) -> str | None:
     """Load the carried CUDA ops library when $FASTENC_SESSION_PREBUILT names one whose meta matches this torch and
-    csrc/; fastenc._cuda then finds torch.ops.fastenc_cuda registered and builds nothing. Returns why not, or None."""
+    csrc/; fastenc.core.cuda then finds torch.ops.fastenc_cuda registered and builds nothing. Returns why not, or
+    None."""
     path = os.environ.get(ENV_PREBUILT)
     if not path:
         return "no prebuilt library given"
@@ -542,7 +543,7 @@ def load_prebuilt(s: Session | None) -> str | None:
         meta = json.loads(meta_path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         return f"no readable {meta_path} ({_short(e)})"
-    from fastenc import _cuda
+    from fastenc.core import cuda as _cuda
 
     if meta.get("torch") != torch.__version__ or meta.get("source_hash") != _cuda.source_hash():
         return (
@@ -630,7 +631,7 @@ def phase_env(s: Session) -> None:
         s.row("env", status="ok", device=info["device_info"]["name"], **info)
 
     def cuda_extension(s, step):
-        from fastenc import _cuda
+        from fastenc.core import cuda as _cuda
 
         prebuilt = os.environ.get(ENV_PREBUILT)
         why_not_prebuilt = load_prebuilt(s) if s.device.type == "cuda" else "no CUDA device"
@@ -818,7 +819,7 @@ def phase_attention(s: Session) -> None:
 
     import fastenc
     from fastenc.benchmark.timing import Timer, summarize
-    from fastenc.errors import BackendUnavailableError
+    from fastenc.core.errors import BackendUnavailableError
     from fastenc.ops.attention import attention_reference, relative_bias_reference, relative_position_buckets
 
     dev, dry = s.device, s.dry
@@ -1825,7 +1826,7 @@ def prebuild(dest: Path) -> int:
     import torch
     from torch.utils import cpp_extension
 
-    from fastenc import _cuda
+    from fastenc.core import cuda as _cuda
 
     if not torch.version.cuda:
         print(

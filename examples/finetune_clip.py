@@ -35,7 +35,7 @@ if not os.environ.get("TRITON_INTERPRET") and "--device" not in sys.argv:  # CPU
 
 def main(argv=None) -> int:
     from fastenc._cli_common import fail
-    from fastenc.errors import FastencError
+    from fastenc.core.errors import FastencError
     from fastenc.train import add_arguments, run_cli
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

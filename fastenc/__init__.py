@@ -9,10 +9,10 @@ print(t.counts)                               # {"triton.attention": 12, ...}
 import importlib as _importlib
 
 from . import distributed, integrations, ops
-from ._dispatch import available_backends
-from ._trace import FallbackWarning, trace
 from ._version import __version__  # noqa: F401 - fastenc.__version__
-from .errors import BackendUnavailableError, DoubleBackwardError, FastencError, InputError, UnsupportedModelError
+from .core.dispatch import available_backends
+from .core.errors import BackendUnavailableError, DoubleBackwardError, FastencError, InputError, UnsupportedModelError
+from .core.trace import FallbackWarning, trace
 from .integrations import register_transformers_attention
 from .optimize import optimize  # noqa: E402  (the function shadows its module's name, as intended)
 

@@ -32,7 +32,7 @@ def parse_device(value: str | None, flag: str = "--device"):
     does not know, a device type other than cpu / cuda, or a CUDA device this machine does not have."""
     import torch
 
-    from .errors import InputError
+    from .core.errors import InputError
 
     if value is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -53,14 +53,14 @@ def parse_device(value: str | None, flag: str = "--device"):
 
 def check_backend_env() -> None:
     """InputError when $FASTENC_BACKEND names no backend (checked before any model is loaded)."""
-    from ._dispatch import requested_backend
+    from .core.dispatch import requested_backend
 
     requested_backend("auto")
 
 
 def check_checkpoint_dir(path: str, flag: str = "--model") -> None:
     """InputError unless `path` is a folder holding a config.json (cheap: before any progress bar or loading)."""
-    from .errors import InputError
+    from .core.errors import InputError
 
     if not os.path.isdir(path):
         raise InputError(f"{flag} {path!r} is not a directory (a local save_pretrained checkpoint)")
@@ -72,7 +72,7 @@ def load_checkpoint(path: str, flag: str = "--model"):
     """AutoModel.from_pretrained of a local directory; InputError (one line, naming the flag) when it is not one."""
     from transformers import AutoConfig, AutoModel
 
-    from .errors import InputError
+    from .core.errors import InputError
 
     check_checkpoint_dir(path, flag)
     try:
@@ -101,7 +101,7 @@ def split_names(values: list[str] | None) -> list[str] | None:
 
 def split_ints(values: list[str] | None) -> list[int] | None:
     """`split_names` as integers; InputError for anything else."""
-    from .errors import InputError
+    from .core.errors import InputError
 
     names = split_names(values)
     if names is None:

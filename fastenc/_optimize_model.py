@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import torch
 
-from ._dispatch import auto_model_backend, check_backend_name
-from ._trace import fall_back
-from .errors import InputError, UnsupportedModelError
+from .core.dispatch import auto_model_backend, check_backend_name
+from .core.errors import InputError, UnsupportedModelError
+from .core.trace import fall_back
 from .graphs import GraphConfig, GraphRunner, graph_config, graphed_class
 from .models import FUSED_CLASSES, check_config
 from .models._base import Runtime, prefuse, shallow_copy_as
@@ -69,8 +69,13 @@ def optimize_model(
         from .export.towers import _classes
 
         if base not in _classes():
-            fall_back(f"optimize({base.__name__})", "onnxruntime", "torch",
-                      f"fastenc.export has no ONNX export for {base.__name__}", strict=strict and explicit_ort)
+            fall_back(
+                f"optimize({base.__name__})",
+                "onnxruntime",
+                "torch",
+                f"fastenc.export has no ONNX export for {base.__name__}",
+                strict=strict and explicit_ort,
+            )
             use_ort = False
     cls = fused if graphs is None else graphed_class(fused, base)
     if use_ort:
@@ -94,7 +99,7 @@ def optimize_model(
 
 
 def _ort_by_default(model: torch.nn.Module, base: type) -> bool:
-    """"auto" exports to ONNX only fp32 models whose weights fit one ONNX file (no multi-GB trace on first call)."""
+    """ "auto" exports to ONNX only fp32 models whose weights fit one ONNX file (no multi-GB trace on first call)."""
     from .export.onnx_export import LARGE_BYTES
     from .export.towers import _classes
 

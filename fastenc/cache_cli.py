@@ -32,11 +32,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ._cli_common import fail
-from ._files import human_bytes
+from .core.files import human_bytes
 
 KINDS = ("onnx", "prompts", "digests", "cuda", "autotune")
 
-_TMP = r"\..+\.tmp(-.+)?"  # a writer's temporary file: .<name>.<pid>.<hex>.tmp (fastenc._files.atomic_write_bytes),
+_TMP = r"\..+\.tmp(-.+)?"  # a writer's temporary file: .<name>.<pid>.<hex>.tmp (fastenc.core.files.atomic_write_bytes),
 # .<name>.tmp-<pid>-<tid> (runtime's optimised-graph save)
 _ENTRY_NAMES = {
     "onnx": re.compile(rf"[A-Za-z_][A-Za-z0-9_]*-[0-9a-f]{{8,64}}|{_TMP}"),
@@ -159,7 +159,7 @@ def _scan_autotune(path: Path) -> CacheDir:
 
 
 def scan_caches(prompt_dirs: list[str] | None = None) -> list[CacheDir]:
-    from ._cuda import ENV_CACHE as CUDA_ENV
+    from .core.cuda import ENV_CACHE as CUDA_ENV
     from .runtime import cache_dir
 
     root = cache_dir()
@@ -198,7 +198,7 @@ def clear_caches(caches: list[CacheDir], what: str) -> tuple[int, int]:
     """Remove the entries of the caches of kind `what` ("all": every kind). Refuses (InputError naming the path)
     when one of those cache folders holds anything fastenc does not write there, before anything is removed.
     Returns (entries removed, bytes freed)."""
-    from .errors import InputError
+    from .core.errors import InputError
 
     chosen = [c for c in caches if what == "all" or c.kind == what]
     for c in chosen:
@@ -234,7 +234,7 @@ def add_cache_parser(sub) -> None:
 
 
 def cmd_cache(args) -> int:
-    from .errors import InputError
+    from .core.errors import InputError
 
     try:
         if args.what != "all" and not args.clear:

@@ -93,7 +93,7 @@ def _parser() -> argparse.ArgumentParser:
 def _load(args, torch):
     from transformers import CLIPModel
 
-    from .errors import InputError
+    from .core.errors import InputError
     from .models.configs import clip_config
 
     if args.model:
@@ -108,7 +108,7 @@ def _load(args, torch):
 
 def _check_parity_args(args):
     """Every argument check of demo / parity, before anything is loaded or re-executed."""
-    from .errors import InputError
+    from .core.errors import InputError
 
     if args.cmd == "parity" and not args.model:
         raise InputError("--model PATH is required (use `fastenc demo` for random weights)")
@@ -125,7 +125,7 @@ def _check_parity_args(args):
 def cmd_parity(args) -> int:
     import torch
 
-    from .errors import InputError
+    from .core.errors import InputError
 
     device = _check_parity_args(args)
     if args.backend == "triton" and not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ:
@@ -177,7 +177,7 @@ def main(argv=None) -> int:
     """Run one subcommand. Bad input of any subcommand (a FastencError: InputError, UnsupportedModelError,
     BackendUnavailableError) ends in one `fastenc <command>: error: ...` line and exit status 2; argparse's own
     errors look the same. Anything else is a bug and keeps its traceback."""
-    from .errors import FastencError
+    from .core.errors import FastencError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)

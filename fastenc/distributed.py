@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .errors import InputError
+from .core.errors import InputError
 from .ops._common import FLOAT_DTYPES
 from .ops.contrastive import ContrastiveLossFunction, _as_arg, _backend, check_loss_inputs
 

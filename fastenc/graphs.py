@@ -57,8 +57,8 @@ from typing import Any, Protocol
 import torch
 from transformers.utils import ModelOutput
 
-from ._trace import fall_back, record, suspend_traces
-from .errors import InputError
+from .core.errors import InputError
+from .core.trace import fall_back, record, suspend_traces
 from .models._base import structure_generation
 
 DEFAULT_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ._optimize_model import optimize_model, supported_models  # noqa: F401 - supported_models: public here
-from .errors import InputError
+from .core.errors import InputError
 from .graphs import GraphConfig
 
 

@@ -7,8 +7,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from ._dispatch import trace
-from .errors import InputError
+from .core.dispatch import trace
+from .core.errors import InputError
 
 
 @dataclass

@@ -33,9 +33,9 @@ from pathlib import Path
 
 import torch
 
-from ._dispatch import FallbackWarning
-from ._files import TMP_SUFFIX, atomic_write_bytes
-from .errors import InputError, UnsupportedModelError
+from .core.dispatch import FallbackWarning
+from .core.errors import InputError, UnsupportedModelError
+from .core.files import TMP_SUFFIX, atomic_write_bytes
 
 # components a pipeline's encode_prompt / encode_image calls; any other transformers model is reported too
 ENCODER_COMPONENTS = (
@@ -74,8 +74,8 @@ def optimize_pipeline(pipe, backend: str = "auto", strict: bool = False, *, cuda
     prompt_cache: None (none; an existing one is removed), True (a new `PromptCache()`), or a `PromptCache`
     (shareable between pipelines: its keys carry the weights' fingerprint). The pipeline's cache is
     `pipe._fastenc_prompt_cache`."""
-    from ._dispatch import check_backend_name
     from ._optimize_model import optimize_model
+    from .core.dispatch import check_backend_name
     from .models import FUSED_CLASSES
 
     backend = check_backend_name(backend)

@@ -49,7 +49,7 @@ def cmd_encode(args) -> int:
     import torch
 
     from ._cli_common import DTYPES, _reexec_with_interpreter, check_backend_env, parse_device
-    from .errors import InputError
+    from .core.errors import InputError
 
     for flag in ("images_per_prompt", "max_sequence_length"):
         value = getattr(args, flag)
@@ -122,7 +122,7 @@ def cmd_encode(args) -> int:
     if args.out is not None:
         from safetensors.torch import save
 
-        from ._files import atomic_write_bytes
+        from .core.files import atomic_write_bytes
 
         data = save({k: v.detach().cpu().contiguous() for k, v in out.items()})
         try:  # all or nothing under the name: a full disk never leaves a partial file

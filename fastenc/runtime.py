@@ -51,9 +51,9 @@ from pathlib import Path
 
 import torch
 
-from ._files import atomic_write_bytes, file_digest, human_bytes
-from ._trace import fall_back, record
-from .errors import BackendUnavailableError, FastencError, InputError
+from .core.errors import BackendUnavailableError, FastencError, InputError
+from .core.files import atomic_write_bytes, file_digest, human_bytes
+from .core.trace import fall_back, record
 from .models._base import structure_generation
 
 _TORCH_DTYPES = {

@@ -80,8 +80,8 @@ from pathlib import Path
 
 import torch
 
-from ._files import file_digest
-from .errors import FastencError, InputError, UnsupportedModelError
+from .core.errors import FastencError, InputError, UnsupportedModelError
+from .core.files import file_digest
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 AMP_MODES = ("auto", "autocast", "master")
@@ -1043,7 +1043,7 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
     import torch.distributed as dist
     from tqdm.auto import tqdm
 
-    from ._trace import trace
+    from .core.trace import trace
 
     check_config(cfg)
     if cfg.output_dir:

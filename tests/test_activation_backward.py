@@ -151,7 +151,7 @@ def test_frozen_bias_and_frozen_input(launches, device):
 
 def test_fall_back_to_reference_where_triton_cannot_run(monkeypatch, launches, device):
     """If the backward finds Triton unable to run, it differentiates the reference, warned and traced."""
-    from fastenc import _dispatch
+    from fastenc.core import dispatch as _dispatch
 
     x, b = _x((4, 33), torch.float32, device), torch.randn(33, device=device)
     gy = torch.randn(4, 33, device=device)

@@ -232,7 +232,7 @@ def test_gradients_match_reference(causal, kpm, bias, device):
 
 
 def test_head_dim_too_large(device, monkeypatch):
-    from fastenc import _trace
+    from fastenc.core import trace as _trace
     from fastenc.kernels.attention import attention_unsupported_reason
 
     q, k, v = _qkv(1, 1, 4, 4, 512, device=device)

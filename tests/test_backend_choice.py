@@ -8,8 +8,9 @@ import pytest
 import torch
 
 import fastenc
-from fastenc import _cuda, _dispatch
-from fastenc.errors import BackendUnavailableError
+from fastenc.core import cuda as _cuda
+from fastenc.core import dispatch as _dispatch
+from fastenc.core.errors import BackendUnavailableError
 
 CUDA = torch.device("cuda")
 

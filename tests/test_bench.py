@@ -11,9 +11,9 @@ import math
 import pytest
 import torch
 
-from fastenc._dispatch import triton_interpret
 from fastenc.benchmark import cli, matrix, report, runner
 from fastenc.benchmark.env import percentile
+from fastenc.core.dispatch import triton_interpret
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 QUICK_MODELS = ["tiny-clip-text", "tiny-clip-vision", "tiny-t5"]

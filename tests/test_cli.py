@@ -218,7 +218,7 @@ def test_speed_report_progress_callback(monkeypatch):
     import torch
     from transformers import CLIPTextModel
 
-    import fastenc._dispatch as dispatch
+    import fastenc.core.dispatch as dispatch
     from fastenc.benchmark.speed import speed_report
     from fastenc.models.configs import clip_config
     from fastenc.parity import clip_inputs

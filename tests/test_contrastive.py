@@ -227,7 +227,7 @@ def test_double_backward_raises_clear_error(backend, kind):
         torch.autograd.grad(first[0].square().sum(), i)
     with pytest.raises(DoubleBackwardError, match="double backward"):
         (first[0].sum() + first[2].sum()).backward()
-    assert issubclass(DoubleBackwardError, fastenc.errors.FastencError)
+    assert issubclass(DoubleBackwardError, fastenc.core.errors.FastencError)
 
 
 def _bad(fn, match):

@@ -1,5 +1,5 @@
 """CI checks of the CUDA backend that need no GPU: every csrc/*.cu compiles stand-alone with the machine's nvcc for
-sm_90a and sm_80, the binding compiles against torch's headers, and fastenc._cuda imports and explains itself."""
+sm_90a and sm_80, the binding compiles against torch's headers, and fastenc.core.cuda imports and explains itself."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import fastenc
-from fastenc import _cuda
-from fastenc.errors import BackendUnavailableError
+from fastenc.core import cuda as _cuda
+from fastenc.core.errors import BackendUnavailableError
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 CU_FILES = sorted(CSRC.glob("*.cu"))
@@ -92,8 +92,8 @@ def test_binding_compiles_against_torch_headers(tmp_path):
 
 
 def test_import_is_cheap_and_explains_itself():
-    """Importing fastenc._cuda builds nothing and works on a CPU-only torch; the reason names the cause."""
-    code = "import sys, fastenc, fastenc._cuda; assert 'torch.utils.cpp_extension' not in sys.modules; print('ok')"
+    """Importing fastenc.core.cuda builds nothing and works on a CPU-only torch; the reason names the cause."""
+    code = "import sys, fastenc, fastenc.core.cuda; assert 'torch.utils.cpp_extension' not in sys.modules; print('ok')"
     env = {**os.environ, "PYTHONPATH": str(Path(fastenc.__file__).parent.parent)}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
@@ -130,7 +130,7 @@ def test_attention_unsupported_reasons():
 
 
 def test_bad_activation_is_a_typed_error():
-    with pytest.raises(fastenc.errors.InputError, match="activation must be one of"):
+    with pytest.raises(fastenc.core.errors.InputError, match="activation must be one of"):
         _cuda.bias_activation_forward(torch.zeros(2, 3), None, "swish")
 
 

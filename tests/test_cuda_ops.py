@@ -1,4 +1,4 @@
-"""GPU parity of every fastenc CUDA launcher (fastenc/_cuda.py -> csrc/) against the torch reference and the Triton
+"""GPU parity of every fastenc CUDA launcher (fastenc/core/cuda.py -> csrc/) against the torch reference and the Triton
 kernel, fp32/fp16/bf16 and awkward shapes, plus torch.library.opcheck of each torch.ops.fastenc_cuda op.
 
 Low-precision rule (flash-attention's): error vs an fp32 reference <= 2x PyTorch's own error in the same dtype.
@@ -11,7 +11,7 @@ import pytest
 import torch
 from utils import assert_close, assert_error_within
 
-from fastenc import _cuda
+from fastenc.core import cuda as _cuda
 from fastenc.ops.activation import bias_activation_reference, gated_activation_reference
 from fastenc.ops.attention import attention_reference
 from fastenc.ops.norm import layer_norm_reference, rms_norm_reference

@@ -19,9 +19,9 @@ import pytest
 import torch
 
 from fastenc.cli import main
+from fastenc.core.errors import InputError
 from fastenc.embed import EmbedConfig, embed
 from fastenc.embed.reader import ImagePreprocessor, list_samples
-from fastenc.errors import InputError
 from tests.tokenizer_utils import build_clip_tokenizer
 from tests.utils import FP32, assert_close
 

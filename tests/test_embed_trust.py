@@ -22,9 +22,9 @@ import pytest
 import torch
 
 from fastenc.cli import main
+from fastenc.core.errors import InputError
 from fastenc.embed import pipeline, shards
 from fastenc.embed.reader import decode_image, list_samples, read_image_bytes
-from fastenc.errors import InputError
 from tests import test_embed as base
 from tests.test_embed import CAPTIONS, image_bytes, make_image, read_meta, run_embed, stacked, tree_bytes
 

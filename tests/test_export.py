@@ -18,7 +18,7 @@ import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 
 import fastenc  # noqa: E402
-from fastenc.errors import BackendUnavailableError, InputError, UnsupportedModelError  # noqa: E402
+from fastenc.core.errors import BackendUnavailableError, InputError, UnsupportedModelError  # noqa: E402
 from fastenc.export import (  # noqa: E402
     export_onnx,
     onnx_parity,

@@ -25,7 +25,7 @@ from transformers import (
 )
 
 import fastenc
-from fastenc.errors import BackendUnavailableError, InputError
+from fastenc.core.errors import BackendUnavailableError, InputError
 from fastenc.graphs import GraphConfig, _tree_leaves, clear_graphs
 from fastenc.models.clip import FastCLIPTextModelWithProjection
 from fastenc.parity import clip_inputs

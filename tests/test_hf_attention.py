@@ -20,7 +20,7 @@ from utils import FP32, assert_close
 
 import fastenc
 import fastenc.integrations as fi
-from fastenc import _trace
+from fastenc.core import trace as _trace
 from fastenc.integrations import transformers_attention as ta
 
 fi.register_transformers_attention()  # idempotent; fastenc/__init__ will call it at import

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from transformers import CLIPConfig, CLIPModel, CLIPTextModel, SiglipConfig, SiglipModel, T5Config, T5EncoderModel
 
 import fastenc
+from fastenc.core.errors import InputError, UnsupportedModelError
 from fastenc.diagnostics.probe import (
     CLIP_MEAN,
     CLIP_STD,
@@ -26,7 +27,6 @@ from fastenc.diagnostics.probe import (
     run_probe,
     text_similarity,
 )
-from fastenc.errors import InputError, UnsupportedModelError
 from tests.tokenizer_utils import build_clip_tokenizer
 from tests.utils import assert_close
 

@@ -19,7 +19,7 @@ import onnx  # noqa: E402
 
 import fastenc  # noqa: E402
 from fastenc import runtime  # noqa: E402
-from fastenc.errors import InputError  # noqa: E402
+from fastenc.core.errors import InputError  # noqa: E402
 from fastenc.export import export_onnx  # noqa: E402
 from fastenc.export.quantize import (  # noqa: E402
     INT8_FORMAT_ENV,

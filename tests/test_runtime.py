@@ -15,8 +15,8 @@ pytest.importorskip("onnxruntime")
 
 import fastenc  # noqa: E402
 from fastenc import runtime  # noqa: E402
-from fastenc._dispatch import auto_model_backend, requested_backend  # noqa: E402
-from fastenc.errors import BackendUnavailableError, InputError  # noqa: E402
+from fastenc.core.dispatch import auto_model_backend, requested_backend  # noqa: E402
+from fastenc.core.errors import BackendUnavailableError, InputError  # noqa: E402
 from fastenc.export import export_onnx, onnx_parity, to_onnx  # noqa: E402
 from fastenc.export.onnx_export import FP32_TOLERANCE  # noqa: E402
 from fastenc.export.towers import tower_of  # noqa: E402
@@ -364,8 +364,16 @@ def test_optimize_onnxruntime_argument_errors():
         fastenc.optimize(model, backend="onnxruntime", cuda_graphs=True)
     with pytest.raises(InputError, match="threads must be"):
         fastenc.optimize(model, backend="onnxruntime", threads=0)
-    siglip2 = tf.Siglip2VisionModel(tf.Siglip2VisionConfig(hidden_size=32, num_attention_heads=2, num_hidden_layers=1,
-                                                            intermediate_size=48, num_patches=16, patch_size=4))
+    siglip2 = tf.Siglip2VisionModel(
+        tf.Siglip2VisionConfig(
+            hidden_size=32,
+            num_attention_heads=2,
+            num_hidden_layers=1,
+            intermediate_size=48,
+            num_patches=16,
+            patch_size=4,
+        )
+    )
     with pytest.raises(fastenc.BackendUnavailableError, match="no ONNX export for Siglip2VisionModel"):
         fastenc.optimize(siglip2.eval(), backend="onnxruntime", strict=True)
 

@@ -18,8 +18,8 @@ pytest.importorskip("onnxruntime")
 
 import fastenc  # noqa: E402
 from fastenc import runtime  # noqa: E402
-from fastenc._files import file_digest, human_bytes  # noqa: E402
-from fastenc.errors import FastencError, InputError  # noqa: E402
+from fastenc.core.errors import FastencError, InputError  # noqa: E402
+from fastenc.core.files import file_digest, human_bytes  # noqa: E402
 from fastenc.export import export_onnx, to_onnx  # noqa: E402
 from fastenc.export.onnx_export import FP32_TOLERANCE  # noqa: E402
 from tests.test_export import VOCAB, clip_config, t5_config  # noqa: E402

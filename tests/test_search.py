@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from fastenc.cli import main
+from fastenc.core.errors import InputError
 from fastenc.embed.reader import SampleTable
 from fastenc.embed.search import EmbeddingIndex, search
 from fastenc.embed.shards import ShardWriter, plan
-from fastenc.errors import InputError
 from tests.test_embed import clip_dir, folder, reference_embeddings, run_embed  # noqa: F401 - fixtures
 
 pytest.importorskip("pyarrow", reason="fastenc embed writes Parquet metadata: pip install 'fastenc[embed]'")

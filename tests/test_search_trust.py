@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from fastenc.cli import main
+from fastenc.core.errors import InputError
 from fastenc.embed.search import IVFPQ_MIN_ROWS, SearchWarning, search
-from fastenc.errors import InputError
 
 pa = pytest.importorskip("pyarrow", reason="fastenc embed writes Parquet metadata: pip install 'fastenc[embed]'")
 pq = pytest.importorskip("pyarrow.parquet")

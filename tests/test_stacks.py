@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
+from fastenc.core.errors import InputError, UnsupportedModelError
 from fastenc.diagnostics.stacks import flux_conditioning, sd3_conditioning, sdxl_conditioning
-from fastenc.errors import InputError, UnsupportedModelError
 from tests.tokenizer_utils import build_clip_tokenizer
 from tests.utils import assert_close
 

@@ -111,21 +111,16 @@ def test_no_import_circle():
     assert cycle is None, "import circle: " + " -> ".join(cycle)
 
 
-SUPPORT = (  # errors, tracing and the fall-back policy, backend choice, the CUDA loader
-    "fastenc.errors",
-    "fastenc._compat",
-    "fastenc._trace",
-    "fastenc._dispatch",
-    "fastenc._cuda",
+SUPPORT = (  # fastenc/core/: errors, tracing and the fall-back policy, backend choice, the CUDA loader, files
+    "fastenc.core",
     "fastenc._version",
-    "fastenc._files",
 )
 
 
 def _layer(m: str) -> int:
     if m.startswith("fastenc.kernels"):
         return 0
-    if m in SUPPORT:
+    if m in SUPPORT or m.startswith("fastenc.core."):
         return 1
     if m == "fastenc.ops" or m.startswith("fastenc.ops."):
         return 2

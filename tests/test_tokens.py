@@ -8,9 +8,9 @@ import torch
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 import fastenc
+from fastenc.core.errors import InputError
 from fastenc.diagnostics import chunk_prompt_ids, encode_long_prompt, load_tokenizer, token_report
 from fastenc.diagnostics.tokens import add_tokens_parser, run_tokens
-from fastenc.errors import InputError
 from tests.tokenizer_utils import build_clip_tokenizer
 from tests.utils import assert_close
 

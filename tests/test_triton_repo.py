@@ -25,14 +25,24 @@ from tests.test_export import clip_config, t5_config  # noqa: E402
 
 _TENSOR = {"name": "str", "data_type": "DataType", "dims": ["int"]}
 SCHEMA = {  # the subset of Triton's ModelConfig (model_config.proto) fastenc writes; anything else is an error
-    "ModelConfig": {"name": "str", "backend": "str", "platform": "str", "max_batch_size": "int",
-                    "input": ["ModelInput"], "output": ["ModelOutput"], "instance_group": ["ModelInstanceGroup"],
-                    "dynamic_batching": "ModelDynamicBatching"},  # fmt: skip
+    "ModelConfig": {
+        "name": "str",
+        "backend": "str",
+        "platform": "str",
+        "max_batch_size": "int",
+        "input": ["ModelInput"],
+        "output": ["ModelOutput"],
+        "instance_group": ["ModelInstanceGroup"],
+        "dynamic_batching": "ModelDynamicBatching",
+    },  # fmt: skip
     "ModelInput": _TENSOR,
     "ModelOutput": _TENSOR,
     "ModelInstanceGroup": {"name": "str", "kind": "Kind", "count": "int", "gpus": ["int"]},
-    "ModelDynamicBatching": {"preferred_batch_size": ["int"], "max_queue_delay_microseconds": "int",
-                             "preserve_ordering": "bool"},  # fmt: skip
+    "ModelDynamicBatching": {
+        "preferred_batch_size": ["int"],
+        "max_queue_delay_microseconds": "int",
+        "preserve_ordering": "bool",
+    },  # fmt: skip
 }
 ENUMS = {"DataType": set(TRITON_TYPES.values()), "Kind": {"KIND_AUTO", "KIND_GPU", "KIND_CPU", "KIND_MODEL"}}
 _TOKEN = re.compile(r'\s*(?:(#[^\n]*)|("(?:[^"\\]|\\.)*")|(-?\d+)|([A-Za-z_][A-Za-z0-9_]*)|([{}\[\]:,]))')
@@ -49,7 +59,7 @@ def _tokens(text: str) -> list[str]:
         if not m or m.end() == pos:
             if text[pos:].strip() == "":
                 break
-            raise PbtxtError(f"unexpected text at {pos}: {text[pos:pos + 20]!r}")
+            raise PbtxtError(f"unexpected text at {pos}: {text[pos : pos + 20]!r}")
         pos = m.end()
         if m.group(1) is None and m.lastindex:
             out.append(m.group(m.lastindex))
@@ -142,8 +152,8 @@ def test_strict_parser_rejects_what_protobuf_would():
         (good + "max_batch_size: 8", "given twice"),
         ('input [ { name: "x" data_type: TYPE_FLOAT } ]', "not a DataType"),
         ("max_batch_size: many", "expected an integer"),
-        ('instance_group [ { kind: KIND_TPU } ]', "not a Kind"),
-        ('dynamic_batching { max_queue_delay_microseconds: 1 ', "unterminated"),
+        ("instance_group [ { kind: KIND_TPU } ]", "not a Kind"),
+        ("dynamic_batching { max_queue_delay_microseconds: 1 ", "unterminated"),
     ):
         with pytest.raises(PbtxtError, match=message):
             parse_config(bad)
@@ -248,12 +258,15 @@ def test_masked_t5_and_joint_repositories(tmp_path):
     entry = to_triton_repository(t5, tmp_path, "t5", attention_mask=True, optimize=False)
     config = _check_entry(entry, batched=True)
     assert [(t["name"], t["data_type"], t["dims"]) for t in config["input"]] == [
-        ("input_ids", "TYPE_INT64", [-1]), ("attention_mask", "TYPE_INT64", [-1])
+        ("input_ids", "TYPE_INT64", [-1]),
+        ("attention_mask", "TYPE_INT64", [-1]),
     ]
     clip = tf.CLIPModel(clip_config()).eval()
     joint = to_triton_repository(clip, tmp_path, "clip", optimize=False)
     config = _check_entry(joint, batched=False)  # two independent batches: no Triton batching
     assert {t["name"]: t["dims"] for t in config["input"]} == {
-        "input_ids": [-1, -1], "attention_mask": [-1, -1], "pixel_values": [-1, 3, 16, 16]
+        "input_ids": [-1, -1],
+        "attention_mask": [-1, -1],
+        "pixel_values": [-1, 3, 16, 16],
     }
     assert {t["name"]: t["dims"] for t in config["output"]}["logits_per_image"] == [-1, -1]

@@ -18,8 +18,16 @@ from tests.test_clip import build, inputs_for, make_config
 from tests.utils import FP32, compare_outputs
 
 T5_CONFIG = dict(
-    vocab_size=50, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4, feed_forward_proj="gated-gelu",
-    relative_attention_num_buckets=8, relative_attention_max_distance=16, dropout_rate=0.0,
+    vocab_size=50,
+    d_model=32,
+    d_kv=8,
+    d_ff=48,
+    num_layers=2,
+    num_heads=4,
+    feed_forward_proj="gated-gelu",
+    relative_attention_num_buckets=8,
+    relative_attention_max_distance=16,
+    dropout_rate=0.0,
 )
 
 
@@ -204,7 +212,7 @@ def test_attention_mask_of_the_wrong_shape_with_the_right_count_raises():
 
 
 def test_model_level_fallback_warns_and_records(monkeypatch):
-    from fastenc import _trace
+    from fastenc.core import trace as _trace
 
     monkeypatch.setattr(_trace, "_warned", set())  # the warning is once per process: earlier tests may have spent it
     model = build(CLIPTextModel, make_config())
@@ -298,8 +306,8 @@ T5_EDITS = {  # the T5 fast loop (t5_layer_weights) keeps per-block tensors betw
     "norm_weight_add": lambda m: _t5_block(m, 1).layer[1].layer_norm.weight.data.add_(0.5),
     "norm_eps": lambda m: setattr(_t5_block(m).layer[0].layer_norm, "variance_epsilon", 0.5),
     "table_mul": lambda m: _t5_block(m).layer[0].SelfAttention.relative_attention_bias.weight.data.mul_(3),
-    "hook_on_wo": lambda m: _t5_block(m, 1).layer[1].DenseReluDense.wo.register_forward_hook(
-        lambda mod, args, out: out * 2
+    "hook_on_wo": lambda m: (
+        _t5_block(m, 1).layer[1].DenseReluDense.wo.register_forward_hook(lambda mod, args, out: out * 2)
     ),
     "lora_wi_1": lambda m: setattr(
         _t5_block(m).layer[1].DenseReluDense, "wi_1", _LoraLinear(_t5_block(m).layer[1].DenseReluDense.wi_1)

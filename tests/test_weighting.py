@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import fastenc
+from fastenc.core.errors import InputError
 from fastenc.diagnostics import (
     encode_long_prompt,
     load_tokenizer,
@@ -11,7 +12,6 @@ from fastenc.diagnostics import (
     weighted_prompt_embeds,
     weighted_token_ids,
 )
-from fastenc.errors import InputError
 from tests.test_tokens import text_model, words
 from tests.tokenizer_utils import build_clip_tokenizer
 from tests.utils import assert_close

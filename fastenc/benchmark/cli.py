@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from .._cli_common import split_ints, split_names
-from ..errors import FastencError, InputError
+from ..core.errors import FastencError, InputError
 from . import competitors as comp
 from . import matrix
 

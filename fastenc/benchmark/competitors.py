@@ -108,7 +108,7 @@ def _compile(name, spec, ctx, mode):
 
 def _fastenc(name, spec, ctx, backend, graphs):
     import fastenc
-    from fastenc._dispatch import triton_interpret
+    from fastenc.core.dispatch import triton_interpret
 
     if ctx.device.type == "cpu" and backend == "cuda":
         raise Skip("fastenc backend 'cuda' needs a CUDA device")

@@ -13,7 +13,7 @@ import json
 import time
 from pathlib import Path
 
-from ..errors import InputError
+from ..core.errors import InputError
 
 PROMPT = "a photo of a red cat riding a blue horse under the night sky, highly detailed, cinematic lighting"
 

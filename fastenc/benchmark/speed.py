@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import InputError
+from ..core.errors import InputError
 
 PROGRESS_EVERY_S = 5.0  # during the timing rounds, a progress line at most this often (and after the first / last)
 
@@ -23,8 +23,8 @@ def speed_report(model, inputs: dict, *, fast=None, calls: int = 20, warmup: int
     import statistics
     import time
 
-    from .._dispatch import onnxruntime_installed
-    from .._trace import trace
+    from ..core.dispatch import onnxruntime_installed
+    from ..core.trace import trace
     from ..optimize import optimize
     from ..runtime import SESSION_CONFIG
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..errors import FastencError, InputError, UnsupportedModelError
+from ..core.errors import FastencError, InputError, UnsupportedModelError
 from .tokens import check_prompts
 
 DEFAULT_THRESHOLD = 1.0

@@ -28,7 +28,7 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 
-from ..errors import InputError, UnsupportedModelError
+from ..core.errors import InputError, UnsupportedModelError
 from .tokens import check_prompts
 
 CLIP_MAX_LENGTH = 77

@@ -17,7 +17,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
-from ..errors import InputError
+from ..core.errors import InputError
 
 DEFAULT_CHUNK = 75
 

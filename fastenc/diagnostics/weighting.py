@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 
-from ..errors import InputError
+from ..core.errors import InputError
 from .tokens import DEFAULT_CHUNK, _check_chunk_size, _check_positions, _check_prompt, _chunk, encode_chunks
 
 ROUND_UP = 1.1

@@ -66,7 +66,7 @@ def add_embed_parsers(sub) -> None:
 
 def cmd_embed(args) -> int:
     from .._cli_common import check_backend_env
-    from ..errors import InputError
+    from ..core.errors import InputError
     from .pipeline import EmbedConfig
 
     check_backend_env()
@@ -100,7 +100,7 @@ def _warn_search(message: str) -> None:
 
 
 def cmd_search(args) -> int:
-    from ..errors import InputError
+    from ..core.errors import InputError
     from .search import search
 
     ids = None

@@ -27,8 +27,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .._files import atomic_write_bytes, file_digest
-from ..errors import InputError, UnsupportedModelError
+from ..core.errors import InputError, UnsupportedModelError
+from ..core.files import atomic_write_bytes, file_digest
 from .reader import (
     IMAGE_KEYS,
     MAX_IMAGE_BYTES,

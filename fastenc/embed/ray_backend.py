@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from ..errors import InputError
+from ..core.errors import InputError
 from .pipeline import (
     EmbedConfig,
     EmbedReport,

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import InputError
+from ..core.errors import InputError
 from .shards import MANIFEST, atomic_write, load_embeddings
 
 TOWER_NAMES = ("image", "text")

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import InputError
+from ..core.errors import InputError
 
 FORMAT = "fastenc-embeddings/1"
 RUN_FILE = "run.json"

@@ -20,7 +20,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..errors import FastencError, InputError
+from ..core.errors import FastencError, InputError
 
 T5_SHAPES = {  # d_model, d_kv, heads, d_ff, layers, feed_forward_proj, vocab
     "t5-tiny": (32, 16, 2, 64, 2, "gated-gelu", 1000),

@@ -50,7 +50,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import BackendUnavailableError, InputError
+from ..core.errors import BackendUnavailableError, InputError
 from .towers import Tower, eager_attention, tower_of
 
 DEFAULT_OPSET = 18
@@ -668,7 +668,13 @@ def to_onnx(
     same arguments and returns an ExportReport (fusions fired, inputs / outputs, files written).
     quantize="int8-dynamic": int8 linear layers for ONNX Runtime on CPU (see `export_onnx`)."""
     report = export_onnx(
-        model, path, opset=opset, dtype=dtype, optimize=optimize, exporter=exporter, attention_mask=attention_mask,
+        model,
+        path,
+        opset=opset,
+        dtype=dtype,
+        optimize=optimize,
+        exporter=exporter,
+        attention_mask=attention_mask,
         quantize=quantize,
     )
     return Path(report.path)

@@ -47,7 +47,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import InputError
+from ..core.errors import InputError
 
 QUANTIZE_MODES = ("int8-dynamic",)
 MIN_COSINE = 0.99  # pooled-embedding cosine (int8 vs fp32) below which the export is refused

@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..errors import BackendUnavailableError, InputError
+from ..core.errors import BackendUnavailableError, InputError
 from .onnx_export import check_output_path, read_io
 
 # axis name -> (min, opt, max)

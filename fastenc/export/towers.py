@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import InputError, UnsupportedModelError
+from ..core.errors import InputError, UnsupportedModelError
 
 
 def _classes() -> dict[type, str]:

@@ -27,7 +27,7 @@ import os
 import re
 from pathlib import Path
 
-from ..errors import InputError
+from ..core.errors import InputError
 from .onnx_export import TensorSpec, export_onnx, read_io, staging
 from .tensorrt_engine import DEFAULT_AXES, _check_tensorrt, resolve_profiles, to_tensorrt
 

@@ -45,9 +45,9 @@ import weakref
 
 import torch
 
-from .._dispatch import check_backend_name, requested_backend
-from .._trace import fall_back, record
-from ..errors import BackendUnavailableError, InputError
+from ..core.dispatch import check_backend_name, requested_backend
+from ..core.errors import BackendUnavailableError, InputError
+from ..core.trace import fall_back, record
 from ..ops.attention import attention
 
 ATTN_IMPLEMENTATION = "fastenc"

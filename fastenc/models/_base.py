@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .._dispatch import ENV_BACKEND, available_backends, check_backend_name
-from .._trace import fall_back, record, tracing
-from ..errors import InputError
+from ..core.dispatch import ENV_BACKEND, available_backends, check_backend_name
+from ..core.errors import InputError
+from ..core.trace import fall_back, record, tracing
 
 
 @dataclass

@@ -26,7 +26,7 @@ import warnings
 import torch
 
 from .. import ops
-from .._trace import record
+from ..core.trace import record
 
 
 class ConfigMismatchWarning(UserWarning):

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
-from .._trace import record, tracing
-from ..errors import InputError, UnsupportedModelError
+from ..core.errors import InputError, UnsupportedModelError
+from ..core.trace import record, tracing
 from ..ops.reference import attention_with_probs
 from ._base import (
     Runtime,

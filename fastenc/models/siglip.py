@@ -27,7 +27,7 @@ from transformers.models.siglip.modeling_siglip import SiglipOutput
 from transformers.models.siglip2.modeling_siglip2 import Siglip2Output
 
 from .. import ops
-from ..errors import InputError
+from ..core.errors import InputError
 from ._base import Runtime, check_device, linear, project, project_activation
 from ._config import module_activation, run_activation_module
 from ._encoder import (

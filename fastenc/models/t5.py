@@ -45,8 +45,8 @@ from transformers import T5EncoderModel
 from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
 
 from .. import ops
-from .._trace import fall_back, record, tracing
-from ..errors import InputError, UnsupportedModelError
+from ..core.errors import InputError, UnsupportedModelError
+from ..core.trace import fall_back, record, tracing
 from ..ops.reference import attention_with_probs, relative_position_buckets
 from ._base import (
     Runtime,

@@ -50,8 +50,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from .. import _cuda
-from .._compat import compile_disabled
+from ..core import cuda as _cuda
+from ..core.compat import compile_disabled
 
 NAMESPACE = "fastenc"
 
@@ -114,7 +114,7 @@ def _attention_grads(args, needs, dout, out=None, stats=None) -> tuple:
     grads = fastenc_op("attention_backward")(
         dout, q, k, v, out, stats, kpm, bias, table, lut, causal, scale, bias_grad, table_grad
     )
-    from .._trace import record
+    from ..core.trace import record
 
     record("triton", "attention_backward")  # this thread's trace(); CUDA runs backward on its own device thread
     dq, dk, dv, *rest = grads
@@ -183,7 +183,7 @@ def _register_attention_no_double_backward(op) -> None:
     """attention_backward: gradients taken with create_graph=True are right; differentiating them raises."""
 
     def backward(ctx, *grads):
-        from ..errors import DoubleBackwardError
+        from ..core.errors import DoubleBackwardError
 
         raise DoubleBackwardError(
             "fastenc attention's fused backward is not differentiable (create_graph=True gives the gradients; a "
@@ -218,7 +218,7 @@ def _vjp_grads(reference, args, diff, out_grads) -> list:
 def _fused_backward_reason(t: Tensor, check: Callable[[Tensor], str | None] | None = None) -> str | None:
     """None if the Triton backward kernels can run on tensors like t (Triton runs on t's device and `check(t)`,
     a kernel module's shape check, passes), else why not."""
-    from .._dispatch import _triton_can_run
+    from ..core.dispatch import _triton_can_run
 
     why = _triton_can_run(t.device)
     if why is None and check is not None:
@@ -269,7 +269,7 @@ def _register_norm_autograd(op, kind: str) -> None:
                 dbias = out[2] if layer and bias is not None else None
                 dres = out[-1] if both else dx
             else:
-                from .._trace import warn_fallback
+                from ..core.trace import warn_fallback
 
                 warn_fallback(f"{kind}_backward", "triton", "torch", why)
                 ref = _references()[kind]
@@ -306,7 +306,7 @@ def _register_activation_autograd(op, kind: str) -> None:
             out = fastenc_op(f"{kind}_backward")(dy, a, b, ctx.activation)
             ga, gb = out[0], (out[1] if len(out) > 1 else None)
         else:
-            from .._trace import warn_fallback
+            from ..core.trace import warn_fallback
 
             warn_fallback(f"{kind}_backward", "triton", "torch", why)
             args = (a, b, ctx.activation)
@@ -323,7 +323,7 @@ def _register_no_double_backward(op) -> None:
     name = getattr(op, "_qualname", op)  # a CustomOpDef or "namespace::name"
 
     def backward(ctx, *grads):
-        from ..errors import DoubleBackwardError
+        from ..core.errors import DoubleBackwardError
 
         raise DoubleBackwardError(
             f"{name}: fastenc's fused norm / activation backward is not differentiable (create_graph=True gives the "
@@ -680,7 +680,7 @@ def _cuda_references():
 
 
 def register_cuda_autograd() -> None:
-    """Backward formulas (vjp of the reference) for the CUDA extension's ops; run by `fastenc._cuda` once, right
+    """Backward formulas (vjp of the reference) for the CUDA extension's ops; run by `fastenc.core.cuda` once, right
     after loading the extension and registering its fakes (hooked in below: `_cuda` imports nothing from ops)."""
     for name, ref in _cuda_references().items():
         if name == "attention":  # the fused Triton backward where Triton runs (CUDA tensors), else the reference

@@ -18,8 +18,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from .._dispatch import requested_backend
-from .._trace import record, tracing
+from ..core.dispatch import requested_backend
+from ..core.trace import record, tracing
 from . import _torch
 from .activation import bias_activation, gated_activation
 from .attention import attention

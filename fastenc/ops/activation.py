@@ -7,9 +7,9 @@ dup), fp32 math rounded once to the inputs' dtypes. The torch backend is plain a
 
 from __future__ import annotations
 
-from .. import _cuda
-from .._dispatch import choose_backend
-from ..errors import InputError
+from ..core import cuda as _cuda
+from ..core.dispatch import choose_backend
+from ..core.errors import InputError
 from . import _torch
 from ._common import FLOAT_DTYPES, check_tensor
 from ._library import fastenc_op

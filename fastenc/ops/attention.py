@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import torch
 
-from .. import _cuda
-from .._dispatch import choose_backend
-from ..errors import InputError
+from ..core import cuda as _cuda
+from ..core.dispatch import choose_backend
+from ..core.errors import InputError
 from . import _torch
 from ._common import FLOAT_DTYPES, check_same_dtype, check_tensor
 from ._library import fastenc_op

@@ -27,8 +27,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .._dispatch import choose_backend
-from ..errors import DoubleBackwardError, InputError
+from ..core.dispatch import choose_backend
+from ..core.errors import DoubleBackwardError, InputError
 from ._common import FLOAT_DTYPES, check_tensor
 from ._library import fastenc_op
 

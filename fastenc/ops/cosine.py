@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .._dispatch import choose_backend
-from ..errors import InputError
+from ..core.dispatch import choose_backend
+from ..core.errors import InputError
 from ._common import FLOAT_DTYPES, check_same_dtype, check_tensor
 from ._library import fastenc_op
 from .reference import cosine_similarity_reference  # noqa: F401 - also importable from here

@@ -12,9 +12,9 @@ torch backend is plain aten autograd.
 
 from __future__ import annotations
 
-from .. import _cuda
-from .._dispatch import choose_backend
-from ..errors import InputError
+from ..core import cuda as _cuda
+from ..core.dispatch import choose_backend
+from ..core.errors import InputError
 from . import _torch
 from ._common import FLOAT_DTYPES, check_tensor
 from ._library import fastenc_op

@@ -1,6 +1,6 @@
 """The plain-PyTorch definitions of the tower ops, in fp32 math: what every backend (Triton, CUDA, the torch
 backend's fast functions in `_torch.py`) is tested against, and what the torch backend runs where no faster torch
-kernel has the same semantics. A leaf module: it imports torch and fastenc.errors only.
+kernel has the same semantics. A leaf module: it imports torch and fastenc.core.errors only.
 
     attention_reference(q, k, v, key_padding_mask?, bias?, rel_bias_table?, rel_bias_lut?, *, causal, scale)
     attention_with_probs(same, *, dropout_p, training) -> (out, probs): the one masked softmax (output_attentions)
@@ -18,7 +18,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..errors import InputError
+from ..core.errors import InputError
 
 ACTIVATIONS = ("quick_gelu", "gelu", "gelu_tanh", "relu")
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from ._compat import compile_disabled
+from .compat import compile_disabled
 from .errors import BackendUnavailableError, InputError
 
 ACTIVATIONS = ("quick_gelu", "gelu", "gelu_tanh", "relu")
@@ -35,7 +35,7 @@ MAX_GRID_YZ = 65535  # the attention grid carries heads and batch on dims 1 and 
 
 ENV_JIT = "FASTENC_CUDA_JIT"
 ENV_CACHE = "FASTENC_CUDA_CACHE"
-CSRC = Path(__file__).resolve().parent.parent / "csrc"
+CSRC = Path(__file__).resolve().parents[2] / "csrc"
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "loaded": str (how), or "reason": str

@@ -1,7 +1,7 @@
 """Backend choice: which backends exist here, what was asked for (with $FASTENC_BACKEND), which one runs an op.
 
 Every public op in `fastenc.ops` calls `choose_backend(...)` once per call, which records the backend that ran (see
-`fastenc._trace`, where `trace()`, `record()` and the one fall-back policy `fall_back()` live). A fall-back (the
+`fastenc.core.trace`, where `trace()`, `record()` and the one fall-back policy `fall_back()` live). A fall-back (the
 requested backend cannot run the op) warns once per (op, reason) or raises `BackendUnavailableError` when strict.
 Nothing here imports triton: the kernels are imported on first use, so
 `TRITON_INTERPRET=1` may be set after `import fastenc`.
@@ -15,8 +15,9 @@ import os
 
 import torch
 
-from . import _cuda
-from ._trace import (  # noqa: F401 - re-exported: the trace and fall-back API's historical home
+from . import cuda as _cuda
+from .errors import InputError
+from .trace import (  # noqa: F401 - re-exported: the trace and fall-back API's historical home
     Fallback,
     FallbackWarning,
     Trace,
@@ -28,7 +29,6 @@ from ._trace import (  # noqa: F401 - re-exported: the trace and fall-back API's
     tracing,
     warn_fallback,
 )
-from .errors import InputError
 
 BACKENDS = ("torch", "triton", "cuda")
 _REQUESTABLE = ("auto", *BACKENDS)

@@ -6,7 +6,7 @@
     fall_back(op, want, chosen, why, strict=...)   # warn + record, or raise BackendUnavailableError when strict
 
 Ops, models, CUDA graphs and the transformers integration all report through these. Imports torch and
-fastenc.errors only.
+fastenc.core.errors only.
 """
 
 from __future__ import annotations
