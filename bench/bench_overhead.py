@@ -2,9 +2,11 @@
 
 A 12-layer CLIP text tower of hidden size 32 (compute ~ nil) at b1 x 77 on one CPU thread: what a forward costs
 here is Python + dispatcher time, which at batch 1 on a GPU is the latency unless CUDA graphs replay it. Competitors
-run interleaved in one process (transformers eager, transformers SDPA, fastenc backend="torch"), median of --iters
-forwards each. Also counts, per layer, the ops each one issues: top-level aten ops from torch.profiler (what would
-be kernel launches on a GPU), and fastenc's own trace counts.
+run interleaved in one process (transformers eager, transformers SDPA, fastenc backend="torch", and
+fastenc backend="triton" with every fastenc kernel launch replaced by its fake: the proxy for the GPU's batch-1 host
+time of the Triton path, row `fastenc_triton_stub_launches`), median of --iters forwards each. Also counts, per layer,
+the ops each one issues: top-level aten ops from torch.profiler (what would be kernel launches on a GPU), fastenc's
+own trace counts, and the Python-level calls of one forward (sys.setprofile) divided by the layer count.
 
     python bench/bench_overhead.py --out overhead_cpu.json            # rows appended to bench/results/overhead_cpu.json
     python bench/bench_overhead.py --real 20 --out overhead_cpu.json  # + CLIP ViT-B/32 text / vision at b1, b8
@@ -42,17 +44,55 @@ def build(attn_implementation: str):
     return CLIPTextModel(cfg).eval()
 
 
-def competitors() -> dict:
+STUB = "fastenc_triton_stub_launches"  # the triton backend's host path, kernels replaced by their fakes
+
+
+def stub_triton_launches() -> None:
+    """Run every torch.ops.fastenc op's fake as its CPU kernel: same output shapes, dtypes and strides, no Triton
+    launch (nor interpreter). What is left of a forward is the host path a GPU pays per call."""
+    import torch
+
+    from fastenc.ops import _library
+
+    _library.register_triton_ops()
+    for name, fake in _library.fakes().items():
+        torch.library.register_kernel(f"{_library.NAMESPACE}::{name}", "cpu", fake)
+
+
+def competitors(stub: bool = True) -> dict:
     import fastenc
 
     eager = build("eager")
     sdpa = build("sdpa")
     sdpa.load_state_dict(eager.state_dict())
-    return {
+    out = {
         "transformers_eager": eager,
         "transformers_sdpa": sdpa,
         "fastenc_torch": fastenc.optimize(eager, backend="torch"),
     }
+    if stub:
+        stub_triton_launches()
+        out[STUB] = fastenc.optimize(eager, backend="triton")
+    return out
+
+
+def python_calls_per_forward(model, inputs) -> int:
+    """Python-level function calls (sys.setprofile "call" events) of one forward."""
+    import torch
+
+    n = [0]
+
+    def prof(frame, event, arg):
+        if event == "call":
+            n[0] += 1
+
+    with torch.inference_mode():
+        sys.setprofile(prof)
+        try:
+            model(**inputs)
+        finally:
+            sys.setprofile(None)
+    return n[0]
 
 
 def aten_ops_per_forward(model, inputs) -> int:
@@ -147,11 +187,15 @@ def main(argv=None) -> int:
         metavar="ITERS",
         help="also time CLIP ViT-B/32 text and vision at b1 / b8 (ITERS calls each, 2 threads)",
     )
+    p.add_argument("--no-triton", action="store_true", help=f"leave out the {STUB} row")
     args = p.parse_args(argv)
     if args.iters < 1 or args.warmup < 0:
         p.error("--iters must be >= 1 and --warmup >= 0")
     torch.set_num_threads(1)
-    models = competitors()
+    stub = not args.no_triton
+    if stub:  # the triton backend on CPU tensors: only under the interpreter, whose kernels the stubs replace
+        os.environ["TRITON_INTERPRET"] = "1"
+    models = competitors(stub)
     ids = torch.randint(0, 1000, (1, SEQ))
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     samples: dict[str, list[float]] = {k: [] for k in models}  # wall ms
@@ -184,10 +228,12 @@ def main(argv=None) -> int:
     }
     rows = []
     print(f"# {meta['model']}, 1 thread, median of {args.iters}; torch {torch.__version__}")
-    print(f"{'competitor':22} {'p50 ms':>8} {'vs sdpa':>8} {'cpu p50 ms':>10} {'vs sdpa':>8} {'aten ops/layer':>15}")
+    head = f"{'competitor':30} {'p50 ms':>8} {'vs sdpa':>8} {'cpu p50 ms':>10} {'vs sdpa':>8} {'aten ops/layer':>15}"
+    print(head, f"{'py calls/layer':>15}")
     for name, s in samples.items():
         med, med_cpu = statistics.median(s), statistics.median(cpu[name])
         per_layer = aten_ops_per_forward(models[name], inputs) / LAYERS
+        calls = python_calls_per_forward(models[name], inputs) / LAYERS
         rows.append(
             {
                 **meta,
@@ -197,12 +243,19 @@ def main(argv=None) -> int:
                 "cpu_p50_ms": med_cpu,
                 "cpu_ratio_vs_sdpa": med_cpu / base_cpu,
                 "aten_ops_per_layer": per_layer,
+                "python_calls_per_layer": calls,
+                **(
+                    {"proxy": "GPU batch-1 host time: triton backend, kernel launches replaced by fakes"}
+                    if name == STUB
+                    else {}
+                ),
                 "samples_ms": s,
                 "cpu_samples_ms": cpu[name],
             }
         )
-        print(f"{name:22} {med:8.3f} {med / base:8.2f} {med_cpu:10.3f} {med_cpu / base_cpu:8.2f} {per_layer:15.1f}")
-    rows[-1]["fastenc_trace_ops_per_layer"] = fastenc_ops
+        line = f"{name:30} {med:8.3f} {med / base:8.2f} {med_cpu:10.3f} {med_cpu / base_cpu:8.2f} {per_layer:15.1f}"
+        print(line, f"{calls:15.1f}")
+    rows[2]["fastenc_trace_ops_per_layer"] = fastenc_ops
     print("fastenc trace, per layer:", {k: round(v, 2) for k, v in fastenc_ops.items()})
     if args.real:
         real_meta = {k: v for k, v in meta.items() if k not in ("model", "threads", "load_avg_1m")}

@@ -34,7 +34,7 @@ import torch.distributed as dist
 
 from .core.errors import InputError
 from .ops._common import FLOAT_DTYPES
-from .ops.contrastive import ContrastiveLossFunction, _as_arg, _backend, check_loss_inputs
+from .ops.contrastive import ContrastiveLossFunction, _as_arg, _loss_backend, check_loss_inputs
 
 GRAD_REDUCE = ("mean", "sum")
 
@@ -139,7 +139,7 @@ def clip_loss(
     default: open_clip's ClipLoss(gather_with_grad=True) gradients) or "sum". See the module docstring."""
     error = _local_check(image_features, text_features, logit_scale)
     comm = GroupComm(group, image_features, error, grad_reduce)
-    which = _backend("clip_loss", image_features, backend, strict)
+    which = _loss_backend("clip_loss", image_features, backend, strict)
     return ContrastiveLossFunction.apply("clip", which, comm, image_features, text_features, _as_arg(logit_scale), None)
 
 
@@ -159,7 +159,7 @@ def siglip_loss(
     the module docstring."""
     error = _local_check(image_features, text_features, logit_scale, logit_bias, has_bias=True)
     comm = GroupComm(group, image_features, error, grad_reduce)
-    which = _backend("siglip_loss", image_features, backend, strict)
+    which = _loss_backend("siglip_loss", image_features, backend, strict)
     return ContrastiveLossFunction.apply(
         "siglip", which, comm, image_features, text_features, _as_arg(logit_scale), _as_arg(logit_bias)
     )

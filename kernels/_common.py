@@ -73,3 +73,8 @@ def _round_to(x, dtype: tl.constexpr):
         return _to_bf16_rtne(x)
     else:
         return x.to(dtype)
+
+
+def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """t itself when its last dim has unit stride (or size 1), else a contiguous copy: what the kernels' loads need."""
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()

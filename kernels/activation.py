@@ -174,7 +174,7 @@ def _gated_activation_bwd_kernel(
     tl.store(DUP + rows * N + cols, _round_to(dup, DUP.dtype.element_ty), mask=mask)
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
+def _activation_rows(t: torch.Tensor) -> torch.Tensor:
     """t (..., N) as a (rows, N) view with unit column stride (a 0-d t is one element); copies only when needed."""
     if t.dim() == 0 or t.stride(-1) != 1:
         t = t.contiguous()
@@ -205,7 +205,7 @@ def bias_activation_forward(x: torch.Tensor, bias: torch.Tensor | None, activati
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if y.numel() == 0:  # before _rows: (..., 0) has no (-1, 0) view
         return y
-    x2 = _rows(x)
+    x2 = _activation_rows(x)
     m, n = x2.shape
     bias = None if bias is None else bias.contiguous()
     grid, block_m, block_n, num_warps = _grid(m, n)
@@ -230,7 +230,7 @@ def gated_activation_forward(gate: torch.Tensor, up: torch.Tensor, activation: s
     y = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     if y.numel() == 0:  # before _rows: (..., 0) has no (-1, 0) view
         return y
-    g2, u2 = _rows(gate), _rows(up)
+    g2, u2 = _activation_rows(gate), _activation_rows(up)
     m, n = g2.shape
     grid, block_m, block_n, num_warps = _grid(m, n)
     with on_device(gate):
@@ -268,7 +268,7 @@ def bias_activation_backward(
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if dx.numel() == 0:
         return dx, None if bias is None else torch.zeros_like(bias)
-    x2, dy2 = _rows(x), _rows(dy)
+    x2, dy2 = _activation_rows(x), _activation_rows(dy)
     m, n = x2.shape
     if bias is None:
         grid, block_m, block_n, num_warps = _grid(m, n)
@@ -296,7 +296,7 @@ def gated_activation_backward(
     dup = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     if dgate.numel() == 0:
         return dgate, dup
-    g2, u2, dy2 = _rows(gate), _rows(up), _rows(dy)
+    g2, u2, dy2 = _activation_rows(gate), _activation_rows(up), _activation_rows(dy)
     m, n = g2.shape
     grid, block_m, block_n, num_warps = _grid(m, n)
     with on_device(gate):

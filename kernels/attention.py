@@ -47,7 +47,7 @@ atomic adds where the bias broadcasts (stride 0); the T5 table gradient is accum
 into an fp32 (B, H, Sq + Sk - 1) per-distance buffer (O(S)), then scattered to the buckets on the host with one
 index_add over the lut. Atomics make dbias (broadcast) and dtable run-to-run nondeterministic on a GPU at fp32
 rounding level; dq, dk, dv are deterministic. NOTE: the table gradient costs one atomic add per score element (a
-tile's diagonals are not pre-summed); its GPU cost has not been measured (no GPU session yet).
+tile's diagonals are not pre-summed); that cost is unmeasured on a GPU (no GPU has run fastenc yet).
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot_flags, interpreting, traceable
+from ._common import dot_flags, interpreting, last_dim_contiguous, traceable
 
 # ---------------------------------------------------------------------------------------------------- constants
 
@@ -115,7 +115,7 @@ SPILLS_WITH = {
 # compile spill-free on sm_90a and sm_80 under Triton 3.9 in every measured variant (fp16 hd 64 plain / causal+kpm /
 # T5 with table gradient / kpm + bias with its gradient, hd 80 plain, hd 128 causal+kpm; bf16 hd 64 causal+kpm) are
 # candidates, measured like the forward's (a sweep of 11 dK / dV and 9 dQ candidates through
-# `python -m fastenc.benchmark.static --only "attention_bwd ..." --all-configs`, BWD_CUDA_CONFIGS patched).
+# `python bench/static_report.py --only "attention_bwd ..." --all-configs`, BWD_CUDA_CONFIGS patched).
 # NOTE: measured stack (spill) bytes, Triton 3.9, sm_90a / sm_80:
 #   dropped dK/dV (64, 64, 4, 2): 136 / 440 (hd 64 kpm+bias); (32, 128, 8, 2): 0 / 128 (hd 64 causal+kpm), 104 / 528
 #           (hd 128); (16, 128, 8, 2), (32, 128, 8, 1): up to 1216 / 1272 on sm_80; (64, 64, 8, 2): 56 / 344;
@@ -124,7 +124,7 @@ SPILLS_WITH = {
 #   kept    dK/dV (16, 64, 4, 1), (32, 32, 4, 2): 0 B everywhere; (32, 64, 8, 2): 0 B except with a bias / T5 table
 #           on sm_80 (32 / 24 B, BWD_SPILLS_WITH); dQ every listed config: 0 B everywhere
 #   checked the kept lists with the report's attention_bwd / attention_fwd_stats cases under Triton 3.9 and 3.6,
-#           sm_90a and sm_80: 240 compiles, 0 B stack in every one (`python -m fastenc.benchmark.static --only
+#           sm_90a and sm_80: 240 compiles, 0 B stack in every one (`python bench/static_report.py --only
 #           "attention_(bwd|fwd_stats)" --json /tmp/b.json --fresh --no-md --also .venv-triton36/bin/python`)
 #   hd 256: not measured.
 BWD_CUDA_CONFIGS = {
@@ -717,7 +717,7 @@ def _prune_configs(configs, named_args, **kwargs):
 
 
 @functools.cache
-def _autotuned_kernel():
+def _autotuned_attention_kernel():
     """The CUDA entry point: `_attention_fwd_kernel` autotuned. Built lazily, never under the interpreter (where
     autotuning would run every candidate in numpy)."""
     return triton.autotune(
@@ -765,10 +765,6 @@ def _relative_bias_by_distance(table: torch.Tensor, lut: torch.Tensor) -> torch.
     return table.index_select(0, ids).t().to(torch.float32).contiguous()
 
 
-def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
-
-
 def attention_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -802,7 +798,7 @@ def attention_forward(
             stats[:, :, 0] = -FP32_MAX
             stats[:, :, 1] = 0.0
         return (out, stats) if return_stats else out
-    q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
+    q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
 
     if key_padding_mask is not None:
         kpm = key_padding_mask.to(torch.bool).view(torch.uint8)  # (B, Sk), free for bool
@@ -859,7 +855,7 @@ def attention_forward(
             return (triton.cdiv(sq, m["BLOCK_M"]), h, b)
 
         with torch.cuda.device(q.device):
-            traceable(_autotuned_kernel())[grid](*args, **meta)
+            traceable(_autotuned_attention_kernel())[grid](*args, **meta)
     return (out, stats) if return_stats else out
 
 
@@ -974,8 +970,8 @@ def attention_backward(
             t.zero_()
         return finish()
 
-    q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
-    out, dout = _last_dim_contiguous(out), _last_dim_contiguous(dout)
+    q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
+    out, dout = last_dim_contiguous(out), last_dim_contiguous(dout)
     stats = stats.contiguous()  # the kernels address row 1 of (2, Sq) at + Sq
     dummy = torch.zeros(1, dtype=torch.float32, device=dev)  # stands for unused pointers (zeroed by the autotuner)
     if key_padding_mask is not None:

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import _round_to, dot_flags, interpreting, traceable
+from ._common import _round_to, dot_flags, interpreting, last_dim_contiguous, traceable
 
 # ---------------------------------------------------------------------------------------------------- constants
 
@@ -110,7 +110,7 @@ def _cosine_fwd_kernel(
 
 
 @functools.cache
-def _autotuned_kernel(dtype: torch.dtype):
+def _autotuned_cosine_kernel(dtype: torch.dtype):
     """The CUDA entry point for inputs of `dtype`, autotuned over `cuda_configs(dtype)`; never built under the
     interpreter."""
     configs = [
@@ -142,10 +142,6 @@ def cosine_unsupported_reason(a: torch.Tensor) -> str | None:
     return None
 
 
-def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
-
-
 def cosine_similarity_forward(
     a: torch.Tensor, b: torch.Tensor, *, scale: float = 1.0, out_dtype: torch.dtype | None = None
 ) -> torch.Tensor:
@@ -157,7 +153,7 @@ def cosine_similarity_forward(
         return out
     if d == 0:
         return out.zero_()
-    a, b = _last_dim_contiguous(a), _last_dim_contiguous(b)
+    a, b = last_dim_contiguous(a), last_dim_contiguous(b)
     dot_fp32, precision = dot_flags(a.dtype)
     args = (a, b, out, a.stride(0), b.stride(0), out.stride(0), out.stride(1), m, n, d, float(scale))
     if interpreting():
@@ -171,5 +167,5 @@ def cosine_similarity_forward(
 
     buckets = (min(8192, triton.next_power_of_2(m)), min(8192, triton.next_power_of_2(n)))
     with torch.cuda.device(a.device):
-        traceable(_autotuned_kernel(a.dtype))[grid](*args, *buckets, DOT_FP32=dot_fp32, DOT_PRECISION=precision)
+        traceable(_autotuned_cosine_kernel(a.dtype))[grid](*args, *buckets, DOT_FP32=dot_fp32, DOT_PRECISION=precision)
     return out

@@ -49,7 +49,7 @@ MAX_FUSED_BWD_N = 8192
 _NUM_WARPS_BY_BLOCK_N = ((32768, 32), (8192, 16), (2048, 8), (0, 4))
 # Backward: s / xhat, dy, w, g and the dw (and db) accumulators are live per column, more than in the forward, so wide
 # rows get more warps. NOTE: with this table every report width compiles with 0 B stack on sm_90a and sm_80 under
-# Triton 3.9 and 3.6 (`python -m fastenc.benchmark.static --only norm_bwd`); RMSNorm spilled 8 B at 4096 columns with
+# Triton 3.9 and 3.6 (`python bench/static_report.py --only norm_bwd`); RMSNorm spilled 8 B at 4096 columns with
 # 8 or 16 warps (Triton 3.6) and at 8192 with 16 warps (fp32 + residual, Triton 3.9).
 _NUM_WARPS_BY_BLOCK_N_BWD = ((4096, 32), (2048, 8), (0, 4))
 
@@ -202,7 +202,7 @@ def _rms_norm_bwd_kernel(
     tl.store(DW + pid * N + cols, dw, mask=mask)
 
 
-def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
+def _norm_rows(t: torch.Tensor, n: int) -> torch.Tensor:
     """t (..., n) as a (rows, n) view with unit column stride; copies only when no such view exists."""
     if t.stride(-1) != 1:
         t = t.contiguous()
@@ -228,13 +228,13 @@ def norm_backward_unsupported_reason(s: torch.Tensor) -> str | None:
 def _launch(kernel, x, residual, params, y_dtype, eps, **flags):
     """Shared launcher: y (x.shape, y_dtype) and residual_out (x.shape, x.dtype, or None) from one pass over x."""
     n = x.shape[-1]
-    x2 = _rows(x, n)
+    x2 = _norm_rows(x, n)
     y = torch.empty(x.shape, dtype=y_dtype, device=x.device)
     res_out = None if residual is None else torch.empty(x.shape, dtype=x.dtype, device=x.device)
     m = x2.shape[0]
     if m == 0:
         return y, res_out
-    r2 = x2 if residual is None else _rows(residual, n)
+    r2 = x2 if residual is None else _norm_rows(residual, n)
     y2 = y.view(-1, n)
     ro2 = y2 if res_out is None else res_out.view(-1, n)  # a dummy when there is no residual (never written)
     block_n, num_warps = _norm_config(n)
@@ -314,15 +314,15 @@ def _launch_bwd(kernel, dy, ds, s, weight, eps, dresidual, partial_slots, n_part
     n = s.shape[-1]
     dx = torch.empty(s.shape, dtype=s.dtype, device=s.device)
     dres = torch.empty(s.shape, dtype=s.dtype, device=s.device) if dresidual else None
-    s2 = _rows(s, n)
+    s2 = _norm_rows(s, n)
     m = s2.shape[0]
     if m == 0:
         return dx, dres, [torch.zeros(1, n, dtype=torch.float32, device=s.device) for _ in range(n_partials)]
     programs, rows_per_program = _row_split(m, s.device)
     partials = [torch.empty(programs, n, dtype=torch.float32, device=s.device) for _ in range(n_partials)]
     slots = partials + partials[:1] * (partial_slots - n_partials)
-    dy2 = _rows(dy, n)
-    ds2 = dy2 if ds is None else _rows(ds, n)  # a dummy when there is no s gradient (never read)
+    dy2 = _norm_rows(dy, n)
+    ds2 = dy2 if ds is None else _norm_rows(ds, n)  # a dummy when there is no s gradient (never read)
     dx2 = dx.view(-1, n)
     dres2 = dx2 if dres is None else dres.view(-1, n)  # a dummy when dresidual is not wanted (never written)
     block_n, num_warps = _norm_config(n, _NUM_WARPS_BY_BLOCK_N_BWD)

@@ -10,7 +10,7 @@ from utils import assert_close, assert_error_within
 
 import fastenc
 from fastenc.kernels import activation as kernels
-from fastenc.ops.activation import HF_ACTIVATIONS, activation_reference, bias_activation_reference
+from fastenc.ops.reference import HF_ACTIVATIONS, activation_reference, bias_activation_reference
 
 # Under the interpreter numpy warns when exp(-x) or x^3 overflows to inf in the far tails; the results (0 or x) are
 # still exact, as on CUDA (test_extreme_values checks them).
@@ -112,7 +112,7 @@ def test_strided_and_non_contiguous_x(device):
     wide = _x((2, 9, 3 * 80), torch.float32, device)
     b = torch.randn(80, device=device)
     row_strided = wide[:, :, 80:160]  # read in place through its row stride
-    assert kernels._rows(row_strided).data_ptr() == row_strided.data_ptr()
+    assert kernels._activation_rows(row_strided).data_ptr() == row_strided.data_ptr()
     transposed = _x((2, 80, 9), torch.float32, device).transpose(1, 2)  # copied to contiguous
     for x in (row_strided, transposed):
         y = _bias_activation(x, b, "gelu")

@@ -13,7 +13,7 @@ import torch
 from utils import assert_close, assert_error_within
 
 import fastenc
-from fastenc.ops.attention import attention_reference
+from fastenc.ops.reference import attention_reference
 
 FP32_TOL = {"atol": 1e-5, "rtol": 1e-4}
 
@@ -334,7 +334,7 @@ def _special_case(where, value, masks, device, dtype=torch.float32):
         keep = kpm[:, None, None, :] if keep is None else keep & kpm[:, None, None, :]
     bias = kw.get("bias")
     if where == "rel":
-        from fastenc.ops.attention import relative_bias_reference
+        from fastenc.ops.reference import relative_bias_reference
 
         bias = relative_bias_reference(kw["rel_bias_table"], kw["rel_bias_lut"], s, s)
     return q, k, v, kw, keep, bias
@@ -430,7 +430,7 @@ def _hf_buckets(sq, sk, bidirectional, num_buckets, max_distance):
 @pytest.mark.parametrize("num_buckets, max_distance", [(32, 128), (32, 20), (8, 20), (8, 128), (16, 7), (64, 1000)])
 @pytest.mark.parametrize("bidirectional", [True, False])
 def test_relative_position_buckets_match_transformers(num_buckets, max_distance, bidirectional):
-    from fastenc.ops.attention import relative_position_buckets
+    from fastenc.ops.reference import relative_position_buckets
 
     for sq, sk in [(1, 1), (2, 2), (13, 13), (100, 100), (7, 100), (100, 7), (600, 600), (1000, 1000)]:
         lut = relative_position_buckets(
@@ -443,7 +443,7 @@ def test_relative_position_buckets_match_transformers(num_buckets, max_distance,
 
 
 def _rel_inputs(h, sq, sk, num_buckets, max_distance, device, table_dtype=torch.float32):
-    from fastenc.ops.attention import relative_position_buckets
+    from fastenc.ops.reference import relative_position_buckets
 
     table = (torch.randn(num_buckets, h, device=device) * 2).to(table_dtype)
     lut = relative_position_buckets(sq, sk, num_buckets=num_buckets, max_distance=max_distance, device=device)
@@ -495,7 +495,7 @@ def test_relative_bias_is_not_materialised_on_triton(device, monkeypatch):
 
 @pytest.mark.parametrize("dtype, atol", [(torch.float16, 1e-4), (torch.bfloat16, 1e-3)], ids=["fp16", "bf16"])
 def test_relative_bias_low_precision_error_rule(dtype, atol, device):
-    from fastenc.ops.attention import relative_bias_reference
+    from fastenc.ops.reference import relative_bias_reference
 
     b, h, s, d = 2, 2, 77, 64
     q, k, v = (t * 0.5 for t in _qkv(b, h, s, s, d, device=device))

@@ -15,6 +15,7 @@ from utils import assert_close, assert_error_within
 import fastenc
 from fastenc.kernels import attention as K
 from fastenc.ops import _library
+from fastenc.ops.attention import register_recompute_autograd
 from fastenc.ops.reference import attention_reference, relative_bias_reference, relative_position_buckets
 
 FP32_TOL = {"atol": 2e-5, "rtol": 1e-4}
@@ -439,7 +440,7 @@ def test_recompute_autograd_and_reference_fallback(device, monkeypatch):
                                        scale=scale)  # fmt: skip
 
         standin.register_fake(lambda q, *a: torch.empty_like(q))
-        _library._register_attention_recompute_autograd(name, fallback=_library._references()["attention"])
+        register_recompute_autograd(name, fallback=_library._references()["attention"])
     op = torch.ops.fastenc_test.attention_bwd_standin.default
     tensors, mask, lut = _inputs(2, 2, 13, 13, 32, kpm="random", bias=(1, 2, 13, 13), rel=(8, 20), device=device)
     grad_out = torch.randn(2, 2, 13, 32, device=device)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from utils import assert_close, assert_error_within
 
 import fastenc
-from fastenc.ops.cosine import cosine_similarity_reference
+from fastenc.ops.reference import cosine_similarity_reference
 
 BACKENDS = ["torch", "triton"]
 

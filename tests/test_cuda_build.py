@@ -107,10 +107,10 @@ def test_unavailable_reason_on_cpu_torch():
         _cuda.extension()
     assert not _cuda.is_loaded()
     x = torch.randn(3, 8)
-    assert "CUDA tensors" in _cuda.norm_unsupported_reason(x)
-    assert "CUDA tensors" in _cuda.bias_activation_unsupported_reason(x)
+    assert "CUDA tensors" in _cuda.cuda_norm_unsupported_reason(x)
+    assert "CUDA tensors" in _cuda.cuda_activation_unsupported_reason(x)
     with pytest.raises(BackendUnavailableError):
-        _cuda.layer_norm_forward(x, torch.ones(8), None, 1e-5, None)
+        _cuda.cuda_layer_norm_forward(x, torch.ones(8), None, 1e-5, None)
 
 
 def test_attention_unsupported_reasons():
@@ -118,20 +118,20 @@ def test_attention_unsupported_reasons():
     h = torch.float16
     q = torch.zeros(1, 2, 5, 64, dtype=h)
     kv = torch.zeros(1, 2, 5, 64, dtype=h)
-    assert "fp16/bf16 only" in _cuda.attention_unsupported_reason(q.float(), kv.float(), kv.float(), None)
-    assert "bias" in _cuda.attention_unsupported_reason(q, kv, kv, torch.zeros(1, 1, 5, 5, dtype=h))
-    assert "relative" in _cuda.attention_unsupported_reason(q, kv, kv, None, torch.zeros(4, 2))
+    assert "fp16/bf16 only" in _cuda.cuda_attention_unsupported_reason(q.float(), kv.float(), kv.float(), None)
+    assert "bias" in _cuda.cuda_attention_unsupported_reason(q, kv, kv, torch.zeros(1, 1, 5, 5, dtype=h))
+    assert "relative" in _cuda.cuda_attention_unsupported_reason(q, kv, kv, None, torch.zeros(4, 2))
     long_kv = torch.zeros(1, 2, 129, 64, dtype=h)
-    assert "Sk 129" in _cuda.attention_unsupported_reason(q, long_kv, long_kv, None)
+    assert "Sk 129" in _cuda.cuda_attention_unsupported_reason(q, long_kv, long_kv, None)
     wide = torch.zeros(1, 2, 5, 160, dtype=h)
-    assert "head dim 160" in _cuda.attention_unsupported_reason(wide, wide, wide, None)
+    assert "head dim 160" in _cuda.cuda_attention_unsupported_reason(wide, wide, wide, None)
     # supported shapes get as far as the device / build check
-    assert _cuda.attention_unsupported_reason(q, kv, kv, None) == _cuda._device_reason(q)
+    assert _cuda.cuda_attention_unsupported_reason(q, kv, kv, None) == _cuda._device_reason(q)
 
 
 def test_bad_activation_is_a_typed_error():
     with pytest.raises(fastenc.core.errors.InputError, match="activation must be one of"):
-        _cuda.bias_activation_forward(torch.zeros(2, 3), None, "swish")
+        _cuda.cuda_bias_activation_forward(torch.zeros(2, 3), None, "swish")
 
 
 def test_norm_limits_match_the_header():
@@ -139,7 +139,7 @@ def test_norm_limits_match_the_header():
     assert f"#define FASTENC_NORM_MAX_N {_cuda.NORM_MAX_N}" in header
     assert f"#define FASTENC_ATTN_MAX_SEQLEN_K {_cuda.ATTN_MAX_SEQLEN_K}" in header
     assert f"#define FASTENC_ATTN_MAX_HEAD_DIM {_cuda.ATTN_MAX_HEAD_DIM}" in header
-    assert "exceeds the 16384 columns" in _cuda.norm_unsupported_reason(torch.zeros(1, _cuda.NORM_MAX_N + 1))
+    assert "exceeds the 16384 columns" in _cuda.cuda_norm_unsupported_reason(torch.zeros(1, _cuda.NORM_MAX_N + 1))
 
 
 def test_one_schema_per_op_in_both_namespaces():

@@ -12,9 +12,13 @@ import torch
 from utils import assert_close, assert_error_within
 
 from fastenc.core import cuda as _cuda
-from fastenc.ops.activation import bias_activation_reference, gated_activation_reference
-from fastenc.ops.attention import attention_reference
-from fastenc.ops.norm import layer_norm_reference, rms_norm_reference
+from fastenc.ops.reference import (
+    attention_reference,
+    bias_activation_reference,
+    gated_activation_reference,
+    layer_norm_reference,
+    rms_norm_reference,
+)
 
 
 def _skip_reason() -> str | None:
@@ -63,7 +67,7 @@ def test_layer_norm(dtype, rows, n, residual):
     r = torch.randn(rows, n, device="cuda").to(dtype) if residual else None
     w = (1 + 0.5 * torch.randn(n, device="cuda")).to(dtype)
     b = (0.5 * torch.randn(n, device="cuda")).to(dtype)
-    y, s = _cuda.layer_norm_forward(x, w, b, 1e-5, r)
+    y, s = _cuda.cuda_layer_norm_forward(x, w, b, 1e-5, r)
     ref = layer_norm_reference(x.float(), w.float(), b.float(), None if r is None else r.float(), eps=1e-5)
     base = layer_norm_reference(x, w, b, r, eps=1e-5)
     ref_y, base_y = (ref[0], base[0]) if residual else (ref, base)
@@ -82,7 +86,7 @@ def test_layer_norm_mixed_weight_dtypes(x_dtype, w_dtype):
     x = torch.randn(5, 123, device="cuda").to(x_dtype)
     w = (1 + 0.5 * torch.randn(123, device="cuda")).to(w_dtype)
     b = (0.5 * torch.randn(123, device="cuda")).to(torch.bfloat16)  # a third dtype: upcast in the launcher
-    y, _ = _cuda.layer_norm_forward(x, w, b, 1e-6, None)
+    y, _ = _cuda.cuda_layer_norm_forward(x, w, b, 1e-6, None)
     assert y.dtype == x_dtype
     assert_close(y, layer_norm_reference(x, w, b, eps=1e-6), atol=1e-5, rtol=1e-2, name="y")
 
@@ -96,7 +100,7 @@ def test_rms_norm(dtype, w_dtype, rows, n, residual):
     x = torch.randn(rows, n, device="cuda").to(dtype)
     r = torch.randn(rows, n, device="cuda").to(dtype) if residual else None
     w = (1 + 0.5 * torch.randn(n, device="cuda")).to(w_dtype or dtype)
-    y, s = _cuda.rms_norm_forward(x, w, 1e-6, r)
+    y, s = _cuda.cuda_rms_norm_forward(x, w, 1e-6, r)
     xs = x if r is None else x + r
     if residual:
         torch.testing.assert_close(s, xs, atol=0, rtol=0)
@@ -113,7 +117,7 @@ def test_norm_strided_rows_and_3d():
     x = wide[..., :768]
     w = torch.randn(768, device="cuda", dtype=torch.float16)
     b = torch.randn(768, device="cuda", dtype=torch.float16)
-    y, _ = _cuda.layer_norm_forward(x, w, b, 1e-5, None)
+    y, _ = _cuda.cuda_layer_norm_forward(x, w, b, 1e-5, None)
     assert y.shape == x.shape
     assert_close(y, layer_norm_reference(x, w, b, eps=1e-5), atol=1e-2, rtol=1e-2, name="strided")
 
@@ -128,7 +132,7 @@ def test_norm_strided_rows_and_3d():
 def test_bias_activation(dtype, activation, shape, bias):
     x = (2 * torch.randn(shape, device="cuda")).to(dtype)
     b = torch.randn(shape[-1], device="cuda").to(dtype) if bias else None
-    y = _cuda.bias_activation_forward(x, b, activation)
+    y = _cuda.cuda_bias_activation_forward(x, b, activation)
     ref = bias_activation_reference(x.float(), None if b is None else b.float(), activation=activation)
     base_h = x if b is None else x + b
     base = bias_activation_reference(base_h, None, activation=activation)  # torch in the low dtype, as eager
@@ -143,7 +147,7 @@ def test_bias_activation(dtype, activation, shape, bias):
 def test_gated_activation_on_halves_of_one_tensor(dtype, activation, rows, n):
     h = torch.randn(rows, 2 * n, device="cuda").to(dtype)
     gate, up = h[:, :n], h[:, n:]  # strided views, as a fused (..., 2N) projection gives
-    y = _cuda.gated_activation_forward(gate, up, activation)
+    y = _cuda.cuda_gated_activation_forward(gate, up, activation)
     ref = gated_activation_reference(gate.float(), up.float(), activation=activation)
     base = (bias_activation_reference(gate, None, activation=activation) * up).to(dtype)
     _check(y, base, ref, dtype, f"gated {activation}")
@@ -159,13 +163,13 @@ def test_activation_nan_is_not_hidden(dtype, activation):
     x = torch.tensor([special, special[::-1]], device="cuda").to(dtype)
     b = torch.zeros(x.shape[1], device="cuda").to(dtype)
     b[6] = float("nan")
-    y = _cuda.bias_activation_forward(x, b, activation).float()
+    y = _cuda.cuda_bias_activation_forward(x, b, activation).float()
     ref = bias_activation_reference(x.float(), b.float(), activation=activation)
     assert torch.equal(torch.isfinite(y), torch.isfinite(ref)), (y, ref)
     assert y[x.isnan() | b.isnan()].isnan().all()
     up = torch.ones_like(x)
     up[:, 5] = float("nan")
-    y = _cuda.gated_activation_forward(x, up, activation).float()
+    y = _cuda.cuda_gated_activation_forward(x, up, activation).float()
     ref = gated_activation_reference(x.float(), up.float(), activation=activation)
     assert torch.equal(torch.isfinite(y), torch.isfinite(ref)), (y, ref)
     assert y[x.isnan() | up.isnan()].isnan().all()
@@ -198,8 +202,8 @@ def test_attention(dtype, atol, b, h, sq, sk, d, causal, padding):
         lengths = torch.randint(1, sk + 1, (b,), device="cuda")
         kpm = torch.arange(sk, device="cuda")[None, :] < lengths[:, None]
     scale = d**-0.5
-    assert _cuda.attention_unsupported_reason(q, k, v, None) is None
-    out = _cuda.attention_forward(q, k, v, causal=causal, key_padding_mask=kpm, bias=None, scale=scale)
+    assert _cuda.cuda_attention_unsupported_reason(q, k, v, None) is None
+    out = _cuda.cuda_attention_forward(q, k, v, causal=causal, key_padding_mask=kpm, bias=None, scale=scale)
     assert out.shape == (b, h, sq, d) and out.dtype == dtype
     assert out.transpose(1, 2).is_contiguous()  # (B, Sq, H, D) buffer, as Triton returns
     ref = attention_reference(q.float(), k.float(), v.float(), kpm, causal=causal, scale=scale)
@@ -216,7 +220,7 @@ def test_attention_fully_masked_rows_are_zero(dtype):
     kpm = torch.ones(b, s, dtype=torch.bool, device="cuda")
     kpm[1] = False  # batch 1: every key masked
     kpm[2, 0] = False  # batch 2, causal: query 0 sees only key 0, which is masked
-    out = _cuda.attention_forward(q, k, v, causal=True, key_padding_mask=kpm, bias=None, scale=d**-0.5)
+    out = _cuda.cuda_attention_forward(q, k, v, causal=True, key_padding_mask=kpm, bias=None, scale=d**-0.5)
     assert torch.isfinite(out).all()
     assert (out[1] == 0).all()
     assert (out[2, :, 0] == 0).all()
@@ -244,7 +248,7 @@ def test_attention_nan_and_inf_are_not_hidden(dtype, where, value, backend):
         k[1, 2, 60, 2] = val  # a masked key: must not leak
     else:
         v[:, 1, 3, 2] = val
-    fwd = _cuda.attention_forward if backend == "cuda" else _triton("attention.attention_forward")
+    fwd = _cuda.cuda_attention_forward if backend == "cuda" else _triton("attention.attention_forward")
     out = fwd(q, k, v, causal=True, key_padding_mask=kpm, bias=None, scale=d**-0.5).float()
     ref = attention_reference(q.float(), k.float(), v.float(), kpm, causal=True, scale=d**-0.5)
     assert not torch.isfinite(ref).all()
@@ -258,9 +262,9 @@ def test_attention_nan_and_inf_are_not_hidden(dtype, where, value, backend):
 
 def test_attention_refusals_reach_the_caller():
     q = torch.randn(1, 2, 9, 64, device="cuda", dtype=torch.float16)
-    assert "fp16/bf16 only" in _cuda.attention_unsupported_reason(q.float(), q.float(), q.float(), None)
+    assert "fp16/bf16 only" in _cuda.cuda_attention_unsupported_reason(q.float(), q.float(), q.float(), None)
     with pytest.raises(Exception, match="bias"):
-        _cuda.attention_forward(
+        _cuda.cuda_attention_forward(
             q, q, q, causal=False, key_padding_mask=None, bias=torch.zeros(1, 1, 9, 9, device="cuda"), scale=0.1
         )
 
@@ -293,6 +297,9 @@ def test_opcheck(case):
     cases = _opcheck_cases()
     assert len(cases) == 9
     name, args = cases[case]
+    from fastenc.ops._library import load_cuda_ops
+
+    load_cuda_ops()  # the backward formulas, as the ops' first CUDA call registers them
     op = getattr(torch.ops.fastenc_cuda, name).default
     # schema, fake-tensor (shapes, dtypes, strides of the fakes), autograd registration, AOT dispatch
     torch.library.opcheck(op, args)

@@ -15,7 +15,7 @@ import torch
 from transformers import CLIPModel, CLIPTextModel, CLIPVisionModel
 
 import fastenc
-from fastenc.ops import _torch
+from fastenc.ops.activation import linear_activation_fn
 from tests.test_clip import build, inputs_for, make_config
 from tests.utils import FP32, compare_outputs
 
@@ -89,8 +89,8 @@ def test_inplace_activation_is_bit_identical(activation):
     torch.manual_seed(0)
     x, w, b = torch.randn(37, 24) * 4, torch.randn(40, 24), torch.randn(40)
     x[0, :4] = torch.tensor([float("inf"), -float("inf"), float("nan"), 3e38])
-    want = _torch.linear_activation_fn(torch.float32, activation)(x, w, b)
-    got = _torch.linear_activation_fn(torch.float32, activation, inplace=True)(x, w, b)
+    want = linear_activation_fn(torch.float32, activation)(x, w, b)
+    got = linear_activation_fn(torch.float32, activation, inplace=True)(x, w, b)
     assert torch.equal(want.nan_to_num(7.0), got.nan_to_num(7.0)) and torch.equal(want.isnan(), got.isnan())
     if activation == "quick_gelu":  # the 0-dim constant is the Python scalar's float
         y = torch.nn.functional.linear(x, w, b)
@@ -144,3 +144,38 @@ def test_torch_backend_is_bit_identical_to_transformers_sdpa(width, heads):
         for key in ("last_hidden_state", "pooler_output"):
             for tower in ("text_model_output", "vision_model_output"):
                 assert torch.equal(got[tower][key], want[tower][key]), (mode.__name__, tower, key)
+
+
+def test_triton_plan_resolves_backends_once_per_model(monkeypatch):
+    """The triton plan decides each op's backend on the first forward of an input signature: a later forward runs no
+    backend resolution and reads $FASTENC_BACKEND only where the model looks its plan up, not once per op."""
+    import os
+
+    from fastenc.core import dispatch
+
+    if "triton" not in fastenc.available_backends():
+        pytest.skip("needs triton (a CUDA device or TRITON_INTERPRET=1)")
+    model = build(CLIPTextModel, make_config(layers=2))
+    fast = fastenc.optimize(model, backend="triton")
+    ids = _ids(batch=1, seq=5)
+    with torch.no_grad():
+        fast(input_ids=ids)  # decides
+    calls = {"resolve": 0, "env": 0}
+    can_run = dispatch._triton_can_run
+
+    def counted_can_run(device):  # every backend resolution asks whether Triton runs on the device
+        calls["resolve"] += 1
+        return can_run(device)
+
+    class CountingEnv(dict):
+        def get(self, key, default=None):
+            calls["env"] += key == dispatch.ENV_BACKEND
+            return super().get(key, default)
+
+    monkeypatch.setattr(dispatch, "_triton_can_run", counted_can_run)
+    monkeypatch.setattr(os, "environ", CountingEnv(os.environ))
+    with torch.no_grad(), fastenc.trace() as t:
+        fast(input_ids=ids)
+    assert t.counts["triton.attention"] == 2 and t.counts["triton.layer_norm"] >= 4, dict(t.counts)
+    # the model asks for its plan once per tower stage (embeddings + layers, final norm): 2 reads, none per op
+    assert calls == {"resolve": 0, "env": 2}, calls

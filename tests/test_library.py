@@ -10,7 +10,7 @@ from transformers import CLIPModel, SiglipConfig, SiglipModel, T5Config, T5Encod
 import fastenc
 from fastenc.models.configs import clip_config
 from fastenc.ops import _library
-from fastenc.ops.attention import relative_position_buckets
+from fastenc.ops.reference import relative_position_buckets
 from tests.utils import FP32, assert_close
 
 # opcheck's whole battery, named so a torch release that adds a test does not silently change what runs here
@@ -92,7 +92,7 @@ def test_opcheck_cosine_and_contrastive():
 
 def test_registered_backward_matches_reference_gradients():
     """The op's autograd formula (vjp of the reference) against autograd through the reference itself."""
-    from fastenc.ops.norm import layer_norm_reference
+    from fastenc.ops.reference import layer_norm_reference
 
     x, r, w, b = _leaf(2, 5, 32), _leaf(2, 5, 32), _leaf(32), _leaf(32)
     y, s = fastenc.ops.layer_norm(x, w, b, 1e-5, residual=r, backend="triton", strict=True)

@@ -12,7 +12,7 @@ from utils import assert_close, assert_error_within
 
 import fastenc
 from fastenc.kernels import norm as kernels
-from fastenc.ops.norm import layer_norm_reference, rms_norm_reference
+from fastenc.ops.reference import layer_norm_reference, rms_norm_reference
 
 # Liger-style awkward shapes: odd hidden sizes, one row, a row count that is not a multiple of anything.
 SHAPES = [(1, 1, 1023), (5, 123, 123), (3, 77, 768), (2, 13, 80), (4, 37), (6, 1)]
@@ -181,7 +181,7 @@ def test_strided_inputs(op, device):
     n = 80
     wide = torch.randn(2, 13, 3 * n, device=device)
     x, r = wide[:, :, :n], wide[:, :, 2 * n :]
-    assert kernels._rows(x, n).data_ptr() == x.data_ptr(), "a row-strided slice should be read without a copy"
+    assert kernels._norm_rows(x, n).data_ptr() == x.data_ptr(), "a row-strided slice should be read without a copy"
     seq_slice = torch.randn(2, 20, n, device=device)[:, 3:16]  # rows do not flatten to one stride: copied
     transposed = torch.randn(2, n, 13, device=device).transpose(1, 2)  # last dim not unit-stride: copied
     w = 1.0 + 0.5 * torch.randn(n, device=device)

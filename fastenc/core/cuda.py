@@ -1,9 +1,10 @@
 """The CUDA backend's Python side: loads the csrc/ extension and mirrors the Triton launchers' API.
 
-The launchers here have the names, signatures and semantics of those in `fastenc.kernels.norm`, `.activation` and
-`.attention`, so the ops layer can swap modules. They call torch ops that csrc/bindings.cpp registers as
-`torch.ops.fastenc_cuda.*`; the fake (meta) implementations that torch.compile / export / opcheck need are
-registered here once the extension is loaded.
+The launchers here (`cuda_<op>_forward`) have the signatures and semantics of the Triton launchers in
+`fastenc.kernels.norm`, `.activation` and `.attention` and assert only what their kernel needs: inputs are checked
+once, by the public ops. They call torch ops that csrc/bindings.cpp registers as `torch.ops.fastenc_cuda.*`; the
+fake (meta) implementations that torch.compile / export / opcheck need are registered here once the extension is
+loaded; their backward formulas are the op layer's (`fastenc.ops._library.load_cuda_ops`).
 
 Loading (`extension()`, on first use only, never at `import fastenc`):
   1. the prebuilt `fastenc._C` (setup.py, when a CUDA torch and nvcc were present at install time);
@@ -58,7 +59,7 @@ def source_hash() -> str:
     return h.hexdigest()[:16]
 
 
-def cache_dir() -> Path:
+def build_cache_dir() -> Path:
     """Where the JIT build lives; one directory per (torch, CUDA, csrc/ contents)."""
     root = Path(os.environ.get(ENV_CACHE) or Path.home() / ".cache" / "fastenc" / "cuda")
     tag = f"torch{torch.__version__.replace('+', '_')}-cu{torch.version.cuda}-{source_hash()}"
@@ -79,7 +80,7 @@ def _jit_build() -> str:
         raise _NoBuild(f"no csrc/ sources at {CSRC} to JIT-build (a wheel ships none: build fastenc._C instead)")
     if cpp_extension.CUDA_HOME is None:
         raise _NoBuild("nvcc / CUDA_HOME not found, so the JIT build of csrc/ cannot run (set CUDA_HOME)")
-    build_dir = cache_dir()
+    build_dir = build_cache_dir()
     build_dir.mkdir(parents=True, exist_ok=True)
     log = build_dir / "build_error.log"
     try:
@@ -126,19 +127,6 @@ def _load() -> str:
     return how
 
 
-_load_hooks: list = []
-
-
-def on_load(hook) -> None:
-    """Call `hook()` once the CUDA ops are loaded (now, if they are): how the op layer adds backward formulas
-    without this module importing it."""
-    with _lock:
-        _load_hooks.append(hook)
-        loaded = "loaded" in _state
-    if loaded:
-        hook()
-
-
 def extension() -> str:
     """Load the CUDA ops (prebuilt, else JIT-built and cached) once per process; returns how they were loaded.
     Raises BackendUnavailableError with the reason when they cannot be."""
@@ -147,8 +135,6 @@ def extension() -> str:
             try:
                 how = _load()
                 _register_fakes()
-                for hook in _load_hooks:
-                    hook()
                 _state["loaded"] = how
             except _NoBuild as e:
                 _state["reason"] = str(e)
@@ -185,24 +171,24 @@ def _register_fakes() -> None:
     """Fake implementations (shapes, dtypes, strides of the outputs) for torch.compile, export and opcheck."""
 
     @torch.library.register_fake("fastenc_cuda::layer_norm")
-    def _layer_norm_fake(x, weight, bias, residual, eps):
+    def _cuda_layer_norm_fake(x, weight, bias, residual, eps):
         return [x.new_empty(x.shape)] + ([x.new_empty(x.shape)] if residual is not None else [])
 
     @torch.library.register_fake("fastenc_cuda::rms_norm")
-    def _rms_norm_fake(x, weight, residual, eps):
+    def _cuda_rms_norm_fake(x, weight, residual, eps):
         y_dtype = weight.dtype if weight.dtype in (torch.float16, torch.bfloat16) else x.dtype
         return [x.new_empty(x.shape, dtype=y_dtype)] + ([x.new_empty(x.shape)] if residual is not None else [])
 
     @torch.library.register_fake("fastenc_cuda::bias_activation")
-    def _bias_activation_fake(x, bias, activation):
+    def _cuda_bias_activation_fake(x, bias, activation):
         return x.new_empty(x.shape)
 
     @torch.library.register_fake("fastenc_cuda::gated_activation")
-    def _gated_activation_fake(gate, up, activation):
+    def _cuda_gated_activation_fake(gate, up, activation):
         return gate.new_empty(gate.shape)
 
     @torch.library.register_fake("fastenc_cuda::attention")
-    def _attention_fake(q, k, v, key_padding_mask, bias, rel_bias_table, rel_bias_lut, causal, scale):
+    def _cuda_attention_fake(q, k, v, key_padding_mask, bias, rel_bias_table, rel_bias_lut, causal, scale):
         b, h, sq, d = q.shape
         return q.new_empty((b, sq, h, d)).transpose(1, 2)
 
@@ -210,7 +196,7 @@ def _register_fakes() -> None:
 # ---------------------------------------------------------------------------------------------------- helpers
 
 
-def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
+def _cuda_rows(t: torch.Tensor, n: int) -> torch.Tensor:
     """t (..., n) as a (rows, n) view with unit column stride; copies only when no such view exists."""
     if t.dim() == 0 or t.stride(-1) != 1:
         t = t.contiguous()
@@ -225,7 +211,8 @@ def _device_reason(t: torch.Tensor) -> str | None:
     return unavailable_reason()
 
 
-def _check_activation(activation: str) -> None:
+def _check_activation_name(activation: str) -> None:
+    """The kernel switches on the name: an unknown one is a typed error, not a crash in the binding."""
     if activation not in ACTIVATIONS:
         raise InputError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
 
@@ -233,7 +220,7 @@ def _check_activation(activation: str) -> None:
 # ---------------------------------------------------------------------------------------------------- norm
 
 
-def norm_unsupported_reason(x: torch.Tensor) -> str | None:
+def cuda_norm_unsupported_reason(x: torch.Tensor) -> str | None:
     """None if the CUDA norm kernels can run on x (..., N), else why not."""
     n = x.shape[-1] if x.dim() else 1
     if n > NORM_MAX_N:
@@ -246,8 +233,8 @@ def norm_unsupported_reason(x: torch.Tensor) -> str | None:
 def _norm(op, x, weight, bias, eps, residual):
     extension()
     n = x.shape[-1]
-    x2 = _rows(x, n)
-    r2 = None if residual is None else _rows(residual, n)
+    x2 = _cuda_rows(x, n)
+    r2 = None if residual is None else _cuda_rows(residual, n)
     weight = weight.contiguous()
     if bias is not None:
         bias = bias.contiguous()
@@ -260,7 +247,7 @@ def _norm(op, x, weight, bias, eps, residual):
     return out[0].view(x.shape), (None if residual is None else out[1].view(x.shape))
 
 
-def layer_norm_forward(
+def cuda_layer_norm_forward(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float, residual: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(LayerNorm(s), s) with s = x + residual rounded to x.dtype (s is None without residual). y in x.dtype.
@@ -269,7 +256,7 @@ def layer_norm_forward(
     return _norm("layer_norm", x, weight, bias, eps, residual)
 
 
-def rms_norm_forward(
+def cuda_rms_norm_forward(
     x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(RMSNorm(s), s), T5LayerNorm semantics: y has x.dtype for an fp32 weight and weight.dtype for fp16/bf16
@@ -280,19 +267,19 @@ def rms_norm_forward(
 # ---------------------------------------------------------------------------------------------------- activation
 
 
-def bias_activation_unsupported_reason(x: torch.Tensor) -> str | None:
+def cuda_activation_unsupported_reason(x: torch.Tensor) -> str | None:
     """None if the CUDA activation kernels can run on x, else why not."""
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return f"dtype {x.dtype} is not fp32/fp16/bf16"
     return _device_reason(x)
 
 
-def bias_activation_forward(x: torch.Tensor, bias: torch.Tensor | None, activation: str) -> torch.Tensor:
+def cuda_bias_activation_forward(x: torch.Tensor, bias: torch.Tensor | None, activation: str) -> torch.Tensor:
     """act(x + bias) with fp32 math, output in x.dtype and x's shape. x: (..., N); bias: (N,) or None."""
-    _check_activation(activation)
+    _check_activation_name(activation)
     extension()
     n = x.shape[-1] if x.dim() else 1
-    x2 = _rows(x, n)
+    x2 = _cuda_rows(x, n)
     if bias is not None:
         bias = bias.contiguous()
         if bias.dtype != x.dtype:  # the kernel reads the bias in x's dtype or fp32; fp32 holds any float exactly
@@ -300,24 +287,20 @@ def bias_activation_forward(x: torch.Tensor, bias: torch.Tensor | None, activati
     return torch.ops.fastenc_cuda.bias_activation(x2, bias, activation).view(x.shape)
 
 
-def gated_activation_forward(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
+def cuda_gated_activation_forward(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
     """act(gate) * up with fp32 math, output in gate's dtype and shape. gate, up: (..., N), same shape and dtype;
     each may be a strided view (e.g. the two halves of one (..., 2N) projection)."""
-    _check_activation(activation)
-    if gate.shape != up.shape or gate.dtype != up.dtype or gate.device != up.device:
-        raise InputError(
-            f"gate and up must match in shape, dtype and device, got {tuple(gate.shape)} {gate.dtype} {gate.device} "
-            f"and {tuple(up.shape)} {up.dtype} {up.device}"
-        )
+    _check_activation_name(activation)
+    assert gate.shape == up.shape and gate.dtype == up.dtype, "gate and up: one shape and dtype (the op checks)"
     extension()
     n = gate.shape[-1] if gate.dim() else 1
-    return torch.ops.fastenc_cuda.gated_activation(_rows(gate, n), _rows(up, n), activation).view(gate.shape)
+    return torch.ops.fastenc_cuda.gated_activation(_cuda_rows(gate, n), _cuda_rows(up, n), activation).view(gate.shape)
 
 
 # ---------------------------------------------------------------------------------------------------- attention
 
 
-def attention_unsupported_reason(
+def cuda_attention_unsupported_reason(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -342,33 +325,30 @@ def attention_unsupported_reason(
     return _device_reason(q)
 
 
-def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
 
-def attention_forward(
+def cuda_attention_forward(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     *,
     causal: bool,
     key_padding_mask: torch.Tensor | None,
-    bias: torch.Tensor | None,
     scale: float,
+    bias: torch.Tensor | None = None,
     rel_bias_table: torch.Tensor | None = None,
-    rel_bias_lut: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """softmax(scale * q @ k^T, masked) @ v. q: (B, H, Sq, D), k, v: (B, H, Sk, D), any strides with unit D stride
     preferred. key_padding_mask: (B, Sk) bool, True = attend. causal (top-left, Sq == Sk). Returns (B, H, Sq, D) in
     q.dtype, a view of a (B, Sq, H, D)-contiguous buffer; fully masked rows are 0.
 
-    Inputs `attention_unsupported_reason` refuses (bias, rel bias, fp32, Sk > 128, D > 128) raise
-    BackendUnavailableError: the ops layer must check first and run Triton for them."""
-    why = attention_unsupported_reason(q, k, v, bias, rel_bias_table)
+    Inputs `cuda_attention_unsupported_reason` refuses (bias, rel bias, fp32, Sk > 128, D > 128) raise
+    BackendUnavailableError: the ops layer checks first and runs Triton for them."""
+    why = cuda_attention_unsupported_reason(q, k, v, bias, rel_bias_table)
     if why is not None:
         raise BackendUnavailableError(f"CUDA attention cannot run these inputs: {why}")
-    if causal and q.shape[2] != k.shape[2]:
-        raise InputError(f"causal attention needs Sq == Sk, got {q.shape[2]}, {k.shape[2]}")
-    q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
-    kpm = None if key_padding_mask is None else key_padding_mask.to(torch.bool)
-    return torch.ops.fastenc_cuda.attention(q, k, v, kpm, None, None, None, bool(causal), float(scale))
+    q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
+    mask = None if key_padding_mask is None else key_padding_mask.to(torch.bool)
+    return torch.ops.fastenc_cuda.attention(q, k, v, mask, None, None, None, bool(causal), float(scale))

@@ -17,22 +17,11 @@ import torch
 
 from . import cuda as _cuda
 from .errors import InputError
-from .trace import (  # noqa: F401 - re-exported: the trace and fall-back API's historical home
-    Fallback,
-    FallbackWarning,
-    Trace,
-    _active_traces,
-    fall_back,
-    record,
-    suspend_traces,
-    trace,
-    tracing,
-    warn_fallback,
-)
+from .trace import fall_back, record
 
 BACKENDS = ("torch", "triton", "cuda")
 _REQUESTABLE = ("auto", *BACKENDS)
-MODEL_BACKENDS = ("onnxruntime",)  # run a whole model (fastenc.optimize; see fastenc/runtime.py), not one op
+MODEL_BACKENDS = ("onnxruntime",)  # a whole model (fastenc.optimize; see fastenc/runtime/ort_backend.py), not one op
 ENV_BACKEND = "FASTENC_BACKEND"
 
 
@@ -135,7 +124,17 @@ def resolve_backend(
     slower one (cuda -> triton -> torch), with a warning, or raises when strict.
     """
     want = requested_backend(backend)
-    unsupported = unsupported or {}
+    chosen, why = pick_backend(op, want, device, kernels, unsupported or {})
+    if why is not None:
+        fall_back(op, want, chosen, why, strict=strict)
+    return chosen
+
+
+def pick_backend(
+    op: str, want: str, device: torch.device, kernels: tuple[str, ...], unsupported: dict[str, str | None]
+) -> tuple[str, str | None]:
+    """(the backend that runs `op`, why the requested one `want` (env already applied) cannot: None if it runs),
+    recording and warning nothing: resolve_backend's rule, for callers that decide once and report per call."""
 
     def reason_for(name: str) -> str | None:
         if name == "torch":
@@ -157,15 +156,13 @@ def resolve_backend(
     if want == "auto":
         for name in ("cuda", "triton"):
             if reason_for(name) is None and (name != "triton" or device.type == "cuda"):
-                return name
-        return "torch"
+                return name, None
+        return "torch", None
     why = reason_for(want)
     if why is None:
-        return want
+        return want, None
     order = [b for b in ("cuda", "triton", "torch") if BACKENDS.index(b) < BACKENDS.index(want)]
-    chosen = next(b for b in order if reason_for(b) is None)
-    fall_back(op, want, chosen, why, strict=strict)
-    return chosen
+    return next(b for b in order if reason_for(b) is None), why
 
 
 def choose_backend(
@@ -175,6 +172,16 @@ def choose_backend(
     (str or None; cuda_reason only for ops with a CUDA kernel) run only where that backend is in play, and the
     choice recorded for fastenc.trace()."""
     want = requested_backend(backend)
+    which, why = op_backend(op, device, want, triton_reason, cuda_reason)
+    if why is not None:
+        fall_back(op, want, which, why, strict=strict)
+    record(which, op)
+    return which
+
+
+def op_backend(op: str, device: torch.device, want: str, triton_reason, cuda_reason=None) -> tuple[str, str | None]:
+    """choose_backend's decision for requested backend `want` (env already applied): (backend, fall-back reason or
+    None), with nothing recorded. An op plan calls this once per op and input signature."""
     on_gpu_auto = want == "auto" and device.type == "cuda"
     unsupported: dict[str, str | None] = {}
     if (want in ("triton", "cuda") or on_gpu_auto) and _triton_can_run(device) is None:
@@ -187,6 +194,4 @@ def choose_backend(
                 unsupported["cuda"] = f"the CUDA kernels need CUDA tensors, got device {device}"
             else:
                 unsupported["cuda"] = cuda_reason()
-    which = resolve_backend(op, want, device, strict=strict, kernels=kernels, unsupported=unsupported)
-    record(which, op)
-    return which
+    return pick_backend(op, want, device, kernels, unsupported)

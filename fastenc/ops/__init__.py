@@ -1,11 +1,18 @@
-"""The op layer: one public function per op, backend choice, input checks; each op's plain-torch reference is
-also its CPU path. Every op takes keyword-only `backend=` ("auto" | "torch" | "triton" | "cuda") and `strict=`."""
+"""The op layer: one file per op (`attention`, `norm`, `activation`, `cosine`, `contrastive`) holding everything of
+that op above the kernel: the public function with its input checks, the torch backend, the launcher glue to
+`kernels/<op>.py`, the fake and the backward registration; `_library` the torch.library machinery they share,
+`_plan` the ops resolved once per model, `reference` the fp32 definitions.
+Every op takes keyword-only `backend=` ("auto" | "torch" | "triton" | "cuda") and `strict=`."""
 
-from .activation import ACTIVATIONS, HF_ACTIVATIONS, bias_activation, gated_activation
+from . import _library
+from .activation import bias_activation, gated_activation
 from .attention import attention
 from .contrastive import clip_loss, siglip_loss
 from .cosine import cosine_similarity_matrix, topk_cosine
 from .norm import layer_norm, rms_norm
+from .reference import ACTIVATIONS, HF_ACTIVATIONS
+
+_library._seal()  # every op file has declared its torch.library ops
 
 __all__ = [
     "ACTIVATIONS",

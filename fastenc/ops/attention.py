@@ -17,27 +17,36 @@ SDPA / the reference.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
+import torch.nn.functional as F
+from torch import Tensor
 
 from ..core import cuda as _cuda
 from ..core.dispatch import choose_backend
 from ..core.errors import InputError
-from . import _torch
+from ..core.trace import record
 from ._common import FLOAT_DTYPES, check_same_dtype, check_tensor
-from ._library import fastenc_op
-from .reference import (  # noqa: F401 - the references live in .reference; these names stay importable here
-    attention_reference,
-    relative_bias_reference,
-    relative_position_buckets,
-)
+from ._library import OpSpec, _vjp_grads, add_ops, fastenc_op, load_cuda_ops, raise_double_backward
+from .reference import attention_reference, relative_bias_reference
 
 
-def _triton_reason(*args):
-    """Why the Triton kernel cannot take these inputs (None if it can): fastenc.kernels.attention, imported on first
-    use (importing triton follows TRITON_INTERPRET)."""
-    from ..kernels import attention as kernels
+@functools.cache
+def _attention_kernels():
+    """fastenc.kernels.attention, imported on first use (importing triton follows TRITON_INTERPRET)."""
+    from ..kernels import attention
 
-    return kernels.attention_unsupported_reason(*args)
+    return attention
+
+
+def attention_triton_reason(q, k, v, bias, rel_bias_table=None):
+    """Why the Triton kernel cannot take these inputs (None if it can)."""
+    return _attention_kernels().attention_unsupported_reason(q, k, v, bias, rel_bias_table)
+
+
+# ---------------------------------------------------------------------------------------------------- public op
 
 
 def attention(
@@ -118,19 +127,283 @@ def attention(
     if causal and sq != sk:
         raise InputError(f"causal attention needs Sq == Sk, got Sq={sq}, Sk={sk}")
 
-    reason = lambda: _triton_reason(q, k, v, bias, rel_bias_table)
-    cuda_reason = lambda: _cuda.attention_unsupported_reason(q, k, v, bias, rel_bias_table)
+    reason = lambda: attention_triton_reason(q, k, v, bias, rel_bias_table)
+    cuda_reason = lambda: _cuda.cuda_attention_unsupported_reason(q, k, v, bias, rel_bias_table)
     which = choose_backend("attention", q.device, backend, strict, reason, cuda_reason)
+    return run_attention(which, q, k, v, key_padding_mask, bias, rel_bias_table, rel_bias_lut, bool(causal), scale)
+
+
+def run_attention(which, q, k, v, key_padding_mask, bias, rel_bias_table, rel_bias_lut, causal, scale):
+    """The checked inputs on backend `which` (the public op's and the op plan's last step)."""
     if which == "torch":
-        return _torch.attention_op(
-            q, k, v, key_padding_mask, bias, rel_bias_table, rel_bias_lut, causal=causal, scale=scale
-        )
-    if which == "cuda":  # short sequences, fp16/bf16, no bias: everything else took Triton above
-        kpm = key_padding_mask
-        return _cuda.attention_forward(q, k, v, causal=causal, key_padding_mask=kpm, bias=None, scale=scale)
-    args = (q, k, v, key_padding_mask, bias, rel_bias_table, rel_bias_lut, bool(causal), scale)
+        return attention_torch_op(q, k, v, key_padding_mask, bias, rel_bias_table, rel_bias_lut, causal, scale)
+    if which == "cuda":  # short sequences, fp16/bf16, no bias: everything else took Triton
+        load_cuda_ops()
+        return _cuda.cuda_attention_forward(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
+    args = (q, k, v, key_padding_mask, bias, rel_bias_table, rel_bias_lut, causal, scale)
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, bias, rel_bias_table))
     if grad and not torch.compiler.is_exporting():  # torch.export: an inference graph, the plain op (still trainable)
         out, _stats = fastenc_op("attention_fwd_stats")(*args)  # saves the O(S) row statistics for the backward
         return out
     return fastenc_op("attention")(*args)
+
+
+# ---------------------------------------------------------------------------------------------------- torch backend
+
+
+class SdpaMask:
+    """The masks of one attention call pattern, converted once per forward.
+
+    mask / is_causal: the arguments of F.scaled_dot_product_attention (mask None, boolean (B, 1, Sq, Sk) with True =
+    attend, or additive, broadcastable to (B, H, Sq, Sk)). reference: (key_padding_mask, bias, causal) when a
+    key-padding mask is present. SDPA adds its mask to the scores, so an inf / NaN at a masked key would still
+    reach the row, and it cannot tell a row whose scores are all -inf from one whose keys are all masked; with
+    padding, SDPA therefore runs only on a CPU after one check that q, k and v are finite (then both rules agree),
+    and the explicit reference (masking by replacement) otherwise."""
+
+    __slots__ = ("is_causal", "mask", "reference")
+
+    def __init__(self, mask, is_causal: bool, reference=None):
+        self.mask, self.is_causal, self.reference = mask, is_causal, reference
+
+
+def sdpa_mask(
+    key_padding_mask: torch.Tensor | None,
+    causal: bool,
+    sq: int,
+    sk: int,
+    device: torch.device,
+    *,
+    bias: torch.Tensor | None = None,
+    dtype: torch.dtype | None = None,
+) -> SdpaMask:
+    """The attention masks of one forward: causal (top-left aligned), key padding (B, Sk) bool True = attend (an
+    all-True mask on the CPU is dropped: the value check costs a host sync on a GPU), and an additive bias
+    broadcastable to (B, H, Sq, Sk), converted to `dtype` once."""
+    on_cpu = device.type == "cpu" and not torch.compiler.is_compiling()
+    if key_padding_mask is not None and on_cpu and bool(key_padding_mask.all()):
+        key_padding_mask = None  # no padding: SDPA's causal / unmasked kernels apply
+    if bias is not None:
+        bias = bias.to(dtype)
+
+    def causal_keep():  # (1, 1, Sq, Sk), True = attend
+        return torch.ones(sq, sk, dtype=torch.bool, device=device).tril()[None, None]
+
+    if key_padding_mask is not None:
+        mask = None
+        if on_cpu:  # the finite fast path's mask
+            keep = key_padding_mask[:, None, None, :]  # (B, 1, 1, Sk)
+            if causal:
+                keep = keep & causal_keep()
+            mask = keep.expand(-1, -1, sq, sk) if bias is None else bias.masked_fill(~keep, float("-inf"))
+        return SdpaMask(mask, False, (key_padding_mask, bias, causal))
+    if bias is None:
+        return SdpaMask(None, causal)
+    if causal:
+        bias = bias.masked_fill(~causal_keep(), float("-inf"))
+    return SdpaMask(bias, False)
+
+
+def attention_torch(q, k, v, m: SdpaMask, scale: float) -> torch.Tensor:
+    """softmax(scale q k^T + mask) v. q: (B, H, Sq, D), k, v: (B, H, Sk, D) -> (B, H, Sq, D)."""
+    if m.reference is not None and (m.mask is None or not bool((q.sum() + k.sum() + v.sum()).isfinite())):
+        key_padding_mask, bias, causal = m.reference
+        return attention_reference(q, k, v, key_padding_mask, bias, causal=causal, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=m.mask, is_causal=m.is_causal, scale=scale)
+
+
+def attention_torch_op(q, k, v, key_padding_mask, bias, rel_bias_table, rel_bias_lut, causal, scale):
+    """The public op's torch backend (inputs already checked, key_padding_mask bool)."""
+    sq, sk = q.shape[2], k.shape[2]
+    if rel_bias_table is not None:
+        rel = relative_bias_reference(rel_bias_table, rel_bias_lut, sq, sk).to(q.dtype)  # (1, H, Sq, Sk)
+        bias = rel if bias is None else bias + rel
+    m = sdpa_mask(key_padding_mask, causal, sq, sk, q.device, bias=bias, dtype=q.dtype)
+    return attention_torch(q, k, v, m, scale)
+
+
+# ---------------------------------------------------------------------------------------------------- custom ops
+
+
+def _attention_launch(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    key_padding_mask: Tensor | None,
+    bias: Tensor | None,
+    rel_bias_table: Tensor | None,
+    rel_bias_lut: Tensor | None,
+    causal: bool,
+    scale: float,
+) -> Tensor:
+    return _attention_kernels().attention_forward(
+        q,
+        k,
+        v,
+        causal=causal,
+        key_padding_mask=key_padding_mask,
+        bias=bias,
+        scale=scale,
+        rel_bias_table=rel_bias_table,
+        rel_bias_lut=rel_bias_lut,
+    )
+
+
+def _attention_fwd_stats_launch(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    key_padding_mask: Tensor | None,
+    bias: Tensor | None,
+    rel_bias_table: Tensor | None,
+    rel_bias_lut: Tensor | None,
+    causal: bool,
+    scale: float,
+) -> tuple[Tensor, Tensor]:
+    out, stats = _attention_kernels().attention_forward(
+        q, k, v, causal=causal, key_padding_mask=key_padding_mask, bias=bias, scale=scale,
+        rel_bias_table=rel_bias_table, rel_bias_lut=rel_bias_lut, return_stats=True,
+    )  # fmt: skip
+    return out, stats
+
+
+def _attention_backward_launch(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    stats: Tensor,
+    key_padding_mask: Tensor | None,
+    bias: Tensor | None,
+    rel_bias_table: Tensor | None,
+    rel_bias_lut: Tensor | None,
+    causal: bool,
+    scale: float,
+    bias_grad: bool,
+    table_grad: bool,
+) -> list[Tensor]:
+    dq, dk, dv, dbias, dtable = _attention_kernels().attention_backward(
+        dout, q, k, v, out, stats, causal=causal, key_padding_mask=key_padding_mask, bias=bias, scale=scale,
+        rel_bias_table=rel_bias_table, rel_bias_lut=rel_bias_lut, bias_grad=bias_grad, table_grad=table_grad,
+    )  # fmt: skip
+    return [dq, dk, dv] + [g for g in (dbias, dtable) if g is not None]
+
+
+def _attention_fake(q, k, v, key_padding_mask, bias, rel_bias_table, rel_bias_lut, causal, scale):
+    b, h, sq, d = q.shape
+    return torch.empty(b, sq, h, d, dtype=q.dtype, device=q.device).transpose(1, 2)  # (B, H, Sq, D) view
+
+
+def _attention_fwd_stats_fake(q, k, v, key_padding_mask, bias, rel_bias_table, rel_bias_lut, causal, scale):
+    b, h, sq, d = q.shape
+    out = torch.empty(b, sq, h, d, dtype=q.dtype, device=q.device).transpose(1, 2)  # (B, H, Sq, D) view
+    return out, torch.empty(b, h, 2, sq, dtype=torch.float32, device=q.device)
+
+
+def _attention_backward_fake(
+    dout, q, k, v, out, stats, key_padding_mask, bias, rel_bias_table, rel_bias_lut, causal, scale, bias_grad,
+    table_grad,
+):  # fmt: skip
+    b, h, sq, d = q.shape
+    sk = k.shape[2]
+    grads = [
+        torch.empty(b, h, sq, d, dtype=q.dtype, device=q.device),
+        torch.empty(b, h, sk, d, dtype=k.dtype, device=q.device),
+        torch.empty(b, h, sk, d, dtype=v.dtype, device=q.device),
+    ]
+    if bias_grad and bias is not None:
+        grads.append(torch.empty(bias.shape, dtype=bias.dtype, device=q.device))
+    if table_grad and rel_bias_table is not None:
+        grads.append(torch.empty(rel_bias_table.shape, dtype=rel_bias_table.dtype, device=q.device))
+    return grads
+
+
+_ATTN_INPUTS = ("q", "k", "v", "key_padding_mask", "bias", "rel_bias_table", "rel_bias_lut", "causal", "scale")
+
+
+def _attention_grads(args, needs, dout, out=None, stats=None) -> tuple:
+    """The nine input gradients of attention(*args) for output gradient `dout`, by the fused Triton backward:
+    `out` / `stats` from `attention_fwd_stats` (recomputed here when None: one forward, O(S) memory)."""
+    q, k, v, key_padding_mask, bias, table, lut, causal, scale = args
+    if dout is None or not any(needs):
+        return (None,) * len(_ATTN_INPUTS)
+    if out is None:
+        out, stats = fastenc_op("attention_fwd_stats")(*args)
+    bias_grad = bias is not None and needs[4]
+    table_grad = table is not None and needs[5]
+    grads = fastenc_op("attention_backward")(
+        dout, q, k, v, out, stats, key_padding_mask, bias, table, lut, causal, scale, bias_grad, table_grad
+    )
+    record("triton", "attention_backward")  # this thread's trace(); CUDA runs backward on its own device thread
+    dq, dk, dv, *rest = grads
+    dbias = rest.pop(0) if bias_grad else None
+    dtable = rest.pop(0) if table_grad else None
+    return (dq if needs[0] else None, dk if needs[1] else None, dv if needs[2] else None, None, dbias, dtable,
+            None, None, None)  # fmt: skip
+
+
+def register_saved_autograd(op) -> None:
+    """attention_fwd_stats: save (inputs, out, stats); stats is not differentiable."""
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, mask, bias, table, lut, causal, scale = inputs
+        out, stats = output
+        ctx.mark_non_differentiable(stats)
+        ctx.set_materialize_grads(False)  # no zeros for the stats' (absent) gradient
+        ctx.save_for_backward(q, k, v, mask, bias, table, lut, out, stats)
+        ctx.causal, ctx.scale = causal, scale
+
+    def backward(ctx, dout, _dstats):
+        q, k, v, mask, bias, table, lut, out, stats = ctx.saved_tensors
+        args = (q, k, v, mask, bias, table, lut, ctx.causal, ctx.scale)
+        return _attention_grads(args, ctx.needs_input_grad, dout, out, stats)
+
+    torch.library.register_autograd(op, backward, setup_context=setup_context)
+
+
+def register_recompute_autograd(op, fallback: Callable[..., Tensor] | None = None) -> None:
+    """fastenc::attention / fastenc_cuda::attention: save the inputs only, recompute (out, stats) in backward.
+    `fallback` (a reference with the op's signature) runs through torch.func.vjp where Triton cannot."""
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, mask, bias, table, lut, causal, scale = inputs
+        ctx.save_for_backward(q, k, v, mask, bias, table, lut)
+        ctx.causal, ctx.scale = causal, scale
+
+    def backward(ctx, dout):
+        q, k, v, mask, bias, table, lut = ctx.saved_tensors
+        args = (q, k, v, mask, bias, table, lut, ctx.causal, ctx.scale)
+        needs = ctx.needs_input_grad
+        if fallback is not None and attention_triton_reason(q, k, v, bias, table) is not None:
+            diff = [i for i in (0, 1, 2, 4, 5) if args[i] is not None and needs[i]]
+            return tuple(_vjp_grads(fallback, args, diff, [dout]))
+        return _attention_grads(args, needs, dout)
+
+    torch.library.register_autograd(op, backward, setup_context=setup_context)
+
+
+def _register_no_double_backward(op) -> None:
+    """attention_backward: gradients taken with create_graph=True are right; differentiating them raises."""
+
+    def backward(ctx, *grads):
+        raise_double_backward("fastenc attention")
+
+    torch.library.register_autograd(op, backward, setup_context=lambda ctx, inputs, output: None)
+
+
+def attention_reference_op(q, k, v, key_padding_mask, bias, rel_bias_table, rel_bias_lut, causal, scale):
+    """attention_reference with the op's positional signature."""
+    return attention_reference(
+        q, k, v, key_padding_mask, bias, rel_bias_table, rel_bias_lut, causal=causal, scale=scale
+    )
+
+
+add_ops(
+    OpSpec(
+        "attention", _attention_launch, _attention_fake, register_recompute_autograd, attention_reference_op,
+        cuda_autograd=functools.partial(register_recompute_autograd, fallback=attention_reference_op),
+    ),
+    OpSpec("attention_fwd_stats", _attention_fwd_stats_launch, _attention_fwd_stats_fake, register_saved_autograd),
+    OpSpec("attention_backward", _attention_backward_launch, _attention_backward_fake, _register_no_double_backward),
+)  # fmt: skip

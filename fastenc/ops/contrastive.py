@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from ..core.dispatch import choose_backend
 from ..core.errors import DoubleBackwardError, InputError
 from ._common import FLOAT_DTYPES, check_tensor
-from ._library import fastenc_op
+from ._library import OpSpec, add_ops, fastenc_op
 
 # Torch path: one row block of the logits holds at most this many fp32 elements (16 MiB); a handful of temporaries
 # of that size live at once, so peak extra memory is ~100 MiB whatever N.
@@ -394,16 +394,17 @@ def check_loss_inputs(
         _check_scalar("logit_bias", logit_bias, image_features.device)
 
 
-def _triton_reason(*args):
-    """Why the Triton kernel cannot take these inputs (None if it can): fastenc.kernels.contrastive, imported on first
-    use (importing triton follows TRITON_INTERPRET)."""
-    from ..kernels import contrastive as kernels
+def _contrastive_kernels():
+    """fastenc.kernels.contrastive, imported on first use (importing triton follows TRITON_INTERPRET)."""
+    from ..kernels import contrastive
 
-    return kernels.contrastive_unsupported_reason(*args)
+    return contrastive
 
 
-def _backend(op, x, backend, strict):
-    return choose_backend(op, x.device, backend, strict, lambda: _triton_reason(x))
+def _loss_backend(op, x, backend, strict):
+    return choose_backend(
+        op, x.device, backend, strict, lambda: _contrastive_kernels().contrastive_unsupported_reason(x)
+    )
 
 
 def _as_arg(x):
@@ -428,7 +429,7 @@ def clip_loss(
     tensor; fp32/fp16/bf16 features, math in fp32. Never builds the N x N logits.
     """
     check_loss_inputs(image_features, text_features, logit_scale)
-    which = _backend("clip_loss", image_features, backend, strict)
+    which = _loss_backend("clip_loss", image_features, backend, strict)
     return ContrastiveLossFunction.apply(
         "clip", which, LocalComm(), image_features, text_features, _as_arg(logit_scale), None
     )
@@ -449,7 +450,53 @@ def siglip_loss(
     Never builds the N x N logits.
     """
     check_loss_inputs(image_features, text_features, logit_scale, logit_bias, has_bias=True)
-    which = _backend("siglip_loss", image_features, backend, strict)
+    which = _loss_backend("siglip_loss", image_features, backend, strict)
     return ContrastiveLossFunction.apply(
         "siglip", which, LocalComm(), image_features, text_features, _as_arg(logit_scale), _as_arg(logit_bias)
     )
+
+
+# ---------------------------------------------------------------------------------------------------- custom ops
+# The loss's own forward / backward pieces: no autograd formula of their own (ContrastiveLossFunction is the loss's).
+
+
+def _row_stats_launch(
+    kind: str, a: torch.Tensor, b: torch.Tensor, scale: float, bias: float, offset: int
+) -> torch.Tensor:
+    return _contrastive_kernels().contrastive_row_stats(kind, a, b, scale=scale, bias=bias, offset=offset)
+
+
+def _row_grads_launch(
+    kind: str,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    stat_a: torch.Tensor | None,
+    stat_b: torch.Tensor | None,
+    scale: float,
+    bias: float,
+    offset: int,
+    coef: float,
+) -> list[torch.Tensor]:
+    grads = _contrastive_kernels().contrastive_row_grads(
+        kind, a, b, stat_a, stat_b, scale=scale, bias=bias, offset=offset, coef=coef
+    )
+    return list(grads)
+
+
+def _row_stats_fake(kind, a, b, scale, bias, offset):
+    return torch.empty(a.shape[0], dtype=torch.float32, device=a.device)
+
+
+def _row_grads_fake(kind, a, b, stat_a, stat_b, scale, bias, offset, coef):
+    n = a.shape[0]
+    return [
+        torch.empty(n, a.shape[1], dtype=torch.float32, device=a.device),
+        torch.empty(n, dtype=torch.float32, device=a.device),
+        torch.empty(n, dtype=torch.float32, device=a.device),
+    ]
+
+
+add_ops(
+    OpSpec("contrastive_row_stats", _row_stats_launch, _row_stats_fake),
+    OpSpec("contrastive_row_grads", _row_grads_launch, _row_grads_fake),
+)

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from ..core.dispatch import choose_backend
 from ..core.errors import InputError
 from ._common import FLOAT_DTYPES, check_same_dtype, check_tensor
-from ._library import fastenc_op
-from .reference import cosine_similarity_reference  # noqa: F401 - also importable from here
+from ._library import OpSpec, add_ops, fastenc_op
+from .reference import cosine_similarity_reference
 
 DEFAULT_CHUNK = 8192  # gallery rows per chunk in topk_cosine
 
@@ -35,16 +35,15 @@ def _check_pair(a_name, a, b_name, b):
         )
 
 
-def _triton_reason(*args):
-    """Why the Triton kernel cannot take these inputs (None if it can): fastenc.kernels.cosine, imported on first
-    use (importing triton follows TRITON_INTERPRET)."""
-    from ..kernels import cosine as kernels
+def _cosine_kernels():
+    """fastenc.kernels.cosine, imported on first use (importing triton follows TRITON_INTERPRET)."""
+    from ..kernels import cosine
 
-    return kernels.cosine_unsupported_reason(*args)
+    return cosine
 
 
-def _backend(op, x, backend, strict):
-    return choose_backend(op, x.device, backend, strict, lambda: _triton_reason(x))
+def _cosine_backend(op, x, backend, strict):
+    return choose_backend(op, x.device, backend, strict, lambda: _cosine_kernels().cosine_unsupported_reason(x))
 
 
 def _scale(scale) -> float:
@@ -62,7 +61,7 @@ def cosine_similarity_matrix(
     torch reference (which builds the (M, N) matrix, as the output does anyway)."""
     _check_pair("a", a, "b", b)
     scale = _scale(scale)
-    which = _backend("cosine_similarity_matrix", a, backend, strict)
+    which = _cosine_backend("cosine_similarity_matrix", a, backend, strict)
     if which == "torch":
         return cosine_similarity_reference(a, b, scale)
     return fastenc_op("cosine_similarity_matrix")(a, b, scale, False)
@@ -87,7 +86,7 @@ def topk_cosine(
         raise InputError(f"k must be in [1, gallery size {g}], got k={k}")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise InputError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    which = _backend("topk_cosine", queries, backend, strict)
+    which = _cosine_backend("topk_cosine", queries, backend, strict)
     if which == "torch":
         qn = F.normalize(queries.float(), dim=-1)
 
@@ -112,3 +111,22 @@ def topk_cosine(
             v, i = v[:, :k], torch.gather(i, 1, order[:, :k])
         best_v, best_i = v, i
     return best_v.to(queries.dtype), best_i
+
+
+# ---------------------------------------------------------------------------------------------------- custom op
+
+
+def _cosine_launch(a: torch.Tensor, b: torch.Tensor, scale: float, fp32_out: bool) -> torch.Tensor:
+    return _cosine_kernels().cosine_similarity_forward(a, b, scale=scale, out_dtype=torch.float32 if fp32_out else None)
+
+
+def _cosine_fake(a, b, scale, fp32_out):
+    return torch.empty(a.shape[0], b.shape[0], dtype=torch.float32 if fp32_out else a.dtype, device=a.device)
+
+
+def _cosine_reference_op(a, b, scale, fp32_out):
+    """cosine_similarity_reference with the op's signature: its vjp is the op's backward."""
+    return cosine_similarity_reference(a, b, scale).to(torch.float32 if fp32_out else a.dtype)
+
+
+add_ops(OpSpec("cosine_similarity_matrix", _cosine_launch, _cosine_fake, reference=_cosine_reference_op))

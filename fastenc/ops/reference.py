@@ -1,5 +1,5 @@
 """The plain-PyTorch definitions of the tower ops, in fp32 math: what every backend (Triton, CUDA, the torch
-backend's fast functions in `_torch.py`) is tested against, and what the torch backend runs where no faster torch
+backend's fast functions in the op files) is tested against, and what the torch backend runs where no faster torch
 kernel has the same semantics. A leaf module: it imports torch and fastenc.core.errors only.
 
     attention_reference(q, k, v, key_padding_mask?, bias?, rel_bias_table?, rel_bias_lut?, *, causal, scale)
@@ -33,9 +33,6 @@ HF_ACTIVATIONS = {
     "gelu_python_tanh": "gelu_tanh",
     "relu": "relu",
 }
-
-_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
-
 
 ACTIVATION_FNS = {  # each activation as one expression, in its input's dtype
     "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
