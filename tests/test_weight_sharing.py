@@ -337,3 +337,24 @@ def test_t5_fast_loop_sees_every_edit(edit, monkeypatch):
     T5_EDITS[edit](model)
     _check(model, fast, inputs)
     assert len(calls) == (2 if edit in ("hook_on_wo", "lora_wi_1") else 3)  # a hook or wrapper: the general loop
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copied_model_starts_with_empty_caches(how):
+    """A deepcopy / pickle of an optimized model keeps its settings (backend, strict) and none of what the original
+    kept between calls (fused buffers, per-layer tensors, the op plan): the copy builds its own on first use and
+    answers as the original does."""
+    import copy
+    import pickle
+
+    model, fast, inputs = _clip(layers=2)
+    _check(model, fast, inputs)
+    state = fast._fastenc
+    assert state.fused and state._plan is not None
+    twin = copy.deepcopy(fast) if how == "deepcopy" else pickle.loads(pickle.dumps(fast))
+    kept = twin._fastenc
+    assert (kept.backend, kept.strict) == (state.backend, state.strict)
+    assert not kept.fused and kept._plan is None
+    with torch.no_grad():
+        compare_outputs(fast(**inputs), twin(**inputs), FP32)
+    assert kept.fused and kept._plan is not None and kept._plan is not state._plan

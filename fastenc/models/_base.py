@@ -1,10 +1,11 @@
-"""What every fused model shares: the runtime settings, the shallow copy that shares weights with the original,
+"""What every fused model shares: its execution state, the shallow copy that shares weights with the original,
 fused-QKV weight caching, input checks and the output-option plumbing of transformers' forwards."""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -15,27 +16,29 @@ from ..core.trace import fall_back, record, tracing
 
 
 @dataclass
-class Runtime:
-    """How a fused model runs its ops: the backend asked for and whether a fall-back raises."""
+class ExecutionState:
+    """How one fused model runs its ops (`model._fastenc`): the backend asked for, whether a fall-back raises, and
+    what it keeps between calls (fused weights and per-layer tensors, the op plan of its device)."""
 
     backend: str = "auto"
     strict: bool = False
-    fused: dict = field(default_factory=dict, repr=False)  # fused projections and layer tensors, see fuse_linears
-    _plan: tuple | None = field(default=None, repr=False, compare=False)  # ((device, $FASTENC_BACKEND), OpPlan)
+    fused: dict = field(default_factory=dict, repr=False)  # slot -> KeptTensors, see fuse_linears / layer_weights
+    _plan_key: tuple | None = field(default=None, repr=False, compare=False)  # (device, $FASTENC_BACKEND) of _plan
+    _plan: object = field(default=None, repr=False, compare=False)  # the OpPlan built for _plan_key
 
     def __getstate__(self):  # pickle / deepcopy: the settings; caches are rebuilt on first use
-        return {"backend": self.backend, "strict": self.strict, "fused": {}, "_plan": None}
+        return {"backend": self.backend, "strict": self.strict, "fused": {}, "_plan_key": None, "_plan": None}
 
     def plan(self, device: torch.device):
         """The ops resolved for `device` (see fastenc.ops._plan): built once, again only when the device or
         $FASTENC_BACKEND changes."""
         key = (device, os.environ.get(ENV_BACKEND))
-        p = self._plan
-        if p is None or p[0] != key:
+        if self._plan_key != key:
             from ..ops._plan import OpPlan
 
-            p = self._plan = (key, OpPlan(self.backend, self.strict, device))
-        return p[1]
+            self._plan = OpPlan(self.backend, self.strict, device)
+            self._plan_key = key
+        return self._plan
 
     def __post_init__(self):
         self.backend = check_backend_name(self.backend)
@@ -143,7 +146,40 @@ def plain_linear(m) -> bool:
 _PLAIN_LINEARS = (torch.nn.Linear, torch.nn.modules.linear.NonDynamicallyQuantizableLinear)
 
 
-def fuse_linears(rt: Runtime, owner: torch.nn.Module, names: tuple[str, ...]):
+class KeptTensors(NamedTuple):
+    """An entry of `ExecutionState.fused`: what a fused model collected from its modules once and reuses while it is
+    `current` (fused projections, see `fuse_linears`; per-layer tensors, see `_encoder.layer_weights` and
+    `t5.t5_layer_weights`)."""
+
+    generation: int  # structure_generation() when collected
+    source: object  # the module (or module list) it was read from, compared by identity
+    tensors: tuple  # the parameters `value` was laid out from
+    layout: tuple  # layout_key(tensors) when collected
+    hooks: tuple  # the forward (pre-)hook dicts of the modules involved, all empty when collected
+    value: object  # what the caller reuses
+
+    def current(self, source) -> bool:
+        """Still valid for `source`: no module or parameter assigned anywhere since (structure generation), the
+        tensors keep their layout (`layout_key`), no hook was added and autograd does not record into them."""
+        return (
+            self.generation == structure_generation()
+            and self.source is source
+            and layout_key(self.tensors) == self.layout
+            and not any(self.hooks)
+            and not (torch.is_grad_enabled() and any(map(_requires_grad, self.tensors)))
+        )
+
+
+def _requires_grad(t: torch.Tensor) -> bool:
+    return t.requires_grad
+
+
+def same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """a and b are views of one storage (a fused buffer that is the weights' memory, not a copy)."""
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+def fuse_linears(state: ExecutionState, owner: torch.nn.Module, names: tuple[str, ...]):
     """(W, b) of the linears `owner.<names>` stacked row-wise so one GEMM computes all of them (see `fused_rows`;
     b is None unless every one has a bias), or None when one of them is not a plain linear (see `plain_linear`):
     the caller then runs them as modules.
@@ -152,15 +188,13 @@ def fuse_linears(rt: Runtime, owner: torch.nn.Module, names: tuple[str, ...]):
     module or parameter assigned anywhere since), no weight or bias moved or was laid out anew (`layout_key`), no
     hook was added and autograd does not record into the weights: a few attribute reads per call."""
     slot = (id(owner), names)
-    hit = None if torch.compiler.is_compiling() else rt.fused.get(slot)  # compiled graphs cat (see fused_rows)
-    if hit is not None and hit[0] == structure_generation():
-        tensors, ptrs, out = hit[1], hit[2], hit[3]
-        if (
-            layout_key(tensors) == ptrs
-            and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
-            and all(plain_linear(owner._modules[n]) for n in names)  # a hook can be added without registering
-        ):
-            return out
+    hit = None if torch.compiler.is_compiling() else state.fused.get(slot)  # compiled graphs cat (see fused_rows)
+    if (
+        hit is not None
+        and hit.current(owner)
+        and all(plain_linear(owner._modules[n]) for n in names)  # a hook can be added without registering
+    ):
+        return hit.value
     gen = structure_generation()
     mods = owner._modules
     ms = tuple(mods[n] for n in names)
@@ -172,17 +206,16 @@ def fuse_linears(rt: Runtime, owner: torch.nn.Module, names: tuple[str, ...]):
     out = (fused_rows(ws), fused_rows(bs) if has_bias else None)
     tensors = ws + bs if has_bias else ws
     if not torch.compiler.is_compiling() and all(  # only a buffer that IS the weights' storage may be reused
-        f is None or f.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
-        for f, t in ((out[0], ws[0]), (out[1], bs[0]))
+        f is None or same_storage(f, t) for f, t in ((out[0], ws[0]), (out[1], bs[0]))
     ):
-        rt.fused[slot] = (gen, tensors, layout_key(tensors), out)
+        state.fused[slot] = KeptTensors(gen, owner, tensors, layout_key(tensors), (), out)
     return out
 
 
 FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("q", "k", "v"), ("wi_0", "wi_1"))  # CLIP / SigLIP, T5 attn, T5 FF
 
 
-def prefuse(rt: Runtime, model: torch.nn.Module) -> None:
+def prefuse(state: ExecutionState, model: torch.nn.Module) -> None:
     """Lay out every group of FUSED_GROUPS in `model` as one buffer now (see `fused_rows`), so the first forward
     (or a CUDA-graph capture) does not move weights."""
     with torch.no_grad():
@@ -190,7 +223,7 @@ def prefuse(rt: Runtime, model: torch.nn.Module) -> None:
             mods = m._modules
             for names in FUSED_GROUPS:
                 if all(n in mods for n in names):
-                    fuse_linears(rt, m, names)
+                    fuse_linears(state, m, names)
 
 
 def project_activation(m, x: torch.Tensor, activation: str, plan) -> torch.Tensor:
@@ -264,7 +297,8 @@ def norm_eps(module) -> float:
 
 
 __all__ = [
-    "Runtime",
+    "ExecutionState",
+    "KeptTensors",
     "check_device",
     "check_no_extra_kwargs",
     "fuse_linears",
@@ -277,6 +311,7 @@ __all__ = [
     "project",
     "project_activation",
     "resolve_output_flags",
+    "same_storage",
     "shallow_copy_as",
     "structure_generation",
 ]

@@ -59,9 +59,9 @@ def module_activation(m) -> str | None:
     return _FUSED_ACTIVATIONS.get(cls)
 
 
-def run_activation_module(rt, m, x: torch.Tensor) -> torch.Tensor:
+def run_activation_module(state, m, x: torch.Tensor) -> torch.Tensor:
     """m(x) for an activation module with no fused kernel (see `module_activation`), through the fall-back policy."""
-    rt.fallback("activation", f"{type(m).__name__} has no fused kernel; it runs as its module")
+    state.fallback("activation", f"{type(m).__name__} has no fused kernel; it runs as its module")
     record("torch", "module")
     return m(x)
 
@@ -87,7 +87,7 @@ def warn_mismatches(where: str, mismatches: list[str]) -> None:
         )
 
 
-def compare(mismatches: list[str], config, attr: str, actual, what: str) -> None:
+def compare_field(mismatches: list[str], config, attr: str, actual, what: str) -> None:
     """Append a mismatch message when config.<attr> (if the config has it) differs from the modules' `actual`."""
     if not hasattr(config, attr):
         return
@@ -103,7 +103,7 @@ def compare(mismatches: list[str], config, attr: str, actual, what: str) -> None
 __all__ = [
     "ConfigMismatchWarning",
     "activation_module_name",
-    "compare",
+    "compare_field",
     "module_activation",
     "run_activation_module",
     "warn_mismatches",

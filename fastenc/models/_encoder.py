@@ -11,7 +11,8 @@ from ..core.errors import InputError, UnsupportedModelError
 from ..core.trace import record, tracing
 from ..ops.reference import attention_with_probs
 from ._base import (
-    Runtime,
+    ExecutionState,
+    KeptTensors,
     check_device,
     check_no_extra_kwargs,
     fuse_linears,
@@ -22,10 +23,11 @@ from ._base import (
     project,
     project_activation,
     resolve_output_flags,
+    same_storage,
     shallow_copy_as,
     structure_generation,
 )
-from ._config import activation_module_name, compare, module_activation, run_activation_module, warn_mismatches
+from ._config import activation_module_name, compare_field, module_activation, run_activation_module, warn_mismatches
 
 QKV = ("q_proj", "k_proj", "v_proj")
 
@@ -33,7 +35,7 @@ QKV = ("q_proj", "k_proj", "v_proj")
 def encoder_layers_forward(
     layers,
     x: torch.Tensor,
-    rt: Runtime,
+    state: ExecutionState,
     *,
     causal: bool,
     key_padding_mask: torch.Tensor | None,
@@ -48,16 +50,17 @@ def encoder_layers_forward(
 
     hidden_states / attentions: lists to append each layer's output / probabilities to, or None."""
     b, s, d = x.shape
-    plan = rt.plan(x.device)
+    plan = state.plan(x.device)
     dropout = training and any(float(layer._modules["self_attn"].dropout) > 0 for layer in layers)
     slow = attentions is not None or dropout
     mask = None if slow else plan.mask(key_padding_mask, causal, s, s, x.device)  # converted once per forward
     layer_norm, attention = plan.layer_norm, plan.attention
     autocast = torch.is_autocast_enabled(x.device.type)
     if not slow and not autocast and not tracing() and not torch.compiler.is_compiling():
-        cached = layer_weights(rt, layers)
+        cached = layer_weights(state, layers)
         if cached is not None:
-            return _fast_layers(cached[1], x, plan, mask, cached[0], hidden_states)
+            activation, weights = cached
+            return _fast_layers(weights, x, plan, mask, activation, hidden_states)
     delta = None
     for layer in layers:
         mods = layer._modules  # dict reads, no nn.Module.__getattr__ in the loop
@@ -70,7 +73,7 @@ def encoder_layers_forward(
             if hidden_states is not None:
                 hidden_states.append(x)
         nh = attn.num_heads
-        fused = fuse_linears(rt, attn, QKV)
+        fused = fuse_linears(state, attn, QKV)
         if fused is not None:
             qkv = linear(h, *fused).view(b, s, 3, nh, d // nh)  # (B, S, 3, H, Dh)
             q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, S, Dh), strided views
@@ -79,7 +82,7 @@ def encoder_layers_forward(
             q, k, v = (project(am[n], h).view(b, s, nh, d // nh).transpose(1, 2) for n in QKV)
         if slow:
             reason = "output_attentions=True needs the probabilities" if attentions is not None else "attention dropout"
-            rt.fallback("attention", reason)
+            state.fallback("attention", reason)
             record("torch", "attention")
             o, p = attention_with_probs(
                 q,
@@ -102,7 +105,7 @@ def encoder_layers_forward(
         act_module = fc["activation_fn"]
         activation = module_activation(act_module)
         if activation is None:  # an activation with no fused kernel: the linear, then the module
-            f = run_activation_module(rt, act_module, project(fc["fc1"], h))
+            f = run_activation_module(state, act_module, project(fc["fc1"], h))
         else:
             f = project_activation(fc["fc1"], h, activation, plan)
         delta = project(fc["fc2"], f)
@@ -115,7 +118,7 @@ def residual_dtype(branch: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return branch if branch.dtype == x.dtype else branch.to(x.dtype)
 
 
-def layer_weights(rt: Runtime, layers) -> tuple[str, list[tuple]] | None:
+def layer_weights(state: ExecutionState, layers) -> tuple[str, list[tuple]] | None:
     """(activation, per layer the tensors `_fast_layers` reads), collected once per model and reused while they are
     current: the structure generation is the same (no module or parameter assigned anywhere), the fused q/k/v
     buffers still are the weights' storage (data pointers, strides and sizes: `layout_key`, so `p.data = p.data.t()`
@@ -123,15 +126,9 @@ def layer_weights(rt: Runtime, layers) -> tuple[str, list[tuple]] | None:
     layer has a linear that must run as a module (or autograd records), or the layers' activation modules are not
     one fused activation: the general loop runs then."""
     key = ("layers", id(layers))
-    cache = rt.fused.get(key)
-    if cache is not None and cache[0] == structure_generation() and cache[1] is layers:
-        fused, ptrs, hooks, weights = cache[2], cache[3], cache[4], cache[5]
-        if (
-            layout_key(fused) == ptrs
-            and not any(hooks)  # the linears' forward (pre-)hook dicts, all empty
-            and not (torch.is_grad_enabled() and any(map(_requires_grad, fused)))
-        ):
-            return weights
+    kept = state.fused.get(key)
+    if kept is not None and kept.current(layers):
+        return kept.value
     gen = structure_generation()
     if not len(layers):
         return None
@@ -147,10 +144,10 @@ def layer_weights(rt: Runtime, layers) -> tuple[str, list[tuple]] | None:
         if not all(map(plain_linear, lins)):
             return None
         linears.append(fm["activation_fn"])  # its hook dicts join the checked ones
-        qkv = fuse_linears(rt, attn, QKV)
+        qkv = fuse_linears(state, attn, QKV)
         if qkv is None or qkv[1] is None or qkv[0].requires_grad:  # a per-call cat (autograd): nothing to keep
             return None
-        shared = shared and _same_storage(qkv[0], am["q_proj"]._parameters["weight"])
+        shared = shared and same_storage(qkv[0], am["q_proj"]._parameters["weight"])
         p1, p2 = ln1._parameters, ln2._parameters
         po, pf1, pf2 = (m._parameters for m in lins[3:])
         weights.append(  # modules for eps / num_heads / scale, read each call (plain attributes, not registered)
@@ -161,19 +158,11 @@ def layer_weights(rt: Runtime, layers) -> tuple[str, list[tuple]] | None:
         fused.extend(m._parameters["bias"] for m in lins[:3])
         linears.extend(lins)
     fused = tuple(fused)
-    hooks = tuple(d for m in linears for d in (m._forward_hooks, m._forward_pre_hooks))
+    hooks = tuple(d for m in linears for d in (m._forward_hooks, m._forward_pre_hooks))  # checked empty per call
     cached = (acts.pop(), weights)
     if shared:  # a per-call cat of re-laid-out weights (non-contiguous) is a copy: never kept
-        rt.fused[key] = (gen, layers, fused, layout_key(fused), hooks, cached)
+        state.fused[key] = KeptTensors(gen, layers, fused, layout_key(fused), hooks, cached)
     return cached
-
-
-def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
-
-
-def _requires_grad(t) -> bool:
-    return t.requires_grad
 
 
 def _fast_layers(weights, x, plan, mask, activation, hidden_states):
@@ -211,7 +200,8 @@ def finish_hidden(hidden: list | None, selection: set[int] | None):
 
 
 def text_embeddings(tower, input_ids, attention_mask, position_ids):
-    """Checked token + position embeddings. Returns x (B, S, D), input_ids (B, S), key mask (B, S) bool or None."""
+    """Checked token + position embeddings. Returns x (B, S, D), input_ids (B, S) and the key_padding_mask (B, S)
+    bool (True = real token) or None."""
     if input_ids is None:
         raise InputError("input_ids is required (a (batch, sequence) integer tensor)")
     if not isinstance(input_ids, torch.Tensor) or input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
@@ -324,14 +314,14 @@ def image_embeddings(tower, pixel_values, interpolate_pos_encoding):
     return x
 
 
-def run_encoder(tower, x, rt: Runtime, *, causal, key_padding_mask, output_attentions, output_hidden_states):
+def run_encoder(tower, x, state: ExecutionState, *, causal, key_padding_mask, output_attentions, output_hidden_states):
     """tower.encoder.layers over x. Returns (x, delta, hidden list or None, attentions list or None)."""
     hidden = [x] if output_hidden_states is not False else None
     attns = [] if output_attentions else None
     x, delta = encoder_layers_forward(
         tower._modules["encoder"]._modules["layers"],
         x,
-        rt,
+        state,
         causal=causal,
         key_padding_mask=key_padding_mask,
         hidden_states=hidden,
@@ -341,21 +331,37 @@ def run_encoder(tower, x, rt: Runtime, *, causal, key_padding_mask, output_atten
     return x, delta, hidden, attns
 
 
-def text_transformer(tower, rt: Runtime, input_ids, attention_mask, position_ids, *, causal, oa, oh):
+def text_transformer(
+    tower,
+    state: ExecutionState,
+    input_ids,
+    attention_mask,
+    position_ids,
+    *,
+    causal,
+    output_attentions,
+    output_hidden_states,
+):
     """Embeddings, encoder layers and the fused final norm of a CLIP / SigLIP text tower.
     Returns (last_hidden_state (B, S, D), input_ids (B, S), hidden list or None, attentions list or None)."""
-    x, input_ids, mask = text_embeddings(tower, input_ids, attention_mask, position_ids)  # (B, S, D)
+    x, input_ids, key_padding_mask = text_embeddings(tower, input_ids, attention_mask, position_ids)  # (B, S, D)
     x, delta, hidden, attns = run_encoder(
-        tower, x, rt, causal=causal, key_padding_mask=mask, output_attentions=oa, output_hidden_states=oh
+        tower,
+        x,
+        state,
+        causal=causal,
+        key_padding_mask=key_padding_mask,
+        output_attentions=output_attentions,
+        output_hidden_states=output_hidden_states,
     )
-    return final_norm(tower._modules["final_layer_norm"], x, delta, hidden, rt), input_ids, hidden, attns
+    return final_norm(tower._modules["final_layer_norm"], x, delta, hidden, state), input_ids, hidden, attns
 
 
-def final_norm(norm, x, delta, hidden, rt: Runtime):
+def final_norm(norm, x, delta, hidden, state: ExecutionState):
     """norm(x + delta) with the add fused; the sum (the last layer's output) is appended to hidden as transformers
     reports it, before the norm."""
     p = norm._parameters
-    last, x = rt.plan(x.device).layer_norm(residual_dtype(delta, x), p["weight"], p["bias"], norm.eps, x)
+    last, x = state.plan(x.device).layer_norm(residual_dtype(delta, x), p["weight"], p["bias"], norm.eps, x)
     if hidden is not None:
         hidden.append(x)
     return last
@@ -371,10 +377,10 @@ def tower_output(cls, last, pooled, hidden, attns, output_hidden_states, n_layer
 
 
 class FastencModelMixin:
-    """Shared by every fused class: `_fastenc` holds the Runtime; save_pretrained writes the original class name
+    """Shared by every fused class: `_fastenc` holds the ExecutionState; save_pretrained writes the original class name
     into config.architectures so the checkpoint reloads with plain transformers."""
 
-    _fastenc: Runtime
+    _fastenc: ExecutionState
     _fastenc_base: type
 
     def save_pretrained(self, *args, **kwargs):
@@ -397,7 +403,7 @@ def model_output(output, return_dict):
     return output if return_dict else output.to_tuple()
 
 
-def check_config(model) -> None:
+def check_encoder_config(model) -> None:
     """Raise UnsupportedModelError for towers the fused encoder does not reproduce, and warn
     (ConfigMismatchWarning) for every forward-relevant config field that no longer says what the modules compute
     (see fastenc/models/_config.py): the fused towers follow the modules, as transformers' forward does."""
@@ -438,11 +444,12 @@ def _audit_tower(mismatches: list[str], prefix: str, tower) -> None:
             f"but the layers' activation_fn is {', '.join(acts)}"
         )
     attn = layer._modules["self_attn"]
-    compare(mismatches, config, "num_attention_heads", attn.num_heads, f"{prefix}layers' self_attn.num_heads")
-    compare(mismatches, config, "attention_dropout", float(attn.dropout), f"{prefix}layers' self_attn.dropout")
-    compare(mismatches, config, "layer_norm_eps", float(layer._modules["layer_norm1"].eps),
+    compare_field(mismatches, config, "num_attention_heads", attn.num_heads, f"{prefix}layers' self_attn.num_heads")
+    compare_field(mismatches, config, "attention_dropout", float(attn.dropout), f"{prefix}layers' self_attn.dropout")
+    compare_field(mismatches, config, "layer_norm_eps", float(layer._modules["layer_norm1"].eps),
             f"{prefix}layers' layer_norm1.eps")  # fmt: skip
     if "eos_token_id" in tower.__dict__:  # CLIP text: the pooling rule reads the model's own attribute
-        compare(mismatches, config, "eos_token_id", tower.eos_token_id, f"{prefix}eos_token_id (the pooling rule)")
+        what = f"{prefix}eos_token_id (the pooling rule)"
+        compare_field(mismatches, config, "eos_token_id", tower.eos_token_id, what)
     if "use_head" in tower.__dict__:  # SigLIP vision
-        compare(mismatches, config, "vision_use_head", tower.use_head, f"{prefix}use_head")
+        compare_field(mismatches, config, "vision_use_head", tower.use_head, f"{prefix}use_head")

@@ -25,7 +25,7 @@ from transformers import (
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.clip.modeling_clip import CLIPOutput, CLIPTextModelOutput, CLIPVisionModelOutput
 
-from ._base import Runtime, project
+from ._base import ExecutionState, project
 from ._encoder import (
     FastencModelMixin,
     image_embeddings,
@@ -38,12 +38,19 @@ from ._encoder import (
 # ------------------------------------------------------------------------------------------------------ towers
 
 
-def text_tower_forward(
-    tower, rt: Runtime, input_ids, attention_mask, position_ids, *, output_attentions, output_hidden_states
+def clip_text_tower_forward(
+    tower, state: ExecutionState, input_ids, attention_mask, position_ids, *, output_attentions, output_hidden_states
 ) -> BaseModelOutputWithPooling:
     """The CLIP text transformer of `tower` (a module with embeddings, encoder.layers, final_layer_norm)."""
     last, input_ids, hidden, attns = text_transformer(
-        tower, rt, input_ids, attention_mask, position_ids, causal=True, oa=output_attentions, oh=output_hidden_states
+        tower,
+        state,
+        input_ids,
+        attention_mask,
+        position_ids,
+        causal=True,
+        output_attentions=output_attentions,
+        output_hidden_states=output_hidden_states,
     )
     # the model's own eos_token_id (set from the config at construction), as transformers' forward reads it
     eos = tower.__dict__.get("eos_token_id", tower.config.eos_token_id)
@@ -57,18 +64,18 @@ def text_tower_forward(
     return tower_output(BaseModelOutputWithPooling, last, pooled, hidden, attns, output_hidden_states, n_layers)
 
 
-def vision_tower_forward(
-    tower, rt: Runtime, pixel_values, interpolate_pos_encoding, *, output_attentions, output_hidden_states
+def clip_vision_tower_forward(
+    tower, state: ExecutionState, pixel_values, interpolate_pos_encoding, *, output_attentions, output_hidden_states
 ) -> BaseModelOutputWithPooling:
     """The CLIP vision transformer of `tower` (embeddings, pre_layrnorm, encoder.layers, post_layernorm)."""
     x = image_embeddings(tower, pixel_values, interpolate_pos_encoding)  # (B, 1 + patches, D)
-    layer_norm = rt.plan(x.device).layer_norm
+    layer_norm = state.plan(x.device).layer_norm
     pre = tower.pre_layrnorm
     x = layer_norm(x, pre.weight, pre.bias, pre.eps, None)
     x, delta, hidden, attns = run_encoder(
         tower,
         x,
-        rt,
+        state,
         causal=False,
         key_padding_mask=None,
         output_attentions=output_attentions,
@@ -90,7 +97,7 @@ def vision_tower_forward(
 class FastCLIPTextModel(FastencModelMixin, CLIPTextModel):
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, **kwargs):
         oa, oh, rd = self._flags(kwargs)
-        out = text_tower_forward(
+        out = clip_text_tower_forward(
             self,
             self._fastenc,
             input_ids,
@@ -105,7 +112,7 @@ class FastCLIPTextModel(FastencModelMixin, CLIPTextModel):
 class FastCLIPVisionModel(FastencModelMixin, CLIPVisionModel):
     def forward(self, pixel_values=None, interpolate_pos_encoding=False, **kwargs):
         oa, oh, rd = self._flags(kwargs)
-        out = vision_tower_forward(
+        out = clip_vision_tower_forward(
             self, self._fastenc, pixel_values, interpolate_pos_encoding, output_attentions=oa, output_hidden_states=oh
         )
         return model_output(out, rd)
@@ -114,7 +121,7 @@ class FastCLIPVisionModel(FastencModelMixin, CLIPVisionModel):
 class FastCLIPTextModelWithProjection(FastencModelMixin, CLIPTextModelWithProjection):
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, **kwargs):
         oa, oh, rd = self._flags(kwargs)
-        t = text_tower_forward(
+        t = clip_text_tower_forward(
             self.text_model,
             self._fastenc,
             input_ids,
@@ -135,7 +142,7 @@ class FastCLIPTextModelWithProjection(FastencModelMixin, CLIPTextModelWithProjec
 class FastCLIPVisionModelWithProjection(FastencModelMixin, CLIPVisionModelWithProjection):
     def forward(self, pixel_values=None, interpolate_pos_encoding=False, **kwargs):
         oa, oh, rd = self._flags(kwargs)
-        v = vision_tower_forward(
+        v = clip_vision_tower_forward(
             self.vision_model,
             self._fastenc,
             pixel_values,
@@ -160,7 +167,7 @@ def _l2_normalize(x: torch.Tensor) -> torch.Tensor:
 class FastCLIPModel(FastencModelMixin, CLIPModel):
     def get_text_features(self, input_ids=None, attention_mask=None, position_ids=None, **kwargs):
         oa, oh, rd = self._flags(kwargs)
-        t = text_tower_forward(
+        t = clip_text_tower_forward(
             self.text_model,
             self._fastenc,
             input_ids,
@@ -174,7 +181,7 @@ class FastCLIPModel(FastencModelMixin, CLIPModel):
 
     def get_image_features(self, pixel_values=None, interpolate_pos_encoding=False, **kwargs):
         oa, oh, rd = self._flags(kwargs)
-        v = vision_tower_forward(
+        v = clip_vision_tower_forward(
             self.vision_model,
             self._fastenc,
             pixel_values,

@@ -28,7 +28,7 @@ from transformers.models.siglip2.modeling_siglip2 import Siglip2Output
 
 from .. import ops
 from ..core.errors import InputError
-from ._base import Runtime, check_device, linear, project, project_activation
+from ._base import ExecutionState, check_device, linear, project, project_activation
 from ._config import module_activation, run_activation_module
 from ._encoder import (
     FastencModelMixin,
@@ -41,12 +41,19 @@ from ._encoder import (
 )
 
 
-def text_tower_forward(
-    tower, rt: Runtime, input_ids, attention_mask, position_ids, *, output_attentions, output_hidden_states
+def siglip_text_tower_forward(
+    tower, state: ExecutionState, input_ids, attention_mask, position_ids, *, output_attentions, output_hidden_states
 ) -> BaseModelOutputWithPooling:
     """SiglipTextModel's transformer: bidirectional, last-token pooling through `head`."""
     last, _, hidden, attns = text_transformer(
-        tower, rt, input_ids, attention_mask, position_ids, causal=False, oa=output_attentions, oh=output_hidden_states
+        tower,
+        state,
+        input_ids,
+        attention_mask,
+        position_ids,
+        causal=False,
+        output_attentions=output_attentions,
+        output_hidden_states=output_hidden_states,
     )
     pooled = project(tower.head, last[:, -1, :])  # the last token, which may be padding
     return tower_output(
@@ -54,7 +61,7 @@ def text_tower_forward(
     )
 
 
-def attention_pooling_head(head, last: torch.Tensor, rt: Runtime, key_padding_mask=None):
+def attention_pooling_head(head, last: torch.Tensor, state: ExecutionState, key_padding_mask=None):
     """Siglip(2)MultiheadAttentionPoolingHead: a learned probe attends over the patches. last: (B, N, D) -> (B, D)."""
     b, n, d = last.shape
     mha = head.attention
@@ -64,45 +71,45 @@ def attention_pooling_head(head, last: torch.Tensor, rt: Runtime, key_padding_ma
     q = q.view(1, 1, nh, d // nh).transpose(1, 2).expand(b, nh, 1, d // nh)  # (B, H, 1, Dh), batch stride 0
     kv = linear(last, w[d:], bias[d:]).view(b, n, 2, nh, d // nh)  # (B, N, 2, H, Dh)
     k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # 2 x (B, H, N, Dh)
-    o = ops.attention(q, k, v, key_padding_mask=key_padding_mask, scale=(d // nh) ** -0.5, **rt.kw)  # (B, H, 1, Dh)
+    o = ops.attention(q, k, v, key_padding_mask=key_padding_mask, scale=(d // nh) ** -0.5, **state.kw)  # (B, H, 1, Dh)
     o = project(mha.out_proj, o.transpose(1, 2).reshape(b, 1, d))  # (B, 1, D)
     ln = head.layernorm
-    h = ops.layer_norm(o, ln.weight, ln.bias, ln.eps, **rt.kw)
+    h = ops.layer_norm(o, ln.weight, ln.bias, ln.eps, **state.kw)
     mlp = head.mlp._modules
     act_module = mlp["activation_fn"]
     activation = module_activation(act_module)  # the head's own module, as transformers' forward computes
     if activation is None:
-        f = run_activation_module(rt, act_module, project(mlp["fc1"], h))
+        f = run_activation_module(state, act_module, project(mlp["fc1"], h))
     else:
-        f = project_activation(mlp["fc1"], h, activation, rt.plan(last.device))
+        f = project_activation(mlp["fc1"], h, activation, state.plan(last.device))
     return (o + project(head.mlp.fc2, f))[:, 0]
 
 
-def vision_tower_forward(
-    tower, rt: Runtime, x, key_padding_mask=None, *, output_attentions, output_hidden_states
+def siglip_vision_tower_forward(
+    tower, state: ExecutionState, x, key_padding_mask=None, *, output_attentions, output_hidden_states
 ) -> BaseModelOutputWithPooling:
     """Siglip(2)VisionModel's transformer over embeddings x (B, patches, D): no class token; pooled by the
     attention-pooling head when the config has one. key_padding_mask: (B, patches) bool, SigLIP 2's patch mask."""
     x, delta, hidden, attns = run_encoder(
         tower,
         x,
-        rt,
+        state,
         causal=False,
         key_padding_mask=key_padding_mask,
         output_attentions=output_attentions,
         output_hidden_states=output_hidden_states,
     )
-    last = final_norm(tower.post_layernorm, x, delta, hidden, rt)
+    last = final_norm(tower.post_layernorm, x, delta, hidden, state)
     pooled = None
     if getattr(tower, "use_head", True) and hasattr(tower, "head"):
-        pooled = attention_pooling_head(tower.head, last, rt, key_padding_mask)
+        pooled = attention_pooling_head(tower.head, last, state, key_padding_mask)
     return tower_output(
         BaseModelOutputWithPooling, last, pooled, hidden, attns, output_hidden_states, len(tower.encoder.layers)
     )
 
 
 def naflex_embeddings(tower, pixel_values, pixel_attention_mask, spatial_shapes):
-    """Checked SigLIP 2 inputs -> (embeddings (B, N, D), patch mask (B, N) bool)."""
+    """Checked SigLIP 2 inputs -> (embeddings (B, N, D), key_padding_mask (B, N) bool: the patch mask)."""
     config = tower.config
     patch_dim = config.num_channels * config.patch_size**2
     if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 3 or pixel_values.shape[-1] != patch_dim:
@@ -124,14 +131,14 @@ def naflex_embeddings(tower, pixel_values, pixel_attention_mask, spatial_shapes)
     return tower.embeddings(pixel_values, spatial_shapes), pixel_attention_mask != 0
 
 
-def _siglip_vision(tower, rt, pixel_values, interpolate_pos_encoding, oa, oh):
+def _siglip_vision(tower, state, pixel_values, interpolate_pos_encoding, oa, oh):
     x = image_embeddings(tower, pixel_values, interpolate_pos_encoding)  # (B, patches, D)
-    return vision_tower_forward(tower, rt, x, output_attentions=oa, output_hidden_states=oh)
+    return siglip_vision_tower_forward(tower, state, x, output_attentions=oa, output_hidden_states=oh)
 
 
-def _siglip2_vision(tower, rt, pixel_values, pixel_attention_mask, spatial_shapes, oa, oh):
-    x, mask = naflex_embeddings(tower, pixel_values, pixel_attention_mask, spatial_shapes)
-    return vision_tower_forward(tower, rt, x, mask, output_attentions=oa, output_hidden_states=oh)
+def _siglip2_vision(tower, state, pixel_values, pixel_attention_mask, spatial_shapes, oa, oh):
+    x, key_padding_mask = naflex_embeddings(tower, pixel_values, pixel_attention_mask, spatial_shapes)
+    return siglip_vision_tower_forward(tower, state, x, key_padding_mask, output_attentions=oa, output_hidden_states=oh)
 
 
 def _sigmoid_logits(model, vision, text, return_loss, output_cls):
@@ -160,7 +167,7 @@ class _TextForward:
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, **kwargs):
         oa, oh, rd = self._flags(kwargs)
-        out = text_tower_forward(
+        out = siglip_text_tower_forward(
             self, self._fastenc, input_ids, attention_mask, position_ids, output_attentions=oa, output_hidden_states=oh
         )
         return model_output(out, rd)
@@ -177,7 +184,7 @@ class _TextFeatures:
 
     def get_text_features(self, input_ids=None, attention_mask=None, position_ids=None, **kwargs):
         oa, oh, rd = self._flags(kwargs)
-        out = text_tower_forward(
+        out = siglip_text_tower_forward(
             self.text_model,
             self._fastenc,
             input_ids,

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from transformers import T5EncoderModel
+from transformers import T5EncoderModel, UMT5EncoderModel
 from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
 
 from .. import ops
@@ -49,7 +49,8 @@ from ..core.errors import InputError, UnsupportedModelError
 from ..core.trace import fall_back, record, tracing
 from ..ops.reference import attention_with_probs, relative_position_buckets
 from ._base import (
-    Runtime,
+    ExecutionState,
+    KeptTensors,
     check_device,
     fuse_linears,
     hidden_state_selection,
@@ -58,15 +59,11 @@ from ._base import (
     norm_eps,
     plain_linear,
     project,
+    same_storage,
     structure_generation,
 )
-from ._config import activation_module_name, compare, module_activation, run_activation_module, warn_mismatches
+from ._config import activation_module_name, compare_field, module_activation, run_activation_module, warn_mismatches
 from ._encoder import FastencModelMixin, finish_hidden, model_output, residual_dtype
-
-try:
-    from transformers import UMT5EncoderModel
-except ImportError:  # pragma: no cover - every transformers 5.x has it
-    UMT5EncoderModel = None
 
 FP16_MAX = torch.finfo(torch.float16).max
 
@@ -141,7 +138,7 @@ def _audit_t5(model) -> None:
             f"feed-forward act is {', '.join(acts)}"
         )
     gated = "wi_0" in dense._modules
-    compare(mismatches, config, "is_gated_act", gated, "the feed-forward's gating (wi_0 / wi_1)")
+    compare_field(mismatches, config, "is_gated_act", gated, "the feed-forward's gating (wi_0 / wi_1)")
     proj = getattr(config, "feed_forward_proj", None)
     if isinstance(proj, str) and (proj.split("-")[0] == "gated") != gated:
         mismatches.append(f"config.feed_forward_proj={proj!r} but the feed-forward is {type(dense).__name__}")
@@ -153,12 +150,12 @@ def _audit_t5(model) -> None:
         ("layer_norm_epsilon", norm_eps(ff._modules["layer_norm"]), "layer_norm.variance_epsilon"),
         ("dropout_rate", float(ff._modules["dropout"].p), "the dropout modules' p"),
     ):
-        compare(mismatches, config, attr, actual, what if "." in what else f"{what} {attr}")
+        compare_field(mismatches, config, attr, actual, what if "." in what else f"{what} {attr}")
     warn_mismatches(type(model).__name__, mismatches)
 
 
 def _embed(stack, input_ids, attention_mask, inputs_embeds):
-    """Checked embeddings. Returns x (B, S, D) and the key mask (B, S) bool or None."""
+    """Checked embeddings. Returns x (B, S, D) and the key_padding_mask (B, S) bool (True = real token) or None."""
     device = stack.embed_tokens.weight.device
     if (input_ids is None) == (inputs_embeds is None):
         raise InputError("pass exactly one of input_ids ((batch, sequence) integers) or inputs_embeds")
@@ -201,22 +198,16 @@ def _embed(stack, input_ids, attention_mask, inputs_embeds):
 # ------------------------------------------------------------------------------------------------------ tower
 
 
-def t5_layer_weights(rt: Runtime, blocks) -> tuple[str, list[tuple]] | None:
+def t5_layer_weights(state: ExecutionState, blocks) -> tuple[str, list[tuple]] | None:
     """(activation, per block what `_t5_fast_layers` reads), collected once per model and reused while current (as
     `_encoder.layer_weights` for CLIP / SigLIP: same structure generation, the fused q/k/v and wi_0/wi_1 buffers are
     still the weights' storage with the same layout (`layout_key`), no linear got a hook, autograd does not record
     into the weights). None where a block needs the general loop: a wrapped or hooked linear, a relative-bias table
     past block 0 (UMT5), autograd, activation modules that are not one fused activation."""
     key = ("t5-blocks", id(blocks))
-    cache = rt.fused.get(key)
-    if cache is not None and cache[0] == structure_generation() and cache[1] is blocks:
-        fused, ptrs, hooks, weights = cache[2], cache[3], cache[4], cache[5]
-        if (
-            layout_key(fused) == ptrs
-            and not any(hooks)
-            and not (torch.is_grad_enabled() and any(t.requires_grad for t in fused))
-        ):
-            return weights
+    kept = state.fused.get(key)
+    if kept is not None and kept.current(blocks):
+        return kept.value
     gen = structure_generation()
     if not len(blocks):
         return None
@@ -235,8 +226,8 @@ def t5_layer_weights(rt: Runtime, blocks) -> tuple[str, list[tuple]] | None:
         lins = (am["q"], am["k"], am["v"], am["o"], *((fm["wi_0"], fm["wi_1"]) if gated else (fm["wi"],)), fm["wo"])
         if not all(map(plain_linear, lins)):
             return None
-        qkv = fuse_linears(rt, attn, ("q", "k", "v"))
-        wi = fuse_linears(rt, ff._modules["DenseReluDense"], ("wi_0", "wi_1")) if gated else (fm["wi"].weight, None)
+        qkv = fuse_linears(state, attn, ("q", "k", "v"))
+        wi = fuse_linears(state, ff._modules["DenseReluDense"], ("wi_0", "wi_1")) if gated else (fm["wi"].weight, None)
         if qkv is None or wi is None or not (_is_storage_of(qkv[0], lins[0]) and _is_storage_of(wi[0], lins[4])):
             return None  # a per-call cat (autograd, compile): nothing to keep
         table = am["relative_attention_bias"]._parameters["weight"] if i == 0 else None
@@ -248,9 +239,9 @@ def t5_layer_weights(rt: Runtime, blocks) -> tuple[str, list[tuple]] | None:
         fused.extend(m._parameters["weight"] for m in lins)
         linears.extend((*lins, _ff_act(block)))
     fused = tuple(fused)
-    hooks = tuple(d for m in linears for d in (m._forward_hooks, m._forward_pre_hooks))
+    hooks = tuple(d for m in linears for d in (m._forward_hooks, m._forward_pre_hooks))  # checked empty per call
     cached = (acts.pop(), weights)
-    rt.fused[key] = (gen, blocks, fused, layout_key(fused), hooks, cached)
+    state.fused[key] = KeptTensors(gen, blocks, fused, layout_key(fused), hooks, cached)
     return cached
 
 
@@ -261,10 +252,10 @@ def _ff_act(block):
 
 def _is_storage_of(buffer: torch.Tensor, m) -> bool:
     """The fused buffer is the linear's weight storage (a view laid out by `prefuse`), not a copy."""
-    return buffer.untyped_storage().data_ptr() == m._parameters["weight"].untyped_storage().data_ptr()
+    return same_storage(buffer, m._parameters["weight"])
 
 
-def _t5_fast_layers(weights, x, plan, amask, act: str, cdt: torch.dtype):
+def _t5_fast_layers(weights, x, plan, mask, act: str, cdt: torch.dtype):
     """The general loop of `t5_encoder_forward` over prevalidated plain blocks (fp32 / bf16: no fp16 policy), no
     hidden states or attentions: tensors and prebound callables only. Returns (x, delta), delta left unsummed."""
     b, s, _ = x.shape
@@ -280,7 +271,7 @@ def _t5_fast_layers(weights, x, plan, amask, act: str, cdt: torch.dtype):
             h, x = rms_norm(residual_dtype(delta, x), ln1._parameters["weight"], norm_eps(ln1), x)
         nh, dk = attn.n_heads, attn.key_value_proj_dim
         q, k, v = lin(h.to(cdt), wqkv).view(b, s, 3, nh, dk).permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, S, Dk)
-        o = attention(q, k, v, amask, _scaling(attn), table).transpose(1, 2).reshape(b, s, nh * dk)
+        o = attention(q, k, v, mask, _scaling(attn), table).transpose(1, 2).reshape(b, s, nh * dk)
         a = lin(o.to(wo.dtype), wo).to(x.dtype)
         h, x = rms_norm(a, ln2._parameters["weight"], norm_eps(ln2), x)
         h = h.to(cdt)
@@ -294,11 +285,11 @@ def _t5_fast_layers(weights, x, plan, amask, act: str, cdt: torch.dtype):
 
 
 def t5_encoder_forward(
-    model, rt: Runtime, input_ids, attention_mask, inputs_embeds, *, output_attentions, output_hidden_states
+    model, state: ExecutionState, input_ids, attention_mask, inputs_embeds, *, output_attentions, output_hidden_states
 ) -> BaseModelOutputWithPastAndCrossAttentions:
     """The T5 / UMT5 encoder stack of `model` (model.encoder: embed_tokens, block, final_layer_norm)."""
     stack = model.encoder
-    x, mask = _embed(stack, input_ids, attention_mask, inputs_embeds)
+    x, key_padding_mask = _embed(stack, input_ids, attention_mask, inputs_embeds)
     b, s, _ = x.shape
     blocks = stack.block
     cdt = blocks[0].layer[0].SelfAttention.q.weight.dtype  # compute dtype of the GEMMs
@@ -330,18 +321,18 @@ def t5_encoder_forward(
     attns = [] if output_attentions else None
     table = None
     delta = None
-    plan = rt.plan(x.device)
+    plan = state.plan(x.device)
     rms_norm, attention = plan.rms_norm, plan.attention
-    amask = None  # the attention mask of the current table, converted once per table (T5: once per forward)
+    mask = None  # the plan's mask for the current table, converted once per table (T5: once per forward)
     weights = None
     if not (wide or hidden is not None or attns is not None or tracing() or torch.compiler.is_compiling()
             or torch.is_autocast_enabled(x.device.type)):  # fmt: skip
-        weights = t5_layer_weights(rt, blocks)
+        weights = t5_layer_weights(state, blocks)
     if weights is not None:
         act, weights = weights
         table = weights[0][0]
-        amask = plan.mask(mask, False, s, s, x.device, rel_bias=(table, lut), dtype=cdt)
-        x, delta = _t5_fast_layers(weights, x, plan, amask, act, cdt)
+        mask = plan.mask(key_padding_mask, False, s, s, x.device, rel_bias=(table, lut), dtype=cdt)
+        x, delta = _t5_fast_layers(weights, x, plan, mask, act, cdt)
     for block in blocks if weights is None else ():  # the general loop: hooks, wrapped linears, fp16, outputs
         sub = list(block._modules["layer"]._modules.values())
         sa, ff = sub[0], sub[-1]
@@ -349,7 +340,7 @@ def t5_encoder_forward(
         if attn.has_relative_attention_bias:
             table = attn._modules["relative_attention_bias"]._parameters["weight"]  # (num_buckets, H); T5: layer 0
             if attns is None:  # only, UMT5: every layer
-                amask = plan.mask(mask, False, s, s, x.device, rel_bias=(table, lut), dtype=cdt)
+                mask = plan.mask(key_padding_mask, False, s, s, x.device, rel_bias=(table, lut), dtype=cdt)
         ln = sa._modules["layer_norm"]
         if delta is None:
             h = rms_norm(x, ln._parameters["weight"], norm_eps(ln), None)
@@ -359,7 +350,7 @@ def t5_encoder_forward(
                 hidden.append(visible(x))
         h = h.to(cdt)
         nh, dk = attn.n_heads, attn.key_value_proj_dim
-        fused = fuse_linears(rt, attn, ("q", "k", "v"))  # (3 H Dk, D)
+        fused = fuse_linears(state, attn, ("q", "k", "v"))  # (3 H Dk, D)
         am = attn._modules
         if fused is not None:
             qkv = linear(h, fused[0]).view(b, s, 3, nh, dk)  # (B, S, 3, H, Dk)
@@ -367,12 +358,12 @@ def t5_encoder_forward(
         else:
             q, k, v = (project(am[n], h).view(b, s, nh, dk).transpose(1, 2) for n in ("q", "k", "v"))
         if attns is not None:
-            rt.fallback("attention", "output_attentions=True needs the probabilities")
+            state.fallback("attention", "output_attentions=True needs the probabilities")
             record("torch", "attention")
-            o, p = attention_with_probs(q, k, v, mask, None, table, lut, scale=_scaling(attn))
+            o, p = attention_with_probs(q, k, v, key_padding_mask, None, table, lut, scale=_scaling(attn))
             attns.append(p)
         else:
-            o = attention(q, k, v, amask, _scaling(attn), table)  # (B, H, S, Dk), a view of (B, S, H, Dk)
+            o = attention(q, k, v, mask, _scaling(attn), table)  # (B, H, S, Dk), a view of (B, S, H, Dk)
         o = o.transpose(1, 2).reshape(b, s, nh * dk)  # free for the kernel's layout
         a = branch_linear(o, am["o"])  # (B, S, D), x.dtype
         ln = ff._modules["layer_norm"]
@@ -383,7 +374,7 @@ def t5_encoder_forward(
         act_module = mm["act"]
         act = module_activation(act_module)  # the module transformers' forward calls (None: no fused kernel)
         if "wi_0" in mm:
-            fused = fuse_linears(rt, mlp, ("wi_0", "wi_1"))  # (2F, D)
+            fused = fuse_linears(state, mlp, ("wi_0", "wi_1"))  # (2F, D)
             if fused is not None:
                 n = mm["wi_0"]._parameters["weight"].shape[0]
                 gu = linear(h, fused[0])  # (B, S, 2F)
@@ -391,16 +382,16 @@ def t5_encoder_forward(
             else:
                 g, u = project(mm["wi_0"], h), project(mm["wi_1"], h)
             if act is None:
-                f = run_activation_module(rt, act_module, g) * u
+                f = run_activation_module(state, act_module, g) * u
             else:
                 f = plan.gated_activation(g, u, act)  # (B, S, F)
         elif act is None:
-            f = run_activation_module(rt, act_module, project(mm["wi"], h))
+            f = run_activation_module(state, act_module, project(mm["wi"], h))
         else:
             f = plan.bias_activation(project(mm["wi"], h), None, act)
         delta = branch_linear(f, mm["wo"])
     fln = stack.final_layer_norm
-    last, x = ops.rms_norm(delta, fln.weight, norm_eps(fln), residual=x, **rt.kw)
+    last, x = ops.rms_norm(delta, fln.weight, norm_eps(fln), residual=x, **state.kw)
     if hidden is not None:
         hidden.append(last)  # transformers' last hidden state is the final norm's output
     return BaseModelOutputWithPastAndCrossAttentions(
@@ -461,12 +452,9 @@ class FastT5EncoderModel(_FastT5EncoderBase, T5EncoderModel):
     pass
 
 
+class FastUMT5EncoderModel(_FastT5EncoderBase, UMT5EncoderModel):
+    pass
+
+
 # transformers class -> fused class. Exact classes only: a subclass may change forward in ways we cannot see.
-FUSED_CLASSES = {T5EncoderModel: FastT5EncoderModel}
-
-if UMT5EncoderModel is not None:
-
-    class FastUMT5EncoderModel(_FastT5EncoderBase, UMT5EncoderModel):
-        pass
-
-    FUSED_CLASSES[UMT5EncoderModel] = FastUMT5EncoderModel
+FUSED_CLASSES = {T5EncoderModel: FastT5EncoderModel, UMT5EncoderModel: FastUMT5EncoderModel}
