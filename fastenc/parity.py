@@ -7,8 +7,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .core.dispatch import trace
 from .core.errors import InputError
+from .core.trace import trace
 
 
 @dataclass

@@ -11,11 +11,12 @@ The cache sits at the encoder call (`text_encoder(input_ids, attention_mask=...,
 pipeline's own `encode_prompt` (clip_skip, negative prompts, max_sequence_length, num_images_per_prompt, prompt
 weighting of `prompt_embeds`) runs unchanged on top of it. One entry is one row of input_ids (one prompt), keyed by
 
-    (weights fingerprint of the encoder, token ids, attention-mask row, output_hidden_states, output_attentions)
+    (weights fingerprint of the encoder, token ids, attention-mask row, output_hidden_states, device, autocast dtype)
 
-where the fingerprint covers the encoder's class, config, every parameter's and buffer's name, dtype, device, shape
-and content (an integer checksum of its bits, see `weights_fingerprint`) and the state of any PEFT/LoRA layer (active
-adapters, scaling, merged). A batch runs the encoder only on its rows that miss, then stores them.
+where the fingerprint (`weights_fingerprint`, from fastenc/core/fingerprint.py, the same key the ONNX Runtime
+backend's export cache uses) covers the encoder's class, config, every parameter's and buffer's name, dtype, device,
+shape and content (an integer checksum of its bits) and the state of any PEFT/LoRA layer (active adapters, scaling,
+merged). A batch runs the encoder only on its rows that miss, then stores them.
 """
 
 from __future__ import annotations
@@ -33,20 +34,10 @@ from pathlib import Path
 
 import torch
 
-from .core.dispatch import FallbackWarning
 from .core.errors import InputError, UnsupportedModelError
 from .core.files import TMP_SUFFIX, atomic_write_bytes
-
-# components a pipeline's encode_prompt / encode_image calls; any other transformers model is reported too
-ENCODER_COMPONENTS = (
-    "text_encoder",
-    "text_encoder_2",
-    "text_encoder_3",
-    "image_encoder",
-    "prior_text_encoder",
-    "prior_image_encoder",
-    "decoder_text_encoder",
-)
+from .core.fingerprint import weights_fingerprint
+from .core.trace import FallbackWarning
 
 
 def is_pipeline(obj) -> bool:
@@ -145,124 +136,6 @@ def restore_pipeline(pipe):
     pipe.__dict__.pop("_fastenc_prompt_cache", None)
     pipe.__dict__.pop("_fastenc_components", None)
     return pipe
-
-
-# ---------------------------------------------------------------------------------------------------- fingerprint
-
-_COEFFS: dict[tuple, torch.Tensor] = {}
-
-
-def _coeffs(n: int, device: torch.device, odd: bool, seed: int = 0) -> torch.Tensor:
-    """Fixed pseudo-random int64 coefficients (n,) on `device`: odd ones for columns, even ones for rows, so every
-    (row, column) pair weighs an element by an odd number (a single changed word always changes the checksum)."""
-    key = (n, device, odd, seed)
-    c = _COEFFS.get(key)
-    if c is None:
-        g = torch.Generator().manual_seed(0x5EED + 7919 * seed + (1 << 20) * odd + (1 << 24) * n)
-        c = torch.randint(-(2**62), 2**62, (n,), generator=g, dtype=torch.int64)
-        c = (c | 1) if odd else (c & ~1)
-        if len(_COEFFS) > 256:  # a few models' worth of lengths
-            _COEFFS.clear()
-        c = _COEFFS[key] = c.to(device)
-    return c
-
-
-_INT_VIEW = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
-
-
-def _words(t: torch.Tensor) -> torch.Tensor:
-    """t's bits as a 2-D integer matrix (R, C) of the widest word (int64, int32, ...) its rows' bytes and address
-    allow (a view when t is contiguous)."""
-    t = t.detach()
-    if t.dim() == 0:
-        t = t.reshape(1)
-    if not t.is_contiguous():
-        t = t.contiguous()
-    b = t.view(torch.uint8) if t.dtype == torch.bool else t.reshape(t.shape[0], -1).view(torch.uint8)
-    b = b.reshape(t.shape[0], -1) if t.dim() > 1 else b.reshape(1, -1)  # (R, row bytes)
-    for k, dtype in _INT_VIEW.items():
-        if b.shape[1] % k == 0 and b.data_ptr() % k == 0:
-            return b.view(dtype)
-    return b
-
-
-def _sums(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(row sums (R,), column sums (C,)) of integer words, both int64. Accumulated in the words' own width
-    (int64, else int32), wrapping: a changed word still changes its row and column sum (by d mod 2^32 or 2^64, not
-    zero). NOTE: a dtype=int64 reduction of int32 words casts on the fly and is ~25x slower on CPU (215 ms vs
-    9 ms for a 32128 x 768 matrix, 1 thread)."""
-    acc = torch.int64 if w.dtype == torch.int64 else torch.int32
-    return w.sum(1, dtype=acc).to(torch.int64), w.sum(0, dtype=acc).to(torch.int64)
-
-
-def tensor_checksum(t: torch.Tensor) -> torch.Tensor:
-    """An int64 0-dim tensor on t's device from t's bits: the words (t's bytes as int64 / int32 / ...) as a 2-D
-    matrix W, then sum_i r_i * rowsum_i(W) + sum_j c_j * colsum_j(W) mod 2^64, r even and c odd (fixed). Any
-    single changed element changes it (its word's row and column sums change by d != 0, the checksum by d * odd);
-    several changed elements go unseen only if their weighted changes cancel mod 2^64 exactly. Two reads of t, no
-    copy of t in another dtype (the sums accumulate in int64). `weights_fingerprint` applies the same rule to
-    all of a module's tensors at once (their row and column sums concatenated)."""
-    rows, cols = _sums(_words(t))  # (R,), (C,)
-    return (rows * _coeffs(rows.numel(), t.device, False)).sum() + (cols * _coeffs(cols.numel(), t.device, True)).sum()
-
-
-def _adapter_state(module: torch.nn.Module) -> list:
-    """The non-tensor state of PEFT tuner layers (LoRA scale, active adapters, merged / disabled flags)."""
-    out = []
-    for name, m in module.named_modules():
-        if hasattr(m, "merged") and hasattr(m, "scaling"):
-            out.append(
-                (
-                    name,
-                    sorted((k, float(v)) for k, v in dict(m.scaling).items()),
-                    list(getattr(m, "active_adapters", [])),
-                    bool(m.merged),
-                    bool(getattr(m, "disable_adapters", False)),
-                )
-            )
-    return out
-
-
-_CONFIG_NOT_KEYED = ("_name_or_path", "_commit_hash", "transformers_version", "architectures")
-
-
-def weights_fingerprint(module: torch.nn.Module) -> str:
-    """A hex digest that changes when anything that changes `module`'s forward changes: its (original) class and
-    config, and for every parameter and buffer its name, dtype, shape, device and content (`tensor_checksum`, on the
-    tensor's own device; one host sync for the whole module), plus PEFT layers' adapter state. Content, not
-    `tensor._version`: in-place edits through `.data`, fused optimizers and LoRA merges (`fuse_lora`) do not bump
-    the version counter. Cost: two reads of every weight per call (about the bandwidth of one forward's weight
-    traffic at batch 1; see the README for measured figures)."""
-    h = hashlib.sha256()
-    base = getattr(module, "_fastenc_base", type(module))
-    h.update(f"{base.__module__}.{base.__qualname__}".encode())
-    config = getattr(module, "config", None)
-    if config is not None and hasattr(config, "to_dict"):  # where it was loaded from does not change the forward
-        cfg = {k: v for k, v in config.to_dict().items() if k not in _CONFIG_NOT_KEYED}
-        h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
-    sums: dict[torch.device, tuple[list, list]] = {}
-    meta = []
-    with torch.no_grad():
-        for kind, named in (("p", module.named_parameters(remove_duplicate=False)), ("b", module.named_buffers())):
-            for name, t in named:
-                if t is None:
-                    continue
-                meta.append((kind, name, str(t.dtype), tuple(t.shape), str(t.device)))
-                if t.numel():
-                    rows, cols = sums.setdefault(t.device, ([], []))
-                    r, c = _sums(_words(t))
-                    rows.append(r)  # (R,)
-                    cols.append(c)  # (C,)
-    h.update(repr(meta).encode())
-    h.update(repr(_adapter_state(module)).encode())
-    for device in sorted(sums, key=str):  # a handful of ops and one host copy (sync) per device
-        r, c = torch.cat(sums[device][0]), torch.cat(sums[device][1])
-        mixed = [
-            (r * _coeffs(r.numel(), device, False, s)).sum() + (c * _coeffs(c.numel(), device, True, s)).sum()
-            for s in (0, 1)
-        ]  # two independent 64-bit checksums
-        h.update(torch.stack(mixed).cpu().numpy().tobytes())
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------------- prompt cache
@@ -724,7 +597,7 @@ class _CachedForward:
                 return_dict=True,
             )
             out = self.forward(**run_kwargs)
-            cls, fields, tuples = _flatten(out)
+            cls, fields, tuples = _entry_from_output(out)
             for i, b in enumerate(miss):
                 entry = (cls, {k: v[i : i + 1].clone() for k, v in fields.items()}, tuples)
                 rows[b] = entry
@@ -747,7 +620,7 @@ class _CachedForward:
         return self.forward(*args, **kwargs)
 
 
-def _flatten(out) -> tuple[type, dict, dict]:
+def _entry_from_output(out) -> tuple[type, dict, dict]:
     """(output class, {field or "field.i": tensor (B, ...)}, {tuple field: its length}) of a ModelOutput; None fields
     and None entries of tuples (hidden states not asked for) are left out."""
     fields, tuples = {}, {}
@@ -960,7 +833,6 @@ def _sync() -> None:
 
 __all__ = [
     "DEFAULT_MAX_DISK_BYTES",
-    "ENCODER_COMPONENTS",
     "EncoderTimer",
     "PromptCache",
     "PromptCacheWarning",
@@ -970,6 +842,5 @@ __all__ = [
     "load_pipeline",
     "optimize_pipeline",
     "restore_pipeline",
-    "tensor_checksum",
     "weights_fingerprint",
 ]

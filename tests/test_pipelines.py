@@ -375,7 +375,7 @@ def test_disk_cache_round_trip(dirs, pairs, tmp_path):
 
 
 def test_weights_fingerprint_sees_single_bit_flips():
-    from fastenc.pipelines import tensor_checksum
+    from fastenc.core.fingerprint import tensor_checksum
 
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         t = torch.randn(33, 17).to(dtype)
@@ -387,6 +387,21 @@ def test_weights_fingerprint_sees_single_bit_flips():
         u = t.clone()
         u[[1, 2]] = u[[2, 1]]  # two rows swapped
         assert tensor_checksum(u) != base or torch.equal(t[1], t[2])
+
+
+def test_weights_fingerprint_follows_content_not_address():
+    """The same values at an address that is not a multiple of the word size (a slice of a larger buffer, as the fused
+    q/k/v layout or a memory-mapped checkpoint gives) have the checksum and fingerprint of an aligned copy."""
+    from fastenc.core.fingerprint import tensor_checksum, weights_fingerprint
+
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        odd = torch.randn(1 + 6 * 8).to(dtype)[1:].view(6, 8)  # one element past an aligned start
+        assert odd.data_ptr() % 8
+        assert tensor_checksum(odd) == tensor_checksum(odd.clone()), dtype
+        a, b = torch.nn.Module(), torch.nn.Module()
+        a.weight, b.weight = torch.nn.Parameter(odd), torch.nn.Parameter(odd.clone())
+        assert a.weight.data_ptr() % 8 and not b.weight.data_ptr() % 8
+        assert weights_fingerprint(a) == weights_fingerprint(b), dtype
 
 
 # ------------------------------------------------------------------------------------------------ fp16 T5

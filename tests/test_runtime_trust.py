@@ -8,6 +8,7 @@ announced once with its path and size."""
 
 import shutil
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -43,7 +44,7 @@ def rel_err(a, b) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
 
 
-def cache_file(fast) -> "runtime.Path":
+def cache_file(fast) -> Path:
     state = fast._fastenc_ort
     key = state.cache_key(fast, runtime.weights_fingerprint(fast))
     return runtime.cache_dir() / "onnx" / f"{fast._fastenc_base.__name__}-{key}" / "model.onnx"
@@ -171,6 +172,27 @@ def test_the_export_written_into_the_cache_is_announced_once():
     with warnings.catch_warnings():
         warnings.simplefilter("error", runtime.CacheWarning)
         run_ort(again, ids, mask)
+
+
+def test_one_fingerprint_keys_the_onnx_cache_and_the_prompt_cache(tmp_path):
+    """The ONNX Runtime backend and the prompt cache key their entries with one weights_fingerprint, which leaves out
+    where a checkpoint was loaded from: the same weights saved and loaded again reuse the cached export."""
+    assert runtime.weights_fingerprint is fastenc.pipelines.weights_fingerprint
+    model = text_model()
+    ids, mask = ids_and_mask()
+    first = fastenc.optimize(model, backend="onnxruntime")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", runtime.CacheWarning)
+        run_ort(first, ids, mask)
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = tf.CLIPTextModelWithProjection.from_pretrained(tmp_path / "ckpt").eval()
+    assert loaded.config._name_or_path != model.config._name_or_path
+    again = fastenc.optimize(loaded, backend="onnxruntime")
+    got, t = run_ort(again, ids, mask)
+    assert t.counts["onnxruntime.forward"] == 1 and again._fastenc_ort.exports == 0
+    assert cache_file(again) == cache_file(first)
+    with torch.no_grad():
+        assert rel_err(got.text_embeds, model(ids, mask).text_embeds) < FP32_TOLERANCE
 
 
 def test_concurrent_first_calls_export_once_and_trust_each_other():

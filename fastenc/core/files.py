@@ -1,6 +1,6 @@
-"""Support for what fastenc writes and reads back: atomic writes, a file's content digest, streamed, and sizes in
-words. Leaf module (standard library only), shared by the ONNX export cache, the prompt cache, embed's checkpoint
-digests and FAISS records, fine-tuning checkpoints and `fastenc cache`."""
+"""Support for what fastenc writes and reads back: the cache root, atomic writes, a file's content digest, streamed, and
+sizes in words. Leaf module (standard library only), shared by the ONNX export cache, the prompt cache, embed's
+checkpoint digests and FAISS records, fine-tuning checkpoints and `fastenc cache`."""
 
 from __future__ import annotations
 
@@ -12,6 +12,17 @@ from pathlib import Path
 
 TMP_SUFFIX = ".tmp"  # a writer's temporary file: .<name>.<pid>.<hex>.tmp beside its target (`fastenc cache` knows it)
 _CHUNK = 1 << 23  # 8 MiB reads: a 20 GB checkpoint is hashed in constant memory
+ENV_CACHE = "FASTENC_CACHE"
+
+
+def cache_dir() -> Path:
+    """The root of fastenc's caches (ONNX exports, prompt-cache entries, embed's digests): $FASTENC_CACHE, else
+    ~/.cache/fastenc (XDG_CACHE_HOME respected)."""
+    env = os.environ.get(ENV_CACHE)
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "fastenc"
 
 
 def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:

@@ -29,13 +29,10 @@ import torch
 import torch.nn.functional as F
 
 from ..core.errors import InputError, UnsupportedModelError
+from .probe import _base_name
 from .tokens import check_prompts
 
 CLIP_MAX_LENGTH = 77
-
-
-def _base_name(model) -> str:
-    return getattr(model, "_fastenc_base", type(model)).__name__
 
 
 def _check_tower(model, arg: str, allowed: tuple[str, ...]) -> None:
@@ -74,7 +71,7 @@ def _check_batch(named: dict[str, torch.Tensor]) -> None:
         raise InputError(f"every tower needs the same batch size, got {sizes}")
 
 
-def _device(model) -> torch.device:
+def _model_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
@@ -105,8 +102,8 @@ def sdxl_conditioning(
     te1 = _maybe_optimize(text_encoder_1, optimize, backend, strict)
     te2 = _maybe_optimize(text_encoder_2, optimize, backend, strict)
     ids = {
-        "clip_1": _ids_for("clip_1", tok1, prompts, input_ids, CLIP_MAX_LENGTH, _device(te1)),
-        "clip_2": _ids_for("clip_2", tok2, prompts, input_ids, CLIP_MAX_LENGTH, _device(te2)),
+        "clip_1": _ids_for("clip_1", tok1, prompts, input_ids, CLIP_MAX_LENGTH, _model_device(te1)),
+        "clip_2": _ids_for("clip_2", tok2, prompts, input_ids, CLIP_MAX_LENGTH, _model_device(te2)),
     }
     _check_batch(ids)
     with torch.no_grad():
@@ -151,9 +148,9 @@ def sd3_conditioning(
     prompts = None if prompts is None else check_prompts(prompts)
     clip_l, clip_g, t5 = (_maybe_optimize(m, optimize, backend, strict) for m in (clip_l, clip_g, t5))
     ids = {
-        "clip_l": _ids_for("clip_l", tok_l, prompts, input_ids, CLIP_MAX_LENGTH, _device(clip_l)),
-        "clip_g": _ids_for("clip_g", tok_g, prompts, input_ids, CLIP_MAX_LENGTH, _device(clip_g)),
-        "t5": _ids_for("t5", tok_t5, prompts, input_ids, t5_max_length, _device(t5)),
+        "clip_l": _ids_for("clip_l", tok_l, prompts, input_ids, CLIP_MAX_LENGTH, _model_device(clip_l)),
+        "clip_g": _ids_for("clip_g", tok_g, prompts, input_ids, CLIP_MAX_LENGTH, _model_device(clip_g)),
+        "t5": _ids_for("t5", tok_t5, prompts, input_ids, t5_max_length, _model_device(t5)),
     }
     _check_batch(ids)
     with torch.no_grad():
@@ -192,8 +189,8 @@ def flux_conditioning(
     prompts = None if prompts is None else check_prompts(prompts)
     clip_l, t5 = (_maybe_optimize(m, optimize, backend, strict) for m in (clip_l, t5))
     ids = {
-        "clip_l": _ids_for("clip_l", tok_l, prompts, input_ids, CLIP_MAX_LENGTH, _device(clip_l)),
-        "t5": _ids_for("t5", tok_t5, prompts, input_ids, t5_max_length, _device(t5)),
+        "clip_l": _ids_for("clip_l", tok_l, prompts, input_ids, CLIP_MAX_LENGTH, _model_device(clip_l)),
+        "t5": _ids_for("t5", tok_t5, prompts, input_ids, t5_max_length, _model_device(t5)),
     }
     _check_batch(ids)
     with torch.no_grad():

@@ -12,18 +12,34 @@ Server model repositories, and the `fastenc export` command (`cli.add_export_par
 onnx / onnxruntime (the `export` extra) and tensorrt are imported only when used. Running the exported files as
 drop-in encoders: fastenc.runtime (`load`, and `fastenc.optimize(model, backend="onnxruntime")`)."""
 
-from .onnx_export import (
-    ExportReport,
-    OnnxParityReport,
-    TensorSpec,
-    export_onnx,
-    onnx_parity,
-    read_io,
-    to_onnx,
-)
-from .tensorrt_engine import resolve_profiles, to_tensorrt
-from .towers import supported_classes
-from .triton_repo import to_triton_repository, triton_config
+import importlib as _importlib
+
+_LAZY = {  # public name -> its module, imported on first use (they import torch; `fastenc export --help` does not)
+    "ExportReport": ".onnx_export",
+    "OnnxParityReport": ".onnx_export",
+    "TensorSpec": ".onnx_export",
+    "export_onnx": ".onnx_export",
+    "onnx_parity": ".onnx_export",
+    "read_io": ".onnx_export",
+    "to_onnx": ".onnx_export",
+    "resolve_profiles": ".tensorrt_engine",
+    "to_tensorrt": ".tensorrt_engine",
+    "supported_classes": ".towers",
+    "to_triton_repository": ".triton_repo",
+    "triton_config": ".triton_repo",
+}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = globals()[name] = getattr(_importlib.import_module(_LAZY[name], __name__), name)
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "ExportReport",

@@ -251,15 +251,3 @@ def _run(args) -> int:
 
 def _files(root: Path) -> list[str]:
     return [str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()]
-
-
-def main(argv=None) -> int:
-    """Stand-alone entry (`python -m fastenc.export.cli`), until fastenc.cli wires `add_export_parser` in."""
-    p = argparse.ArgumentParser(prog="fastenc")
-    add_export_parser(p.add_subparsers(dest="cmd", required=True))
-    args = p.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -116,14 +116,16 @@ class ExportReport:
 # ------------------------------------------------------------------------------------------------ arguments
 
 
-def _need(module: str, extra: str = "export"):
+def need_package(module: str, what: str = "fastenc.export", extra: str = "export"):
+    """The optional package `module` (onnx, onnxruntime, onnxscript, tensorrt), imported; BackendUnavailableError
+    naming `what` needs it and the extra that installs it when it is missing. fastenc.runtime uses it too."""
     import importlib
 
     try:
         return importlib.import_module(module)
     except ImportError as e:
         raise BackendUnavailableError(
-            f"fastenc.export needs the `{module}` package (pip install 'fastenc[{extra}]'): {e}"
+            f"{what} needs the `{module}` package (pip install 'fastenc[{extra}]'): {e}"
         ) from e
 
 
@@ -140,7 +142,7 @@ def check_dtype(dtype, model_dtype: torch.dtype) -> torch.dtype:
 
 
 def check_opset(opset, exporter: str) -> int:
-    onnx = _need("onnx")
+    onnx = need_package("onnx")
     newest = onnx.defs.onnx_opset_version()
     if opset is None:
         return DEFAULT_OPSET
@@ -321,7 +323,7 @@ def export_record(tower: Tower, *, opset: int, dtype: torch.dtype, optimize: boo
 
 def read_metadata(path) -> dict[str, str]:
     """The metadata_props of an ONNX file (weights not read). InputError naming the path when it is not one."""
-    onnx = _need("onnx")
+    onnx = need_package("onnx")
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # noqa: BLE001 - protobuf's DecodeError and friends: not an ONNX file
@@ -385,7 +387,7 @@ def _trace(tower: Tower, file: Path, opset: int, exporter: str, external: bool) 
                 do_constant_folding=True,
             )
         else:
-            _need("onnxscript")
+            need_package("onnxscript", extra="export-dynamo")
             dims = {}
             for axes in tower.input_axes.values():
                 for name in axes.values():
@@ -476,7 +478,7 @@ def to_fp16(proto, scratch: Path | None = None):
 
 
 def _optimize(tower: Tower, src: Path, dst: Path, fp16: bool, external: bool) -> tuple[dict, list[Path]]:
-    _need("onnxruntime")
+    need_package("onnxruntime")
     from onnxruntime.transformers.optimizer import optimize_model
 
     heads, hidden = tower.heads_and_hidden
@@ -493,7 +495,7 @@ def _optimize(tower: Tower, src: Path, dst: Path, fp16: bool, external: bool) ->
 
 
 def _ort_session(path, providers=None):
-    ort = _need("onnxruntime")
+    ort = need_package("onnxruntime")
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     return ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"])
@@ -542,7 +544,7 @@ def export_onnx(
     tower.nested = nested_outputs
     extra = check_metadata(metadata)
     out_path = check_output_path(path)
-    onnx = _need("onnx")
+    onnx = need_package("onnx")
     model_dtype = next(tower.module.parameters()).dtype
     out_dtype = check_dtype(dtype, model_dtype)
     quantize = check_quantize(quantize, out_dtype, optimize, tower.kind)
@@ -682,7 +684,7 @@ def to_onnx(
 
 def read_io(path) -> tuple[list[TensorSpec], list[TensorSpec]]:
     """Inputs and outputs of an ONNX file: name, element type, dims (int or axis name; "?" if unnamed)."""
-    onnx = _need("onnx")
+    onnx = need_package("onnx")
     proto = onnx.load(str(path), load_external_data=False)
 
     def spec(vi):

@@ -275,7 +275,7 @@ def _session(path):
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def _pooled(outs: dict, feed: dict, field: str | None = None):
+def _pooled_embeddings(outs: dict, feed: dict, field: str | None = None):
     """(name, pooled embeddings (N, D) as float64 numpy) from one graph's outputs."""
     import numpy as np
 
@@ -331,10 +331,10 @@ def quantization_report(tower, fp32_path, int8_path, *, min_cosine: float = MIN_
         embedding = "image_embeds + text_embeds"
     else:
         fq, fc = feed_for(PROBE_QUERIES, 101), feed_for(PROBE_CLASSES, 202)
-        embedding, q32 = _pooled(run(s32, fq), fq)
-        _, q8 = _pooled(run(s8, fq), fq, embedding if not embedding.startswith("mean") else None)
-        _, c32 = _pooled(run(s32, fc), fc)
-        _, c8 = _pooled(run(s8, fc), fc)
+        embedding, q32 = _pooled_embeddings(run(s32, fq), fq)
+        _, q8 = _pooled_embeddings(run(s8, fq), fq, embedding if not embedding.startswith("mean") else None)
+        _, c32 = _pooled_embeddings(run(s32, fc), fc)
+        _, c8 = _pooled_embeddings(run(s8, fc), fc)
         cos = _cosine_rows(q32, q8)
         top32 = (_normed(q32) @ _normed(c32).T).argmax(1)
         top8 = (_normed(q8) @ _normed(c8).T).argmax(1)

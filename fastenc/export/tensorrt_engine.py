@@ -23,7 +23,7 @@ import os
 from pathlib import Path
 
 from ..core.errors import BackendUnavailableError, InputError
-from .onnx_export import check_output_path, read_io
+from .onnx_export import check_output_path, need_package, read_io
 
 # axis name -> (min, opt, max)
 DEFAULT_AXES = {
@@ -104,12 +104,7 @@ def resolve_profiles(onnx_path, profiles=None) -> list[dict[str, tuple[tuple[int
 
 
 def _check_tensorrt():
-    try:
-        import tensorrt as trt
-    except ImportError as e:
-        raise BackendUnavailableError(
-            f"to_tensorrt needs the `tensorrt` Python package (NVIDIA TensorRT 10): {e}"
-        ) from e
+    trt = need_package("tensorrt", "to_tensorrt (NVIDIA TensorRT 10)", "tensorrt")
     try:
         import torch
 
