@@ -36,7 +36,8 @@ if not os.environ.get("TRITON_INTERPRET") and "--device" not in sys.argv:  # CPU
 def main(argv=None) -> int:
     from fastenc._cli_common import fail
     from fastenc.core.errors import FastencError
-    from fastenc.train import add_arguments, run_cli
+    from fastenc.train import run_cli
+    from fastenc.train_config import add_arguments
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)

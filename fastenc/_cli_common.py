@@ -1,6 +1,6 @@
 """What every fastenc subcommand shares: the one error format (`fastenc <command>: error: ...`, exit status 2),
 argument parsing of devices and checkpoints. A leaf of the CLI: `fastenc.cli` and each subcommand's module import
-it, it imports none of them."""
+it, it imports none of them. Nothing here imports torch at the top (the parsers and `--help` run without it)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 BAD_INPUT = 2  # exit status of every subcommand on bad input
 
 
-class _Parser(argparse.ArgumentParser):
+class CommandParser(argparse.ArgumentParser):
     """argparse with the CLI's one error format: `fastenc <command>: error: <message>` on one line, exit status 2
     (subparsers inherit the class)."""
 
@@ -83,10 +83,10 @@ def load_checkpoint(path: str, flag: str = "--model"):
         raise InputError(f"{flag} {path!r} could not be loaded as a transformers checkpoint: {first}") from None
 
 
-def _reexec_with_interpreter(argv: list[str]) -> None:
-    """Run this command again in a process that starts with TRITON_INTERPRET=1. Setting it here would be too late:
-    `import fastenc` imports transformers, which imports triton, and triton fixes the interpreter mode of its own
-    library functions when it is imported."""
+def rerun_with_triton_interpreter(argv: list[str]) -> None:
+    """Run this command again in a process that starts with TRITON_INTERPRET=1. triton fixes the interpreter mode of
+    its own library functions when it is first imported, and this process may already have imported it (through
+    transformers or fastenc's kernels); a fresh process is sure not to have."""
     sys.stdout.flush()
     env = dict(os.environ, TRITON_INTERPRET="1")
     os.execve(sys.executable, [sys.executable, "-m", "fastenc.cli", *argv], env)

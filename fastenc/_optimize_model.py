@@ -11,8 +11,8 @@ from .core.dispatch import auto_model_backend, check_backend_name
 from .core.errors import InputError, UnsupportedModelError
 from .core.trace import fall_back
 from .graphs import GraphConfig, GraphRunner, graph_config, graphed_class
-from .models import FUSED_CLASSES, check_config
-from .models._base import Runtime, prefuse, shallow_copy_as
+from .models import FUSED_CLASSES, check_model_config
+from .models._base import ExecutionState, prefuse, shallow_copy_as
 from .models._encoder import FastencModelMixin
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -62,7 +62,7 @@ def optimize_model(
     dtypes = {p.dtype for p in model.parameters()}
     if not dtypes <= set(_DTYPES):
         raise UnsupportedModelError(f"model parameters must be fp32/fp16/bf16, got {sorted(map(str, dtypes))}")
-    check_config(model)
+    check_model_config(model)
     use_ort = explicit_ort or (backend == "auto" and graphs is None and auto_model_backend() == "onnxruntime"
                                and _ort_by_default(model, base))  # fmt: skip
     if use_ort:
@@ -79,18 +79,18 @@ def optimize_model(
             use_ort = False
     cls = fused if graphs is None else graphed_class(fused, base)
     if use_ort:
-        from .runtime import ort_class
+        from .runtime.ort_backend import ort_class
 
         cls = ort_class(fused, base)
     new = shallow_copy_as(model, cls)
     new.__dict__.pop("_fastenc_graphs", None)  # re-optimizing a graphed model: never share its graphs
     new.__dict__.pop("_fastenc_ort", None)  # nor its ONNX Runtime session
     if use_ort:
-        from .runtime import OrtState
+        from .runtime.ort_backend import OrtState
 
         new._fastenc_ort = OrtState(explicit=explicit_ort, strict=strict, quantize=quantize, threads=threads)
         backend = "torch"  # the calls ONNX Runtime does not serve run the fused torch path
-    new._fastenc = rt = Runtime(backend=backend, strict=strict)
+    new._fastenc = rt = ExecutionState(backend=backend, strict=strict)
     prefuse(rt, model)  # q/k/v (and T5's wi_0/wi_1) become row blocks of one buffer, shared with `model`
     new._fastenc_base = base
     if graphs is not None:

@@ -17,6 +17,9 @@ Exit status: 0 on success, 1 when a parity check fails (tokens: the prompt is tr
 stderr, `fastenc <command>: error: ...`, no traceback).
 """
 
+# Each subcommand's parser comes from a module that imports no torch (the heavy work is imported inside the command's
+# run function), so `fastenc --help` and `fastenc <command> --help` answer without loading torch or transformers.
+
 from __future__ import annotations
 
 import argparse
@@ -25,23 +28,21 @@ import os
 import sys
 import warnings
 
-from ._cli_common import (  # noqa: F401 - re-exported: subcommands and tests use fastenc.cli's names
-    BAD_INPUT,
+from ._cli_common import (
     DTYPES,
-    _Parser,
-    _reexec_with_interpreter,
+    CommandParser,
     check_backend_env,
-    check_checkpoint_dir,
     fail,
     load_checkpoint,
     parse_device,
+    rerun_with_triton_interpreter,
 )
 
 
 def _parser() -> argparse.ArgumentParser:
     from .models.configs import CLIP_SHAPES
 
-    p = _Parser(prog="fastenc", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = CommandParser(prog="fastenc", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     for name, help_ in (
         ("demo", "build a CLIP model with random weights (or load --model), optimize it, print parity and backends"),
@@ -81,16 +82,19 @@ def _parser() -> argparse.ArgumentParser:
     from .embed.cli import add_embed_parsers  # fastenc embed / fastenc search
 
     add_embed_parsers(sub)
-    from .train import add_finetune_parser  # fastenc finetune
+    from .train_config import add_arguments as add_finetune_arguments  # fastenc finetune
 
-    add_finetune_parser(sub)
+    s = sub.add_parser("finetune", help="contrastive fine-tuning of a CLIP / SigLIP model (fused towers and loss)")
+    add_finetune_arguments(s)
+    s.set_defaults(func=cmd_finetune)
     from .cache_cli import add_cache_parser  # fastenc cache
 
     add_cache_parser(sub)
     return p
 
 
-def _load(args, torch):
+def _demo_model(args, torch):
+    """(model, label) of demo / parity: the --model checkpoint, or a random-weight CLIP of --shape."""
     from transformers import CLIPModel
 
     from .core.errors import InputError
@@ -130,12 +134,12 @@ def cmd_parity(args) -> int:
     device = _check_parity_args(args)
     if args.backend == "triton" and not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ:
         print("fastenc: no CUDA device; Triton kernels run on the CPU interpreter (slow; try --layers 1 --batch 2)")
-        _reexec_with_interpreter(args.argv)
+        rerun_with_triton_interpreter(args.argv)
     import fastenc
     from fastenc.parity import clip_inputs, compare
 
     dtype = getattr(torch, DTYPES[args.dtype])
-    model, label = _load(args, torch)
+    model, label = _demo_model(args, torch)
     if not type(model).__name__.startswith("CLIP"):
         raise InputError(f"--model {args.model!r} holds a {type(model).__name__}; demo / parity take CLIP checkpoints")
     text = getattr(model.config, "text_config", None) or model.config
@@ -171,6 +175,13 @@ def cmd_parity(args) -> int:
         print(f"fastenc {fastenc.__version__}; backends available here: {', '.join(fastenc.available_backends())}")
         print(report.table())
     return 0 if report.ok else 1
+
+
+def cmd_finetune(args) -> int:
+    """Handler of `fastenc finetune`: fastenc.train.run_cli (imported here; it loads torch)."""
+    from .train import run_cli
+
+    return run_cli(args)
 
 
 def main(argv=None) -> int:

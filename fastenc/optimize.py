@@ -1,13 +1,19 @@
 """fastenc.optimize: swap a transformers encoder (or a diffusers pipeline's encoders) for its fused twin, sharing
-every weight. The model half lives in fastenc/_optimize_model.py, the pipeline half in fastenc/pipelines.py."""
+every weight. The model half lives in fastenc/_optimize_model.py, the pipeline half in fastenc/pipelines.py.
+
+This module imports no torch at its top: `import fastenc` binds `fastenc.optimize` to the function below (shadowing
+this module's name) without loading torch, transformers or the fused towers; the first call loads them."""
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
-from ._optimize_model import optimize_model, supported_models  # noqa: F401 - supported_models: public here
 from .core.errors import InputError
-from .graphs import GraphConfig
+
+if TYPE_CHECKING:
+    import torch
+
+    from .graphs import GraphConfig
 
 
 def optimize(
@@ -43,7 +49,7 @@ def optimize(
     what "auto" picks on a CPU-only machine (no CUDA, not under TRITON_INTERPRET=1) with onnxruntime installed, for
     models whose fp32 weights fit one ONNX file (< 1.8 GB). quantize="int8-dynamic" exports int8 linear layers (see
     fastenc.export.quantize); threads: ONNX Runtime's intra-op threads (default torch.get_num_threads()). See
-    fastenc/runtime.py.
+    fastenc/runtime/ort_backend.py.
     """
     from .pipelines import is_pipeline  # diffusers itself is never imported here
 
@@ -53,4 +59,14 @@ def optimize(
         return optimize_pipeline(model, backend, strict, cuda_graphs=cuda_graphs, prompt_cache=prompt_cache)
     if prompt_cache is not None:
         raise InputError("prompt_cache applies to diffusers pipelines; for one encoder use fastenc.PromptCache.attach")
+    from ._optimize_model import optimize_model
+
     return optimize_model(model, backend, strict, cuda_graphs=cuda_graphs, quantize=quantize, threads=threads)
+
+
+def __getattr__(name: str):
+    if name == "supported_models":  # `from fastenc.optimize import supported_models`: the fused model classes
+        from ._optimize_model import supported_models
+
+        return supported_models
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

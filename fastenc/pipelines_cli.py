@@ -48,7 +48,7 @@ def cmd_encode(args) -> int:
 
     import torch
 
-    from ._cli_common import DTYPES, _reexec_with_interpreter, check_backend_env, parse_device
+    from ._cli_common import DTYPES, check_backend_env, parse_device, rerun_with_triton_interpreter
     from .core.errors import InputError
 
     for flag in ("images_per_prompt", "max_sequence_length"):
@@ -75,7 +75,7 @@ def cmd_encode(args) -> int:
     device = parse_device(args.device)
     if args.backend == "triton" and device.type == "cpu" and "TRITON_INTERPRET" not in os.environ:
         print("fastenc: no CUDA device; Triton kernels run on the CPU interpreter (slow)")
-        _reexec_with_interpreter(args.argv)
+        rerun_with_triton_interpreter(args.argv)
     import fastenc
 
     from .pipelines import EncoderTimer, check_clip_skip, encode_prompt, load_pipeline

@@ -5,8 +5,9 @@
                                      accum=4, precision="bf16", output_dir="ft"))
     result.losses, result.samples_per_s, result.trace      # per-step loss, throughput, which backend ran each op
 
-The same loop runs as `python examples/finetune_clip.py ...` and `fastenc finetune ...` (flags = the fields below),
-and under `torchrun --nproc-per-node N` (gloo on CPU, nccl on CUDA).
+The same loop runs as `python examples/finetune_clip.py ...` and `fastenc finetune ...` (flags = FinetuneConfig's
+fields, defined with the accepted values in fastenc/train_config.py, which imports no torch), and under
+`torchrun --nproc-per-node N` (gloo on CPU, nccl on CUDA).
 
 What one optimizer step computes (every rank, every micro-batch count gives the same math):
     global batch  = `batch_size` pairs, split into world_size shards (rank order), each into `accum` micro-batches
@@ -62,7 +63,6 @@ What a run guarantees (it never saves garbage, never loses its work silently):
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import contextvars
 import dataclasses
@@ -82,21 +82,25 @@ import torch
 
 from .core.errors import FastencError, InputError, UnsupportedModelError
 from .core.files import file_digest
+from .train_config import (
+    AMP_MODES,
+    BACKENDS,
+    CHECKPOINT_DIR,
+    DEFAULT_STEPS,
+    KINDS,
+    LOSS_IMPLS,
+    MAX_SKIPPED_IN_A_ROW,
+    ON_NONFINITE,
+    PRECISIONS,
+    SCHEDULES,
+    FinetuneConfig,
+)
 
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-AMP_MODES = ("auto", "autocast", "master")
-KINDS = ("clip", "siglip")
-LOSS_IMPLS = ("fastenc", "materialised")
-SCHEDULES = ("cosine", "constant")
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # keys: PRECISIONS
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-BACKENDS = ("auto", "torch", "triton", "cuda")
-ON_NONFINITE = ("stop", "skip-step")
-DEFAULT_STEPS = 10
-MAX_SKIPPED_IN_A_ROW = 10  # on_nonfinite="skip-step": this many non-finite steps in a row stop the run
 MAX_LOGGED = 20  # skipped samples printed as they happen (all of them are in FinetuneResult.skipped_samples)
 CHECKPOINT_FORMAT = "fastenc-finetune-checkpoint"
 CHECKPOINT_VERSION = 1
-CHECKPOINT_DIR = "checkpoints"  # under output_dir
 FAILED = "_failed"  # the key of a dataset item that could not be read: (index, path, message)
 
 
@@ -119,44 +123,6 @@ def _arg(name: str) -> str:
     if not _CLI_NAMES.get():
         return name
     return _FLAG_OF.get(name, "--" + name.replace("_", "-"))
-
-
-@dataclass
-class FinetuneConfig:
-    """Every knob of `finetune` (the CLI flags have the same names, `_` as `-`)."""
-
-    model: str | None = None  # a local save_pretrained directory (CLIPModel / SiglipModel); never downloaded
-    tiny: str | None = None  # "clip" | "siglip": a tiny random-weight model instead of --model
-    data: str | None = None  # a folder of images with same-name .txt captions (img2dataset layout)
-    synthetic: int = 0  # N random (pixels, tokens) pairs instead of --data
-    output_dir: str | None = None  # save_pretrained of the fine-tuned model here (rank 0); checkpoints below it
-    steps: int | None = None  # optimizer steps (default DEFAULT_STEPS, or `epochs` passes over the data)
-    epochs: int | None = None  # instead of steps: steps = epochs x (pairs // batch_size)
-    batch_size: int = 32  # pairs per optimizer step over all ranks and micro-batches (the contrastive batch)
-    accum: int = 1  # micro-batches per step and rank
-    lr: float = 1e-5
-    weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.98)
-    adam_eps: float = 1e-6
-    warmup: int = 0  # linear warm-up steps
-    schedule: str = "cosine"  # after warm-up: "cosine" (to 0 at `steps`) or "constant"
-    max_grad_norm: float | None = 1.0  # global-norm clipping; None or 0: off
-    precision: str = "fp32"  # fp32 | bf16 | fp16
-    amp: str = "auto"  # auto | autocast | master (see the module docstring)
-    backend: str = "auto"  # fastenc backend: auto | torch | triton | cuda
-    fused: bool = True  # False: the plain transformers model (same loop and loss; the baseline)
-    loss_impl: str = "fastenc"  # fastenc (tiled, no N x N logits) | materialised (open_clip's N x N logits)
-    device: str | None = None  # cpu | cuda[:N]; default cuda if available (under torchrun: cuda:LOCAL_RANK)
-    seed: int = 0
-    shuffle: bool = True
-    seq_len: int | None = None  # text length (default: the tokenizer's / the model's maximum)
-    workers: int = 0  # DataLoader worker processes
-    progress: bool = True  # tqdm bar on rank 0
-    save_processor: bool = True  # also save the tokenizer / image processor found with --model
-    on_nonfinite: str = "stop"  # non-finite loss / gradient norm: "stop" (NonFiniteError) | "skip-step"
-    save_every: int = 0  # a resumable checkpoint every N steps under output_dir/checkpoints (0: none)
-    keep_checkpoints: int = 1  # the newest K checkpoints are kept
-    resume: str | None = None  # "latest" (the newest under output_dir/checkpoints) or a checkpoint folder
 
 
 @dataclass
@@ -480,7 +446,7 @@ class ContrastiveTrainer:
         check_config(cfg)
         self.kind = model_kind(model)
         self.cfg, self.device, self.world = cfg, device, world_size
-        self.dtype = PRECISIONS[cfg.precision]
+        self.dtype = PRECISION_DTYPES[cfg.precision]
         self.amp = resolve_amp(cfg)
         model.to(device=device, dtype=torch.float32).train()
         self.model = model
@@ -1153,66 +1119,6 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
 # ---------------------------------------------------------------------------------------------------- CLI
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The FinetuneConfig fields as flags (shared by `fastenc finetune` and examples/finetune_clip.py)."""
-    d = FinetuneConfig()
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="local CLIPModel / SiglipModel checkpoint directory (never downloaded)")
-    src.add_argument("--tiny", nargs="?", const="clip", choices=KINDS, help="tiny random-weight model (default clip)")
-    data = p.add_mutually_exclusive_group(required=True)
-    data.add_argument("--data", help="folder of images with same-name .txt captions (img2dataset layout)")
-    data.add_argument("--synthetic", type=int, metavar="N", help="N random pixel / token pairs")
-    p.add_argument("--output-dir", help="save_pretrained the fine-tuned model (and processors) here; checked to be "
-                   "a writable folder before training")  # fmt: skip
-    length = p.add_mutually_exclusive_group()
-    length.add_argument("--steps", type=int, default=None, help=f"optimizer steps (default {DEFAULT_STEPS})")
-    length.add_argument("--epochs", type=int, default=None, help="passes over the data instead of --steps")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="pairs per step over all ranks (%(default)s)")
-    p.add_argument("--accum", type=int, default=d.accum, help="micro-batches per step and rank (%(default)s)")
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--warmup", type=int, default=d.warmup)
-    p.add_argument("--schedule", choices=SCHEDULES, default=d.schedule)
-    p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="0 turns clipping off")
-    p.add_argument("--precision", choices=sorted(PRECISIONS), default=d.precision)
-    p.add_argument("--amp", choices=AMP_MODES, default=d.amp, help="mixed-precision mode (bf16 / fp16)")
-    p.add_argument("--backend", choices=BACKENDS, default=d.backend)
-    p.add_argument("--no-fastenc", dest="fused", action="store_false", help="plain transformers (the baseline)")
-    p.add_argument("--loss-impl", choices=LOSS_IMPLS, default=d.loss_impl)
-    p.add_argument("--device", default=None, help="cpu | cuda[:N] (default: cuda if available)")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--no-shuffle", dest="shuffle", action="store_false")
-    p.add_argument("--seq-len", type=int, default=None)
-    p.add_argument("--workers", type=int, default=d.workers)
-    p.add_argument("--no-progress", dest="progress", action="store_false")
-    p.add_argument(
-        "--on-nonfinite",
-        choices=ON_NONFINITE,
-        default=d.on_nonfinite,
-        help="a NaN / inf loss or gradient norm: stop (exit 1, the default) or skip that step's update "
-        f"(counted; {MAX_SKIPPED_IN_A_ROW} in a row stop the run)",
-    )
-    p.add_argument(
-        "--save-every",
-        type=int,
-        default=d.save_every,
-        metavar="N",
-        help=f"a resumable checkpoint every N steps under OUTPUT_DIR/{CHECKPOINT_DIR} (0: none)",
-    )
-    p.add_argument(
-        "--keep-checkpoints", type=int, default=d.keep_checkpoints, metavar="K", help="keep the newest K (%(default)s)"
-    )
-    p.add_argument(
-        "--resume",
-        nargs="?",
-        const="latest",
-        default=None,
-        metavar="CHECKPOINT",
-        help="continue a run from its newest checkpoint (or the folder given) with the same options",
-    )
-    p.add_argument("--json", action="store_true", help="print the result as one JSON line")
-
-
 def config_from_args(args) -> FinetuneConfig:
     names = set(FinetuneConfig.__dataclass_fields__)
     kw = {k: v for k, v in vars(args).items() if k in names and v is not None}
@@ -1258,9 +1164,3 @@ def run_cli(args) -> int:
         if res.output_dir:
             print(f"saved: {res.output_dir}")
     return 0
-
-
-def add_finetune_parser(sub) -> None:
-    s = sub.add_parser("finetune", help="contrastive fine-tuning of a CLIP / SigLIP model (fused towers and loss)")
-    add_arguments(s)
-    s.set_defaults(func=run_cli)

@@ -1,28 +1,40 @@
 """Encoder diagnostics for text-to-image users: token budget, long-prompt chunking, prompt weighting, the binding
-probe and SDXL / SD3 / FLUX conditioning stacks."""
+probe and SDXL / SD3 / FLUX conditioning stacks. Names load on first use (`import fastenc.diagnostics` imports
+no torch); `fastenc tokens` / `fastenc probe` are `tokens.add_tokens_parser` / `probe.add_probe_parser`."""
 
-from .probe import ProbeReport, binding_probe, caption_variants, probe_file, text_similarity
-from .stacks import flux_conditioning, sd3_conditioning, sdxl_conditioning
-from .tokens import TokenReport, chunk_prompt_ids, encode_chunks, encode_long_prompt, load_tokenizer, token_report
-from .weighting import apply_weights, parse_weighted_prompt, weighted_prompt_embeds, weighted_token_ids
+import importlib as _importlib
 
-__all__ = [
-    "ProbeReport",
-    "TokenReport",
-    "apply_weights",
-    "binding_probe",
-    "caption_variants",
-    "chunk_prompt_ids",
-    "encode_chunks",
-    "encode_long_prompt",
-    "flux_conditioning",
-    "load_tokenizer",
-    "parse_weighted_prompt",
-    "probe_file",
-    "sd3_conditioning",
-    "sdxl_conditioning",
-    "text_similarity",
-    "token_report",
-    "weighted_prompt_embeds",
-    "weighted_token_ids",
-]
+_LAZY = {  # public name -> its module
+    "ProbeReport": ".probe",
+    "binding_probe": ".probe",
+    "caption_variants": ".probe",
+    "probe_file": ".probe",
+    "text_similarity": ".probe",
+    "flux_conditioning": ".stacks",
+    "sd3_conditioning": ".stacks",
+    "sdxl_conditioning": ".stacks",
+    "TokenReport": ".tokens",
+    "chunk_prompt_ids": ".tokens",
+    "encode_chunks": ".tokens",
+    "encode_long_prompt": ".tokens",
+    "load_tokenizer": ".tokens",
+    "token_report": ".tokens",
+    "apply_weights": ".weighting",
+    "parse_weighted_prompt": ".weighting",
+    "weighted_prompt_embeds": ".weighting",
+    "weighted_token_ids": ".weighting",
+}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = globals()[name] = getattr(_importlib.import_module(_LAZY[name], __name__), name)
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
+__all__ = sorted(_LAZY)

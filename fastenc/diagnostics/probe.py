@@ -26,12 +26,13 @@ import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-
-import torch
-import torch.nn.functional as F
+from typing import TYPE_CHECKING
 
 from ..core.errors import FastencError, InputError, UnsupportedModelError
 from .tokens import check_prompts
+
+if TYPE_CHECKING:  # torch is imported where it is used: `fastenc probe --help` loads no torch
+    import torch
 
 DEFAULT_THRESHOLD = 1.0
 FLAG = "distinction not represented by this encoder"
@@ -247,6 +248,8 @@ def _tokenize(tokenizer, model, prompts: list[str]) -> torch.Tensor:
 
 def _text_outputs(model, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(pooled (N, P), per-token (N, S, D)) for every supported text-bearing class."""
+    import torch
+
     name = _base_name(model)
     with torch.no_grad():
         if name in _CONTRASTIVE:
@@ -268,6 +271,9 @@ def _preprocess_tensor(img: torch.Tensor, model) -> torch.Tensor:
     """A raw image (3, H, W) in [0, 1] -> pixel_values (1, 3, S, S). CLIP: resize the short side to S (bicubic,
     antialiased), centre-crop S x S, normalise with CLIP's mean/std. SigLIP: resize to S x S, mean = std = 0.5.
     (What the transformers image processors do, without needing one or PIL.)"""
+    import torch
+    import torch.nn.functional as F
+
     size = _vision_config(model).image_size
     x = img.float().unsqueeze(0)
     if _family(model) == "clip":
@@ -298,6 +304,7 @@ def _raw_to_chw(a: torch.Tensor, arg: str) -> torch.Tensor:
 
 def _pil_to_chw(img) -> torch.Tensor:
     import numpy as np
+    import torch
 
     arr = np.asarray(img.convert("RGB"), dtype=np.uint8).copy()  # (H, W, 3)
     return torch.from_numpy(arr).permute(2, 0, 1).float() / 255.0
@@ -320,6 +327,7 @@ def load_pixel_values(image, model, image_processor=None) -> tuple[torch.Tensor,
     A PIL/raw image goes through `image_processor` when one is given (a processor loaded with the model), else
     through `_preprocess_tensor` (resize/crop/normalise in torch with the model family's mean/std)."""
     import numpy as np
+    import torch
 
     size = _vision_config(model).image_size
     desc = type(image).__name__
@@ -505,6 +513,8 @@ def binding_probe(
     variants: captions to compare against; None generates them with `caption_variants` (InputError with the reason
     when the prompt is not recognised). image: see `load_pixel_values`. Each variant gets margin = logit(prompt) -
     logit(variant) and is flagged "distinction not represented by this encoder" when margin < threshold."""
+    import torch
+
     name = _base_name(model)
     if name not in _CONTRASTIVE:
         raise UnsupportedModelError(f"binding_probe needs a CLIPModel or SiglipModel, got {type(model).__name__}")
@@ -560,6 +570,9 @@ def text_similarity(model, tokenizer, prompts: Sequence[str]) -> SimilarityRepor
     position; pairs[k].token_all: the same mean over all padded positions (what a diffusion model's cross-attention
     receives). Word-order swaps such as "a horse riding an astronaut" / "an astronaut riding a horse" typically
     show pooled cosine near 1."""
+    import torch
+    import torch.nn.functional as F
+
     if _base_name(model) not in _TEXT:
         raise UnsupportedModelError(f"text_similarity supports {', '.join(_TEXT)}, got {type(model).__name__}")
     prompts = check_prompts(prompts, "prompts")

@@ -339,7 +339,8 @@ def hash_file(path: str) -> str:
     return file_digest(path, "blake2b")
 
 
-def text_length(config) -> int:
+def text_positions(config) -> int:
+    """The text tower's positions (the length every text batch is padded to); 77 when the config has none."""
     text = getattr(config, "text_config", config)
     return int(getattr(text, "max_position_embeddings", 77))
 
@@ -360,7 +361,7 @@ class TowerRunner:
         if dtype is None:
             dtype = "fp16" if self.device.type == "cuda" else "fp32"
         self.dtype = getattr(torch, DTYPES[dtype])
-        model = _load(model_dir, load_checkpoint)
+        model = _load_model_dir(model_dir, load_checkpoint)
         for t in towers:
             if not hasattr(model, f"get_{t}_features"):
                 raise UnsupportedModelError(
@@ -431,7 +432,7 @@ class TowerRunner:
         return self.model_s
 
 
-def _load(model_dir: str, load_checkpoint):
+def _load_model_dir(model_dir: str, load_checkpoint):
     """load_checkpoint, with a corrupt weight file (safetensors' or torch.load's own errors) as one InputError."""
     import pickle
 
@@ -543,7 +544,7 @@ def prepare_run(cfg: EmbedConfig, model_on_cuda: bool):
     pre = ImagePreprocessor.from_checkpoint(cfg.model, model_config) if "image" in towers else None
     if pre is not None:
         pre.out_hw  # noqa: B018 - raises for settings that give unbatchable sizes
-    tlen = text_length(model_config) if "text" in towers else None
+    tlen = text_positions(model_config) if "text" in towers else None
     source = SampleSource(table, towers, cfg.model, cfg.batch, pre, tlen, cfg.max_image_bytes)
     if "text" in towers:
         source.tokenizer()  # a missing tokenizer is one error line here, not a traceback out of a loader worker

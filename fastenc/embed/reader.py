@@ -33,10 +33,12 @@ import stat
 import tarfile
 import warnings
 from dataclasses import dataclass, field
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from ..core.errors import InputError
+
+if TYPE_CHECKING:  # numpy is imported where it is used: embed's parser (`fastenc embed --help`) reads this module
+    import numpy as np
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 IMAGE_KEYS = "jpg;jpeg;png;webp"  # WebDataset image fields, in order of preference (webdataset's "a;b" convention)
@@ -491,6 +493,8 @@ class ImagePreprocessor:
 
     def normalize(self, x: np.ndarray) -> np.ndarray:
         """(C, H, W) uint8 -> float32: rescale in float64 then float32, normalize in float32 (the processors' order)."""
+        import numpy as np
+
         if self.rescale is not None:
             x = (x.astype(np.float64) * self.rescale).astype(np.float32)
         elif not np.issubdtype(x.dtype, np.floating):
@@ -523,6 +527,7 @@ class ImagePreprocessor:
 
     def geometry(self, image) -> np.ndarray:
         """PIL image -> (C, H, W) uint8 after RGB conversion, resize and center crop (before rescale / normalize)."""
+        import numpy as np
         from PIL import Image
 
         if self.convert_rgb:
@@ -551,6 +556,7 @@ def _to_rgb(image):
     channel on white, 5.17 drops it); RGB images pass through. Without it: composite on white, else convert."""
     if image.mode == "RGB":
         return image
+    import numpy as np
     from PIL import Image
 
     convert = _hf_convert_to_rgb()
@@ -577,6 +583,8 @@ def _hf_convert_to_rgb():
 
 def _center_crop(x: np.ndarray, ch: int, cw: int) -> np.ndarray:
     """(C, H, W) center crop as transformers' center_crop (zero-padded when the image is smaller)."""
+    import numpy as np
+
     _, h, w = x.shape
     top, left = (h - ch) // 2, (w - cw) // 2
     if top >= 0 and left >= 0 and top + ch <= h and left + cw <= w:

@@ -560,7 +560,7 @@ def search(
 
 def encode_queries(index: EmbeddingIndex, model: str | None, *, text=None, images=None, device=None, backend=None):
     """Query embeddings with the run's own model, preprocessing and tokenizer (fp32)."""
-    from .pipeline import TowerRunner, text_length
+    from .pipeline import TowerRunner, text_positions
     from .reader import ImagePreprocessor, decode_image
 
     run = index.manifest.get("run", {})
@@ -575,7 +575,7 @@ def encode_queries(index: EmbeddingIndex, model: str | None, *, text=None, image
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(model, local_files_only=True)
-        enc = tok(list(text), padding="max_length", max_length=text_length(runner.config), truncation=True,
+        enc = tok(list(text), padding="max_length", max_length=text_positions(runner.config), truncation=True,
                   return_tensors="pt")  # fmt: skip
         batch = {k: enc[k] for k in ("input_ids", "attention_mask") if k in enc}
     else:
