@@ -1,5 +1,6 @@
-"""Scaffolding shared by the bench/ scripts: git commit, environment metadata, the CUDA check, timing and
-percentile helpers, provider / shape argument parsing and appending JSON rows to an --out file.
+"""Scaffolding shared by the bench/ scripts: git commit, environment metadata, the CUDA check, provider / shape
+argument parsing and appending JSON rows to an --out file. Timing and percentiles are fastenc.benchmark.timing's
+(Timer, percentile), rows are built by fastenc.benchmark.rows.make_row: one timer and one row schema everywhere.
 
 The scripts run as `python bench/bench_x.py`, which puts bench/ on sys.path, so they `from _common import ...`.
 torch, triton, transformers and fastenc are imported inside the helpers that need them, so `--help` stays cheap
@@ -76,6 +77,26 @@ def model_meta() -> dict:
     }
 
 
+def model_row(script: str, meta: dict, op: str, provider: str, samples_ms=None, **extra) -> dict:
+    """A model benchmark's row (fastenc.benchmark.rows.make_row) with model_meta's metadata, `provider` as both the
+    schema's competitor and the row's provider."""
+    from fastenc.benchmark.rows import make_row
+
+    libs = ("torch", "triton", "transformers", "onnxruntime", "onnx", "fastenc", "python")
+    return make_row(
+        script,
+        op,
+        provider,
+        samples_ms=samples_ms,
+        device=meta.get("device", ""),
+        versions={k: meta[k] for k in libs if k in meta},
+        commit=meta.get("commit"),
+        provider=provider,
+        **extra,
+        **{k: v for k, v in meta.items() if k not in ("device", "commit")},
+    )
+
+
 def parse_providers(parser: argparse.ArgumentParser, text: str, allowed: tuple[str, ...]) -> list[str]:
     """The comma list `text` as names; parser.error (exit 2) on a name not in `allowed`."""
     names = [n.strip() for n in text.split(",") if n.strip()]
@@ -101,12 +122,40 @@ def shape_parser(spec: str):
     return parse_shape
 
 
-def bench_quantiles(fn, warmup: int, rep: int) -> tuple[float, float, float]:
-    """(p20, p50, p80) ms of fn from triton.testing.do_bench."""
-    from triton.testing import do_bench
+def cuda_timer(flush_l2: bool = True, *, host: bool = False):
+    """The script's CUDA Timer (fastenc.benchmark.timing.Timer: CUDA events, or with host=True perf_counter with
+    a synchronize on either side); one per setting, so the L2 flush buffer is allocated once."""
+    import torch
 
-    p20, p50, p80 = do_bench(fn, warmup=warmup, rep=rep, quantiles=[0.2, 0.5, 0.8])
-    return p20, p50, p80
+    from fastenc.benchmark.timing import Timer
+
+    key = (flush_l2, host)
+    if key not in _TIMERS:
+        _TIMERS[key] = Timer(torch.device("cuda"), flush_l2=flush_l2, host=host)
+    return _TIMERS[key]
+
+
+_TIMERS: dict = {}
+
+
+def kernel_row(script: str, env: dict, op: str, provider: str, samples_ms=None, **extra) -> dict:
+    """A kernel benchmark's row (fastenc.benchmark.rows.make_row) with kernel_env's metadata; `provider` is both the
+    schema's competitor and the row's provider."""
+    from fastenc.benchmark.rows import make_row
+
+    versions = {k: env[k] for k in ("torch", "triton", "cuda") if k in env}
+    return make_row(
+        script,
+        op,
+        provider,
+        samples_ms=samples_ms,
+        device=env.get("gpu", ""),
+        versions=versions,
+        commit=env.get("commit"),
+        provider=provider,
+        **extra,
+        **{k: v for k, v in env.items() if k != "commit"},
+    )
 
 
 def lazy_provider(maker):
@@ -127,52 +176,32 @@ def first(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def bench_provider(fn, error_of, warmup: int, rep: int, label: str) -> tuple[float, float, float, float] | str:
-    """(error_of(fn()), p20, p50, p80) for one provider; the first call also warms up, compiles or autotunes.
+def bench_provider(fn, error_of, warmup: int, rep: int, label: str) -> tuple[float, list[float]] | str:
+    """(error_of(fn()), samples in ms) for one provider: about `warmup` ms of untimed calls, then about `rep` ms of
+    calls each timed on its own (cuda_timer: CUDA events, L2 flushed); the first call also warms up, compiles or
+    autotunes.
 
     A provider that cannot run these inputs (the CUDA extension is not built, the CUDA kernel refuses the shape)
     returns its error text instead, printed after `label`, so the run goes on and the caller records a row
     saying why."""
     try:
         err = error_of(fn())
-        return (err, *bench_quantiles(fn, warmup, rep))
+        return err, cuda_timer().budget_samples(fn, warmup, rep)
     except Exception as e:  # noqa: BLE001 - any provider failure becomes a row with the reason
         print(f"{label} skipped: {type(e).__name__}: {e}"[:200])
         return str(e)
 
 
-def time_cuda(fn, warmup: int, iters: int) -> list[float]:
-    """Per-call ms of fn over `iters` calls (CUDA events), after `warmup` untimed calls."""
-    import torch
-
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    samples = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end))  # ms
-    return samples
-
-
-def percentile(xs: list[float], q: float) -> float:
-    """Nearest-rank percentile (fastenc.benchmark.env.percentile: the harness and these scripts agree)."""
-    from fastenc.benchmark.env import percentile as _percentile
-
-    return _percentile(xs, q)
-
-
 def time_model(model, inputs: dict, warmup: int, iters: int) -> dict:
-    """One model's forward on `inputs` under inference_mode: p50/p90 latency (ms), peak memory (MB), raw samples."""
+    """One model's forward on `inputs` under inference_mode (cuda_timer without L2 flush): p50/p90 latency (ms),
+    peak memory (MB), raw samples."""
     import torch
+
+    from fastenc.benchmark.timing import percentile
 
     torch.cuda.reset_peak_memory_stats()
     with torch.inference_mode():
-        samples = time_cuda(lambda: model(**inputs), warmup, iters)
+        samples = cuda_timer(flush_l2=False).warm_samples(lambda: model(**inputs), warmup, iters)
     return {
         "p50_ms": percentile(samples, 50),
         "p90_ms": percentile(samples, 90),

@@ -28,6 +28,7 @@ from _common import (
     bench_provider,
     first,
     kernel_env,
+    kernel_row,
     lazy_provider,
     no_cuda,
     parse_providers,
@@ -35,6 +36,8 @@ from _common import (
     save_results,
     shape_parser,
 )
+
+from fastenc.benchmark.timing import percentile
 
 # ROWS, N: CLIP text B/32 FFN (64 x 77, 3072), ViT-L/14 (32 x 257, 4096), ViT-H/14 (16 x 257, 5120),
 # T5 v1.1-large gated FFN (32 x 512, 2816).
@@ -54,7 +57,7 @@ def providers(activation, x, bias, up, gated):
     import fastenc
     from fastenc.core import cuda as _cuda
     from fastenc.kernels import activation as kernels
-    from fastenc.ops.activation import activation_reference
+    from fastenc.ops.reference import activation_reference
 
     if gated:
         eager = lambda x, up: activation_reference(x, activation) * up
@@ -62,7 +65,7 @@ def providers(activation, x, bias, up, gated):
             "fastenc": lambda: fastenc.ops.gated_activation(x, up, activation, backend="triton", strict=True),
             "kernel": lambda: kernels.gated_activation_forward(x, up, activation),
             "cuda": lambda: fastenc.ops.gated_activation(x, up, activation, backend="cuda", strict=True),
-            "cuda_kernel": lambda: _cuda.gated_activation_forward(x, up, activation),
+            "cuda_kernel": lambda: _cuda.cuda_gated_activation_forward(x, up, activation),
             "torch": lambda: eager(x, up),
         }
         compiled = torch.compile(eager, dynamic=False)
@@ -75,7 +78,7 @@ def providers(activation, x, bias, up, gated):
         "fastenc": lambda: fastenc.ops.bias_activation(x, bias, activation, backend="triton", strict=True),
         "kernel": lambda: kernels.bias_activation_forward(x, bias, activation),
         "cuda": lambda: fastenc.ops.bias_activation(x, bias, activation, backend="cuda", strict=True),
-        "cuda_kernel": lambda: _cuda.bias_activation_forward(x, bias, activation),
+        "cuda_kernel": lambda: _cuda.cuda_bias_activation_forward(x, bias, activation),
         "torch": lambda: eager(x),
         "compile": lambda: compiled(x),
     }
@@ -95,7 +98,7 @@ def backward_providers(activation, x, bias, up, gated, dy):
     import fastenc
     from fastenc.kernels import activation as kernels
     from fastenc.ops import _library
-    from fastenc.ops.activation import activation_reference
+    from fastenc.ops.reference import activation_reference
 
     kind = "gated_activation" if gated else "bias_activation"
     b = up if gated else bias
@@ -135,7 +138,7 @@ def fp32_reference_grad(activation, x, bias, up, gated, dy):
 
 
 def fp32_reference(activation, x, bias, up, gated):
-    from fastenc.ops.activation import activation_reference
+    from fastenc.ops.reference import activation_reference
 
     if gated:
         return activation_reference(x.float(), activation) * up.float()
@@ -167,6 +170,7 @@ def main(argv=None) -> int:
     allowed = BACKWARD_PROVIDERS if args.backward else PROVIDERS
     names = parse_providers(p, args.providers or ",".join(allowed), allowed)
     mode = "backward" if args.backward else "forward"
+    op_name = "gated_activation" if args.gated else "bias_activation"
     activations = args.activation or ["quick_gelu", "gelu", "gelu_tanh"]
     dtype = DTYPES[args.dtype]
     has_bias = not args.no_bias and not args.gated
@@ -205,30 +209,46 @@ def main(argv=None) -> int:
                     f"{activation:>10} {shape:>12} {name:>9}",
                 )
                 if isinstance(got, str):
-                    row = {"activation": activation, "provider": name, "shape": {"rows": rows, "N": n}, "error": got}
-                    rows_out.append({**row, **env})
+                    rows_out.append(
+                        kernel_row(
+                            "bench_activation",
+                            env,
+                            op_name,
+                            name,
+                            mode=mode,
+                            config={"rows": rows, "N": n},
+                            dtype=args.dtype,
+                            notes=got,
+                            activation=activation,
+                            shape={"rows": rows, "N": n},
+                            error=got,
+                        )
+                    )
                     continue
-                err, p20, p50, p80 = got
+                err, samples = got
+                p20, p50, p80 = (percentile(samples, q) for q in (20, 50, 80))
                 gbps = nbytes / (p50 * 1e-3) / 1e9
                 print(f"{activation:>10} {shape:>12} {name:>9} {p50:9.4f} {p20:9.4f} {p80:9.4f} {gbps:8.1f} {err:9.2e}")
                 config = {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": num_warps}
                 rows_out.append(
-                    {
-                        "op": "gated_activation" if args.gated else "bias_activation",
-                        "activation": activation,
-                        "provider": name,
-                        "mode": mode,
-                        "shape": {"rows": rows, "N": n},
-                        "dtype": args.dtype,
-                        "bias": has_bias,
-                        "config": config if name in ("fastenc", "kernel") else None,
-                        "ms": {"p20": p20, "p50": p50, "p80": p80},
-                        "bytes": nbytes,
-                        "gbps_p50": gbps,
-                        "max_abs_err_vs_fp32": err,
-                        "do_bench": {"warmup_ms": args.warmup, "rep_ms": args.rep},
-                        **env,
-                    }
+                    kernel_row(
+                        "bench_activation",
+                        env,
+                        op_name,
+                        name,
+                        samples,
+                        mode=mode,
+                        config={"rows": rows, "N": n},
+                        dtype=args.dtype,
+                        activation=activation,
+                        shape={"rows": rows, "N": n},
+                        bias=has_bias,
+                        kernel_config=config if name in ("fastenc", "kernel") else None,
+                        bytes=nbytes,
+                        gbps_p50=gbps,
+                        max_abs_err_vs_fp32=err,
+                        budget_ms={"warmup": args.warmup, "rep": args.rep},
+                    )
                 )
 
     if args.out:

@@ -7,28 +7,33 @@
 Shapes are B,H,S,D. Inputs are views of one packed (B, S, 3, H, D) projection output, as the fused towers pass
 them. Times are triton.testing.do_bench quantiles (p20/p50/p80, ms); TFLOP/s = flops() / p50. With --out, rows
 (provider, shape, config, timings, gpu, versions, git commit) are appended to a JSON list under bench/results/.
+
+run_case(Case, providers, measure) yields one row per provider of one case; bench/gpu_session.py's attention
+phase calls it with interleaved samples (fastenc.benchmark.timing.Timer) instead of do_bench.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+import time
+import warnings
+from dataclasses import dataclass
 
 import torch
-from _common import (
-    EXIT_NO_CUDA,
-    bench_provider,
-    kernel_env,
-    no_cuda,
-    parse_providers,
-    print_kernel_env,
-    save_results,
-    shape_parser,
-)
+from _common import EXIT_NO_CUDA, kernel_env, no_cuda, parse_providers, print_kernel_env, save_results, shape_parser
 
 DEFAULT_SHAPES = [(64, 12, 77, 64), (32, 16, 257, 64), (8, 16, 577, 64)]  # CLIP text B/32, ViT-L/14, ViT-L/14-336
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-PROVIDERS = ("fastenc", "kernel", "cuda", "cuda_kernel", "sdpa", "reference")
+SDPA_BACKENDS = {
+    "sdpa-flash": "FLASH_ATTENTION",
+    "sdpa-efficient": "EFFICIENT_ATTENTION",
+    "sdpa-cudnn": "CUDNN_ATTENTION",
+}
+PROVIDERS = ("fastenc", "kernel", "cuda", "cuda_kernel", "sdpa", *SDPA_BACKENDS, "compile", "reference")
+DEFAULT_PROVIDERS = ("fastenc", "kernel", "cuda", "cuda_kernel", "sdpa", "reference")
+CUDA_ONLY = ("cuda", "cuda_kernel", *SDPA_BACKENDS)  # skipped off CUDA (SDPA's fused backends, the csrc/ kernels)
 
 
 def flops(b: int, h: int, sq: int, sk: int, d: int, causal: bool) -> float:
@@ -67,38 +72,228 @@ def sdpa_mask(q, kpm, bias, causal):
     return mask, False
 
 
-def providers(q, k, v, kpm, bias, causal):
-    import fastenc
-    from fastenc.core import cuda as _cuda
-    from fastenc.kernels.attention import attention_forward
-    from fastenc.ops.attention import attention_reference
+@dataclass(frozen=True)
+class Case:
+    """One attention shape. bias: a dense (1, H, S, S) additive bias; relbias: T5's bucket table and lut (32
+    buckets), the op gathering it per tile and SDPA / compile reading it materialised."""
 
-    scale = q.shape[-1] ** -0.5
-    attn_mask, sdpa_causal = sdpa_mask(q, kpm, bias, causal)
-    return {
-        "fastenc": lambda: fastenc.ops.attention(
-            q, k, v, causal=causal, key_padding_mask=kpm, bias=bias, backend="triton", strict=True
-        ),
-        "kernel": lambda: attention_forward(q, k, v, causal=causal, key_padding_mask=kpm, bias=bias, scale=scale),
-        # the csrc/ short-sequence kernel (Sk <= 128, fp16/bf16, no bias): the op strict, and its launcher
-        "cuda": lambda: fastenc.ops.attention(
-            q, k, v, causal=causal, key_padding_mask=kpm, bias=bias, backend="cuda", strict=True
-        ),
-        "cuda_kernel": lambda: _cuda.attention_forward(
-            q, k, v, causal=causal, key_padding_mask=kpm, bias=bias, scale=scale
-        ),
-        "sdpa": lambda: torch.nn.functional.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=sdpa_causal, scale=scale
-        ),
-        "reference": lambda: attention_reference(q, k, v, kpm, bias, causal=causal, scale=scale),
+    B: int
+    H: int
+    S: int
+    D: int
+    dtype: torch.dtype
+    causal: bool = False
+    padding: bool = False
+    bias: bool = False
+    relbias: bool = False
+    model: str = ""
+
+    def config(self) -> dict:
+        return dict(B=self.B, H=self.H, S=self.S, D=self.D, causal=self.causal, padding=self.padding,
+                    relbias=self.relbias, dtype=str(self.dtype)[6:], model=self.model)  # fmt: skip
+
+
+def eager_attention(q, k, v, mask, scale):
+    """What users write and torch.compile fuses: matmuls in the input dtype, softmax in fp32."""
+    s = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if mask is not None:
+        s = s + mask
+    p = torch.softmax(s.float(), dim=-1).to(q.dtype)
+    return torch.matmul(p, v)
+
+
+def compiled_attention(dry: bool):
+    """(torch.compile of eager_attention, its label); dry: backend="eager" (the wiring without inductor's CPU
+    compile time). Every shape compiles once: dynamo's recompile limit is raised to 64."""
+    for knob in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, knob):
+            setattr(torch._dynamo.config, knob, max(getattr(torch._dynamo.config, knob), 64))
+    if dry:
+        return torch.compile(eager_attention, backend="eager"), "torch.compile(backend=eager) [dry-run stand-in]"
+    return torch.compile(eager_attention), "torch.compile (inductor)"
+
+
+def case_inputs(case: Case, device) -> dict:
+    """q, k, v (views of one packed projection), the masks and biases of `case`, SDPA's folded mask and the fp32
+    reference output."""
+    q, k, v, kpm, bias = make_inputs(case.B, case.H, case.S, case.D, case.dtype, mask=case.padding, bias=case.bias,
+                                     device=device)  # fmt: skip
+    from fastenc.ops.reference import attention_reference, relative_bias_reference, relative_position_buckets
+
+    table = lut = None
+    dense = bias
+    if case.relbias:
+        table = torch.randn(32, case.H, device=device, dtype=case.dtype)
+        lut = relative_position_buckets(case.S, case.S, device=device)
+        dense = relative_bias_reference(table, lut, case.S, case.S).to(case.dtype)  # (1, H, S, S), for SDPA
+    scale = case.D**-0.5
+    mask, sdpa_causal = sdpa_mask(q, kpm, dense, case.causal)
+    eager_mask = mask if mask is not None else (causal_mask(q) if sdpa_causal else None)
+    ref = attention_reference(q.float(), k.float(), v.float(), kpm, None if bias is None else bias.float(), table,
+                              lut, causal=case.causal, scale=scale)  # fmt: skip
+    return dict(q=q, k=k, v=v, kpm=kpm, bias=bias, table=table, lut=lut, scale=scale, mask=mask,
+                sdpa_causal=sdpa_causal, eager_mask=eager_mask, ref=ref)  # fmt: skip
+
+
+def causal_mask(q):
+    """(S, S) additive mask, -inf above the diagonal."""
+    n = q.shape[2]
+    tri = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+    return torch.zeros(n, n, dtype=q.dtype, device=q.device).masked_fill(~tri, float("-inf"))
+
+
+def providers(inp: dict, compiled=None) -> dict:
+    """name -> (zero-argument call, SDPA backend it is restricted to or None, provider label). compiled: the
+    (function, label) pair of compiled_attention; without it "compile" is absent."""
+    import fastenc
+
+    q, k, v, kpm, bias, causal, scale = (inp[n] for n in ("q", "k", "v", "kpm", "bias", "causal", "scale"))
+    rel = dict(rel_bias_table=inp["table"], rel_bias_lut=inp["lut"])
+
+    def op(backend):
+        return lambda: fastenc.ops.attention(q, k, v, causal=causal, key_padding_mask=kpm, bias=bias, scale=scale,
+                                             backend=backend, strict=True, **rel)  # fmt: skip
+
+    def kernel():
+        from fastenc.kernels.attention import attention_forward
+
+        return attention_forward(q, k, v, causal=causal, key_padding_mask=kpm, bias=bias, scale=scale)
+
+    def cuda_kernel():  # the csrc/ short-sequence kernel (Sk <= 128, fp16/bf16, no bias), its launcher
+        from fastenc.core import cuda as _cuda
+
+        return _cuda.cuda_attention_forward(q, k, v, causal=causal, key_padding_mask=kpm, bias=bias, scale=scale)
+
+    def sdpa():
+        return torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=inp["mask"], is_causal=inp["sdpa_causal"], scale=scale
+        )
+
+    def reference():
+        from fastenc.ops.reference import attention_reference
+
+        return attention_reference(q, k, v, kpm, bias, inp["table"], inp["lut"], causal=causal, scale=scale)
+
+    fns = {
+        "fastenc": (op("triton"), None, "fastenc.ops.attention backend=triton"),
+        "kernel": (kernel, None, "fastenc.kernels.attention launcher"),
+        "cuda": (op("cuda"), None, "fastenc.ops.attention backend=cuda"),
+        "cuda_kernel": (cuda_kernel, None, "csrc/ attention launcher"),
+        "sdpa": (sdpa, None, "torch SDPA"),
+        **{name: (sdpa, backend, f"torch SDPA, {backend} only") for name, backend in SDPA_BACKENDS.items()},
+        "reference": (reference, None, "fastenc.ops.reference.attention_reference"),
     }
+    if compiled is not None:
+        fn, label = compiled
+        fns["compile"] = (lambda: fn(q, k, v, inp["eager_mask"], scale), None, label)
+    return fns
+
+
+def sdpa_context(backend: str | None):
+    """A context-manager factory restricting SDPA to `backend` (None: no restriction)."""
+    if backend is None:
+        return contextlib.nullcontext
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return lambda: sdpa_kernel([getattr(SDPBackend, backend)])
+
+
+def interleaved(timer, iters: int):
+    """A measure for run_case: `iters` rounds, round i taking one Timer sample of every provider (drift hits all
+    alike); per provider the summary (p50_ms, p90_ms, ...) and the raw samples."""
+    from fastenc.benchmark.timing import summarize
+
+    def measure(live: dict) -> dict:
+        samples = {n: [] for n in live}
+        for _ in range(iters):
+            for n, (fn, ctx) in live.items():
+                with ctx():
+                    samples[n].append(timer.once(fn))
+        return {n: dict(summarize(xs), samples_ms=xs, iters=iters, timer=timer.name) for n, xs in samples.items()}
+
+    return measure
+
+
+def do_bench_quantiles(warmup_ms: int, rep_ms: int):
+    """A measure for run_case: triton.testing.do_bench's p20 / p50 / p80 per provider, one provider after another."""
+    from triton.testing import do_bench
+
+    def measure(live: dict) -> dict:
+        out = {}
+        for n, (fn, ctx) in live.items():
+            with ctx():
+                p20, p50, p80 = do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.2, 0.5, 0.8])
+            out[n] = {"p20_ms": p20, "p50_ms": p50, "p80_ms": p80, "timer": "triton.testing.do_bench"}
+        return out
+
+    return measure
+
+
+def run_case(case: Case, names, measure, *, device, warmup: int = 0, compiled=None, tuned: bool = True):
+    """Yield one row per provider of `case`, after all of them are timed by `measure` (see interleaved).
+
+    names: provider names (PROVIDERS), or a {row name: provider} dict. Each provider's first call is timed
+    (compile / autotune), checked against the fp32 reference (max_abs_err, nonfinite) and followed by `warmup`
+    calls; a provider that refuses the inputs (fastenc strict, SDPA's "No available kernel") is a skipped row with
+    the reason, SDPA's warnings included; one that needs CUDA is skipped off CUDA. tuned: record the Triton
+    autotuner's pick on the fastenc rows (not under the interpreter)."""
+    from fastenc.core.errors import BackendUnavailableError
+
+    device = torch.device(device)
+    names = names if isinstance(names, dict) else {n: n for n in names}
+    torch.manual_seed(0)
+    inp = dict(case_inputs(case, device), causal=case.causal)
+    ref = inp["ref"]
+    fns = providers(inp, compiled)
+    flops_ = flops(case.B, case.H, case.S, case.S, case.D, case.causal)
+    # PyTorch's own error in this dtype (the 2x rule's baseline): the eager composite in the input dtype
+    eager = eager_attention(inp["q"], inp["k"], inp["v"], inp["eager_mask"], inp["scale"])
+    eager_err = (eager.float() - ref).abs().max().item()
+    rows, live = {}, {}
+    for name, provider in names.items():
+        fn, backend, label = fns[provider]
+        row = dict(config=case.config(), competitor=name, provider=label, flops=flops_, torch_err=eager_err)
+        rows[name] = row
+        if device.type != "cuda" and provider in CUDA_ONLY:
+            row.update(status="skipped", reason="needs a CUDA device (SDPA's fused backends and fastenc's CUDA "
+                       "kernels are CUDA-only)")  # fmt: skip
+            continue
+        ctx, caught = sdpa_context(backend), []
+        try:
+            with warnings.catch_warnings(record=True) as caught, ctx():
+                warnings.simplefilter("always")  # SDPA says in warnings why a backend refuses the inputs
+                t0 = time.perf_counter()
+                out = fn()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                first = time.perf_counter() - t0
+            err = (out.float() - ref).abs().nan_to_num(float("inf")).max().item()
+            row.update(status="ok", first_call_s=first, max_abs_err=err,
+                       nonfinite=int((~torch.isfinite(out)).sum().item()))  # fmt: skip
+            del out
+            with ctx():
+                for _ in range(warmup):
+                    fn()
+            if provider in ("fastenc", "kernel") and tuned:
+                row["autotuned"] = chosen_config()  # the autotuner's pick for these inputs
+            live[name] = (fn, ctx)
+        except Exception as e:  # noqa: BLE001 - a refusal is a skip with SDPA's reasons, anything else an error
+            notes = "; ".join(sorted({str(w.message)[:200] for w in caught or []}))
+            unsupported = isinstance(e, BackendUnavailableError) or "No available kernel" in str(e)
+            reason = f"{type(e).__name__}: {e}".replace("\n", " ")[:600] + (f" [{notes}]" if notes else "")
+            row.update(status="skipped" if unsupported else "error", reason=reason)
+    for name, stats in measure(live).items():
+        rows[name].update(stats, tflops=flops_ / (stats["p50_ms"] * 1e-3) / 1e12)
+    for name in live:
+        rows[name]["speedup_vs"] = {o: rows[o]["p50_ms"] / rows[name]["p50_ms"] for o in live if o != name}
+    yield from rows.values()
 
 
 def chosen_config() -> dict | None:
     """The autotuner's pick for the last launch (None before any launch)."""
-    from fastenc.kernels.attention import _autotuned_kernel
+    from fastenc.kernels.attention import _autotuned_attention_kernel
 
-    best = getattr(_autotuned_kernel(), "best_config", None)
+    best = getattr(_autotuned_attention_kernel(), "best_config", None)
     if best is None:
         return None
     return {**best.kwargs, "num_warps": best.num_warps, "num_stages": best.num_stages}
@@ -114,7 +309,7 @@ def main(argv=None) -> int:
     p.add_argument("--causal", action="store_true")
     p.add_argument("--mask", action="store_true", help="random right-padding key_padding_mask")
     p.add_argument("--bias", action="store_true", help="(1, H, S, S) additive bias, as T5")
-    p.add_argument("--providers", default=",".join(PROVIDERS), help=f"comma list from {PROVIDERS}")
+    p.add_argument("--providers", default=",".join(DEFAULT_PROVIDERS), help=f"comma list from {PROVIDERS}")
     p.add_argument("--warmup", type=int, default=25, help="do_bench warmup, ms")
     p.add_argument("--rep", type=int, default=100, help="do_bench repetition time, ms")
     p.add_argument("--out", help="JSON file to append rows to (a bare name goes under bench/results/)")
@@ -124,50 +319,37 @@ def main(argv=None) -> int:
         return EXIT_NO_CUDA
 
     names = parse_providers(p, args.providers, PROVIDERS)
-    dtype = DTYPES[args.dtype]
-    shapes = args.shape or DEFAULT_SHAPES
     env = kernel_env()
     print_kernel_env(env)
     print(f"# dtype {args.dtype}  causal {args.causal}  mask {args.mask}  bias {args.bias}")
     print(f"{'B,H,S,D':>16} {'provider':>10} {'p50 ms':>9} {'p20 ms':>9} {'p80 ms':>9} {'TFLOP/s':>8} {'max err':>9}")
-
+    compiled = compiled_attention(dry=False) if "compile" in names else None
     rows = []
-    torch.manual_seed(0)
-    for b, h, s, d in shapes:
-        q, k, v, kpm, bias = make_inputs(b, h, s, d, dtype, mask=args.mask, bias=args.bias)
-        fns = providers(q, k, v, kpm, bias, args.causal)
-        ref = fns["reference"]().float()
-        fl = flops(b, h, s, s, d, args.causal)
-        for name in names:
-            fn = fns[name]
-            got = bench_provider(  # the cuda providers refuse Sk > 128, bias, fp32: a row saying why
-                fn,
-                lambda y, ref=ref: (y.float() - ref).abs().nan_to_num(0.0).max().item(),
-                args.warmup,
-                args.rep,
-                f"{f'{b},{h},{s},{d}':>16} {name:>10}",
-            )
-            if isinstance(got, str):
-                shape = {"B": b, "H": h, "S": s, "D": d}
-                rows.append({"op": "attention", "provider": name, "shape": shape, "error": got, **env})
+    for b, h, s, d in args.shape or DEFAULT_SHAPES:
+        case = Case(b, h, s, d, DTYPES[args.dtype], causal=args.causal, padding=args.mask, bias=args.bias)
+        label, shape = f"{f'{b},{h},{s},{d}':>16}", {"B": b, "H": h, "S": s, "D": d}
+        for r in run_case(case, names, do_bench_quantiles(args.warmup, args.rep), device="cuda", compiled=compiled):
+            name = r["competitor"]
+            if r["status"] != "ok":  # the cuda providers refuse Sk > 128, bias, fp32: a row saying why
+                print(f"{label} {name:>10} skipped: {r['reason']}"[:200])
+                rows.append({"op": "attention", "provider": name, "shape": shape, "error": r["reason"], **env})
                 continue
-            err, p20, p50, p80 = got
-            tflops = fl / (p50 * 1e-3) / 1e12
-            print(f"{f'{b},{h},{s},{d}':>16} {name:>10} {p50:9.4f} {p20:9.4f} {p80:9.4f} {tflops:8.2f} {err:9.2e}")
+            p20, p50, p80, err = r["p20_ms"], r["p50_ms"], r["p80_ms"], r["max_abs_err"]
+            print(f"{label} {name:>10} {p50:9.4f} {p20:9.4f} {p80:9.4f} {r['tflops']:8.2f} {err:9.2e}")
             rows.append(
                 {
                     "op": "attention",
                     "provider": name,
                     "mode": "forward",
-                    "shape": {"B": b, "H": h, "S": s, "D": d},
+                    "shape": shape,
                     "dtype": args.dtype,
                     "causal": args.causal,
                     "mask": args.mask,
                     "bias": args.bias,
-                    "config": chosen_config() if name in ("fastenc", "kernel") else None,
+                    "config": r.get("autotuned"),
                     "ms": {"p20": p20, "p50": p50, "p80": p80},
-                    "flops": fl,
-                    "tflops_p50": tflops,
+                    "flops": r["flops"],
+                    "tflops_p50": r["tflops"],
                     "max_abs_err_vs_reference": err,
                     "do_bench": {"warmup_ms": args.warmup, "rep_ms": args.rep},
                     **env,

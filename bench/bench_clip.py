@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from _common import EXIT_NO_CUDA, add_speedups, append_rows, model_meta, no_cuda, time_model
+from _common import EXIT_NO_CUDA, add_speedups, append_rows, model_meta, model_row, no_cuda, time_model
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
@@ -68,15 +68,20 @@ def main(argv=None) -> int:
                     f"fastenc x{r['fastenc_speedup']:.2f}"
                 )
                 rows.append(
-                    {
-                        **meta,
-                        "shape": args.shape,
-                        "tower": tower,
-                        "dtype": args.dtype,
-                        "batch": batch,
-                        "provider": name,
+                    model_row(
+                        "bench_clip",
+                        meta,
+                        f"clip-{tower}",
+                        name,
+                        r.pop("samples_ms"),
+                        mode="forward",
+                        config={"shape": args.shape, "tower": tower, "batch": batch},
+                        dtype=args.dtype,
+                        shape=args.shape,
+                        tower=tower,
+                        batch=batch,
                         **r,
-                    }
+                    )
                 )
     if args.out:
         append_rows(args.out, rows, newline=False)

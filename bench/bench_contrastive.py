@@ -18,7 +18,18 @@ import argparse
 import sys
 
 import torch
-from _common import EXIT_NO_CUDA, kernel_env, no_cuda, parse_providers, print_kernel_env, save_results
+from _common import (
+    EXIT_NO_CUDA,
+    cuda_timer,
+    kernel_env,
+    kernel_row,
+    no_cuda,
+    parse_providers,
+    print_kernel_env,
+    save_results,
+)
+
+from fastenc.benchmark.rows import set_samples
 
 DEFAULT_N = [4096, 8192, 16384, 32768, 65536]
 DEFAULT_D = [512, 1024]
@@ -81,15 +92,7 @@ def measure(step, iters: int, warmup: int) -> tuple[list[float], int]:
     step()
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base
-    samples = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step()
-        end.record()
-        torch.cuda.synchronize()
-        samples.append(start.elapsed_time(end))
-    return samples, peak
+    return cuda_timer(flush_l2=False).samples(step, iters), peak
 
 
 def main(argv=None) -> int:
@@ -118,18 +121,21 @@ def main(argv=None) -> int:
     for n in args.n or DEFAULT_N:
         for d in args.d or DEFAULT_D:
             for name in names:
-                row = {
-                    "op": f"{args.loss}_loss",
-                    "provider": name,
-                    "mode": "forward+backward",
-                    "config": {"N": n, "d": d, "dtype": args.dtype, "iters": args.iters, "warmup": args.warmup},
-                    **env,
-                }
+                row = kernel_row(
+                    "bench_contrastive",
+                    env,
+                    f"{args.loss}_loss",
+                    name,
+                    mode="forward+backward",
+                    config={"N": n, "d": d, "dtype": args.dtype, "iters": args.iters, "warmup": args.warmup},
+                    dtype=args.dtype,
+                )
                 try:
                     step, forward, reference_value = make_step(name, args.loss, n, d, dtype)
                     value = forward().item()
                     samples, peak = measure(step, args.iters, args.warmup)
-                    p50 = sorted(samples)[len(samples) // 2]
+                    set_samples(row, samples)
+                    p50 = row["p50_ms"]
                     row.update(
                         ms_samples=samples,
                         ms_p50=p50,
@@ -142,7 +148,7 @@ def main(argv=None) -> int:
                     tf = row["tflops_p50"]
                     print(f"{n:>7} {d:>5} {name:>12} {p50:9.3f} {peak / 2**20:9.1f} {tf:8.2f} {value:10.5f}")
                 except torch.cuda.OutOfMemoryError as e:
-                    row.update(status="oom", error=str(e).splitlines()[0])
+                    row.update(status="oom", error=str(e).splitlines()[0], notes="out of memory")
                     print(f"{n:>7} {d:>5} {name:>12} {'OOM':>9}")
                 finally:
                     step = forward = reference_value = None

@@ -74,26 +74,18 @@ def make_checkpoint(folder: Path, shape: str, layers: int | None) -> None:
     proc(size={"shortest_edge": s}, crop_size={"height": s, "width": s}).save_pretrained(folder)
 
 
-def _sync(device):
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def model_only(fn, x, device, iters: int) -> float:
-    """samples/s of fn(x) at a fixed batch after 3 warm-up calls (captures CUDA graphs)."""
+    """samples/s of fn(x) at a fixed batch after 3 warm-up calls (captures CUDA graphs): Timer.back_to_back."""
     import torch
 
+    from fastenc.benchmark.timing import Timer
+
+    timer = Timer(device, flush_l2=False)
     with torch.inference_mode():
         for _ in range(3):
             fn(x)
-        _sync(device)
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            fn(x)
-        _sync(device)
-    return iters * x.shape[0] / (time.perf_counter() - t0)
+        ms = timer.back_to_back(lambda: fn(x), iters)
+    return x.shape[0] / (ms * 1e-3)
 
 
 class _HFDataset:
@@ -168,8 +160,28 @@ def run(args, sink=None) -> list[dict]:
                   gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None)  # fmt: skip
     rows = []
 
-    def emit(**row):
-        row = {**row, **common}
+    from fastenc.benchmark.env import git_commit
+    from fastenc.benchmark.rows import make_row
+
+    commit = git_commit() if sink is None else None  # a sink's rows take the caller's commit (the GPU session's)
+
+    def emit(provider: str, **fields):
+        row = make_row(
+            "bench_embed",
+            "clip-image-embed",
+            provider,
+            mode="throughput",
+            config={k: common[k] for k in ("shape", "layers", "batch", "workers", "images", "px", "backend")},
+            dtype=dtype_name,
+            device=str(device),
+            versions={"torch": torch.__version__, "fastenc": fastenc.__version__},
+            commit=commit,
+            provider=provider,
+            **fields,
+            **{k: v for k, v in common.items() if k not in ("dtype", "device")},
+        )
+        if sink is not None:
+            del row["commit"]
         rows.append(row)
         if sink is not None:
             sink(row)

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 import traceback
 
-from _common import EXIT_NO_CUDA, model_meta, no_cuda, percentile, save_results, time_cuda
+from _common import EXIT_NO_CUDA, cuda_timer, model_meta, model_row, no_cuda, save_results
+
+from fastenc.benchmark.rows import set_samples
+from fastenc.benchmark.timing import percentile
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 PROVIDERS = (
@@ -30,22 +32,6 @@ PROVIDERS = (
     "fastenc-graphs",
     "compile-fastenc",  # torch.compile(fastenc model, mode="reduce-overhead")
 )
-
-
-def time_wall(fn, warmup: int, iters: int) -> list[float]:
-    """Per-call ms on the host clock, each call followed by a device synchronize (the latency a caller sees)."""
-    import torch
-
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    samples = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        samples.append((time.perf_counter() - t0) * 1e3)
-    return samples
 
 
 def build(provider: str, cls, sub, dtype, backend: str):
@@ -101,38 +87,45 @@ def main(argv=None) -> int:
         inputs = {k: v for k, v in inputs.items() if k != "pixel_values"}
         results = {}
         for name in names:
-            row = {
-                **meta,
-                "shape": args.shape,
-                "tower": "text",
-                "dtype": args.dtype,
-                "batch": batch,
-                "seq": args.seq,
-                "provider": name,
-                "backend": args.backend if name.endswith(("fastenc", "graphs")) else None,
-            }
+            row = model_row(
+                "bench_graphs",
+                meta,
+                "clip-text",
+                name,
+                mode="forward",
+                config={"shape": args.shape, "tower": "text", "batch": batch, "seq": args.seq},
+                dtype=args.dtype,
+                shape=args.shape,
+                tower="text",
+                batch=batch,
+                seq=args.seq,
+                backend=args.backend if name.endswith(("fastenc", "graphs")) else None,
+            )
             model = None
             try:
                 model = build(name, CLIPTextModelWithProjection, cfg.text_config, dtype, args.backend)
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
                 with torch.inference_mode():
-                    gpu = time_cuda(lambda m=model, x=inputs: m(**x), args.warmup, args.iters)
-                    wall = time_wall(lambda m=model, x=inputs: m(**x), 2, args.iters)
+                    gpu = cuda_timer(flush_l2=False).warm_samples(
+                        lambda m=model, x=inputs: m(**x), args.warmup, args.iters
+                    )
+                    wall = cuda_timer(flush_l2=False, host=True).warm_samples(
+                        lambda m=model, x=inputs: m(**x), 2, args.iters
+                    )
                     embeds = model(**inputs).text_embeds.float().clone()
+                set_samples(row, gpu)
                 row.update(
-                    p50_ms=percentile(gpu, 50),
                     p90_ms=percentile(gpu, 90),
                     wall_p50_ms=percentile(wall, 50),
                     wall_p90_ms=percentile(wall, 90),
                     peak_mem_mb=torch.cuda.max_memory_allocated() / 2**20,
-                    samples_ms=gpu,
                     wall_samples_ms=wall,
                     embeds=embeds,
                 )
                 results[name] = row
             except Exception as e:  # a provider that cannot run here still leaves a row saying why
-                row["error"] = f"{type(e).__name__}: {e}"
+                row["error"] = row["notes"] = f"{type(e).__name__}: {e}"
                 traceback.print_exc()
             finally:
                 model = None

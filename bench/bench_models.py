@@ -18,7 +18,7 @@ if not torch.cuda.is_available():
     # Triton runs on the CPU through its interpreter only when this is set before fastenc (and triton) import
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from fastenc.benchmark.cli import main  # noqa: E402
+from fastenc.benchmark.cli import bench_main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(bench_main())

@@ -30,6 +30,7 @@ from _common import (
     bench_provider,
     first,
     kernel_env,
+    kernel_row,
     lazy_provider,
     no_cuda,
     parse_providers,
@@ -37,6 +38,8 @@ from _common import (
     save_results,
     shape_parser,
 )
+
+from fastenc.benchmark.timing import percentile
 
 # ROWS, N: CLIP text B/32 (64 x 77, 768), ViT-L/14 (32 x 257, 1024), ViT-H/14 (16 x 257, 1280),
 # T5-large (32 x 512, 1024), T5-XXL (8 x 512, 4096).
@@ -69,7 +72,7 @@ def providers(op, x, r, w, b, eps):
     import fastenc
     from fastenc.core import cuda as _cuda
     from fastenc.kernels import norm as kernels
-    from fastenc.ops.norm import rms_norm_reference
+    from fastenc.ops.reference import rms_norm_reference
 
     n = x.shape[-1]
     if op == "layer_norm":
@@ -82,7 +85,7 @@ def providers(op, x, r, w, b, eps):
         fastenc_fn = lambda: fastenc.ops.layer_norm(x, w, b, eps, r, backend="triton", strict=True)
         kernel_fn = lambda: kernels.layer_norm_forward(x, w, b, eps, r)
         cuda_fn = lambda: fastenc.ops.layer_norm(x, w, b, eps, r, backend="cuda", strict=True)
-        cuda_kernel_fn = lambda: _cuda.layer_norm_forward(x, w, b, eps, r)
+        cuda_kernel_fn = lambda: _cuda.cuda_layer_norm_forward(x, w, b, eps, r)
     else:
 
         def eager(x, r):
@@ -92,7 +95,7 @@ def providers(op, x, r, w, b, eps):
         fastenc_fn = lambda: fastenc.ops.rms_norm(x, w, eps, r, backend="triton", strict=True)
         kernel_fn = lambda: kernels.rms_norm_forward(x, w, eps, r)
         cuda_fn = lambda: fastenc.ops.rms_norm(x, w, eps, r, backend="cuda", strict=True)
-        cuda_kernel_fn = lambda: _cuda.rms_norm_forward(x, w, eps, r)
+        cuda_kernel_fn = lambda: _cuda.cuda_rms_norm_forward(x, w, eps, r)
     compiled = torch.compile(eager, dynamic=False)
     return {
         "fastenc": fastenc_fn,
@@ -119,7 +122,7 @@ def backward_providers(op, x, r, w, b, eps, dy, ds):
     import fastenc
     from fastenc.kernels import norm as kernels
     from fastenc.ops import _library
-    from fastenc.ops.norm import rms_norm_reference
+    from fastenc.ops.reference import rms_norm_reference
 
     layer = op == "layer_norm"
     leaves = [t.detach().clone().requires_grad_() for t in (x, r, w, b if layer else None) if t is not None]
@@ -244,29 +247,45 @@ def main(argv=None) -> int:
                     f"{op:>10} {shape:>12} {name:>9}",
                 )
                 if isinstance(got, str):
-                    rows_out.append({"op": op, "provider": name, "shape": {"rows": rows, "N": n}, "error": got, **env})
+                    rows_out.append(
+                        kernel_row(
+                            "bench_norm",
+                            env,
+                            op,
+                            name,
+                            mode=mode,
+                            config={"rows": rows, "N": n},
+                            dtype=args.dtype,
+                            notes=got,
+                            shape={"rows": rows, "N": n},
+                            error=got,
+                        )
+                    )
                     continue
-                err, p20, p50, p80 = got
+                err, samples = got
+                p20, p50, p80 = (percentile(samples, q) for q in (20, 50, 80))
                 gbps = nbytes / (p50 * 1e-3) / 1e9
                 print(f"{op:>10} {shape:>12} {name:>9} {p50:9.4f} {p20:9.4f} {p80:9.4f} {gbps:8.1f} {err:9.2e}")
                 rows_out.append(
-                    {
-                        "op": op,
-                        "provider": name,
-                        "mode": mode,
-                        "shape": {"rows": rows, "N": n},
-                        "dtype": args.dtype,
-                        "weight_dtype": args.weight_dtype,
-                        "residual": args.residual,
-                        "eps": args.eps,
-                        "config": config if name in ("fastenc", "kernel") else None,
-                        "ms": {"p20": p20, "p50": p50, "p80": p80},
-                        "bytes": nbytes,
-                        "gbps_p50": gbps,
-                        "max_abs_err_vs_fp32": err,
-                        "do_bench": {"warmup_ms": args.warmup, "rep_ms": args.rep},
-                        **env,
-                    }
+                    kernel_row(
+                        "bench_norm",
+                        env,
+                        op,
+                        name,
+                        samples,
+                        mode=mode,
+                        config={"rows": rows, "N": n},
+                        dtype=args.dtype,
+                        shape={"rows": rows, "N": n},
+                        weight_dtype=args.weight_dtype,
+                        residual=args.residual,
+                        eps=args.eps,
+                        kernel_config=config if name in ("fastenc", "kernel") else None,
+                        bytes=nbytes,
+                        gbps_p50=gbps,
+                        max_abs_err_vs_fp32=err,
+                        budget_ms={"warmup": args.warmup, "rep": args.rep},
+                    )
                 )
 
     if args.out:

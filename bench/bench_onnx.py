@@ -31,7 +31,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import RESULTS, append_rows, git_commit, percentile
+from _common import RESULTS, append_rows, git_commit, model_row
+
+from fastenc.benchmark.timing import Timer, percentile
 
 PROVIDERS = ("torch-eager", "torch-sdpa", "ort", "ort-opt", "fastenc-ort", "fastenc-ort-int8")
 T5_SHAPES = {  # d_model, d_kv, heads, d_ff, layers (default), vocab
@@ -100,32 +102,35 @@ def build_models(args):
     return [(label, m.eval(), info, sizes) for label, m, info, sizes in out]
 
 
+def cpu_timer():
+    """fastenc.benchmark.timing.Timer on the CPU: perf_counter around each call."""
+    import torch
+
+    return Timer(torch.device("cpu"))
+
+
 def time_interleaved(calls: dict, warmup: int, iters: int) -> dict[str, list[float]]:
     """provider -> ms per call; every round calls each provider once (see the module docstring)."""
+    timer = cpu_timer()
     for fn in calls.values():
         for _ in range(warmup):
             fn()
     samples = {k: [] for k in calls}
     for _ in range(iters):
         for k, fn in calls.items():
-            t0 = time.perf_counter()
-            fn()
-            samples[k].append((time.perf_counter() - t0) * 1e3)
+            samples[k].append(timer.once(fn))
     return samples
 
 
 def time_blocks(calls: dict, warmup: int, iters: int) -> dict[str, list[float]]:
     """provider -> ms per call; each provider's warm-up and --iters calls back to back (with ORT's spinning on, the
     fair order: no torch call runs between two ORT calls while ORT's threads spin-wait)."""
+    timer = cpu_timer()
     samples = {}
     for k, fn in calls.items():
         for _ in range(warmup):
             fn()
-        samples[k] = []
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            fn()
-            samples[k].append((time.perf_counter() - t0) * 1e3)
+        samples[k] = timer.samples(fn, iters)
     return samples
 
 
@@ -249,26 +254,25 @@ def main(argv=None) -> int:
                     err = float(np.abs(got - ref0).max() / max(np.abs(ref0).max(), 1e-12))
                     cos = torch.nn.functional.cosine_similarity(pooled(label, got, mask), ref_pool, dim=-1)
                     p50 = percentile(samples[prov], 50)
-                    row = {
-                        "bench": "onnx_cpu",
-                        "model": label,
-                        "provider": prov,
-                        "config": {
-                            **info,
-                            "batch": batch,
-                            "seq": seq or None,
-                            "dtype": "int8-dynamic" if prov.endswith("int8") else "fp32",
-                        },  # fmt: skip
-                        "p50_ms": p50,
-                        "p90_ms": percentile(samples[prov], 90),
-                        "speedup_vs_sdpa": (sdpa / p50) if sdpa else None,
-                        "max_rel_err_vs_eager": err,
-                        "pooled_cosine_min_vs_eager": float(cos.min()),
-                        "samples_ms": samples[prov],
-                        "timing": args.timing,
-                        "ort_spinning": args.ort_spinning,
-                        **env,
-                    }
+                    dtype = "int8-dynamic" if prov.endswith("int8") else "fp32"
+                    row = model_row(
+                        "bench_onnx",
+                        env,
+                        label,
+                        prov,
+                        samples[prov],
+                        mode="forward",
+                        config={**info, "batch": batch, "seq": seq or None, "dtype": dtype},
+                        dtype=dtype,
+                        bench="onnx_cpu",
+                        model=label,
+                        p90_ms=percentile(samples[prov], 90),
+                        speedup_vs_sdpa=(sdpa / p50) if sdpa else None,
+                        max_rel_err_vs_eager=err,
+                        pooled_cosine_min_vs_eager=float(cos.min()),
+                        timing=args.timing,
+                        ort_spinning=args.ort_spinning,
+                    )
                     if prov in sessions:
                         row["fusions"] = sessions[prov][1].fusions
                     if prov == "fastenc-ort-int8":

@@ -35,7 +35,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     import torch
 
-    from fastenc.benchmark.pipeline import append_rows, bench_pipeline, table
+    from fastenc.benchmark.pipeline import bench_pipeline, table
+    from fastenc.benchmark.rows import append_jsonl
     from tests.pipeline_utils import FAMILIES, build_pipeline
 
     if args.threads:
@@ -62,7 +63,7 @@ def main(argv=None) -> int:
                 label=f"{family} text encoders width {args.width}, {args.layers} layers (tests/pipeline_utils.py)",
             )
     print(table(rows))
-    append_rows(rows, out)
+    append_jsonl(out, rows)
     print(f"# appended {len(rows)} rows to {out}")
     return 0
 

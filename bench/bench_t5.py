@@ -17,7 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from _common import EXIT_NO_CUDA, add_speedups, append_rows, model_meta, no_cuda, time_model
+from _common import EXIT_NO_CUDA, add_speedups, append_rows, model_meta, model_row, no_cuda, time_model
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
@@ -113,19 +113,23 @@ def main(argv=None) -> int:
                             f"fastenc x{r['fastenc_speedup']:.2f}"
                         )
                         rows.append(
-                            {
-                                **meta,
-                                "shape": shape,
-                                "layers": args.layers,
-                                "full_layers": full_layers,
-                                "config": {**SHAPES[shape], "num_layers": args.layers, "gated": True},
-                                "dtype": dname,
-                                "batch": batch,
-                                "seq": seq,
-                                "pad": args.pad,
-                                "provider": name,
+                            model_row(
+                                "bench_t5",
+                                meta,
+                                "t5-encoder",
+                                name,
+                                r.pop("samples_ms"),
+                                mode="forward",
+                                config={**SHAPES[shape], "num_layers": args.layers, "gated": True},
+                                dtype=dname,
+                                shape=shape,
+                                layers=args.layers,
+                                full_layers=full_layers,
+                                batch=batch,
+                                seq=seq,
+                                pad=args.pad,
                                 **r,
-                            }
+                            )
                         )
             del models
             base32 = base32.to("cpu")

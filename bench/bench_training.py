@@ -163,16 +163,20 @@ def t5_case(provider: str, *, tiny: bool, layers: int, batch: int, seq: int, dty
 def measure(case: str, provider: str, build, *, device, iters: int, warmup: int) -> dict:
     """Build the provider's model (inside the memory window), time `iters` steps after `warmup`; one row."""
     import fastenc
+    from fastenc.benchmark.rows import make_row, set_samples
     from fastenc.benchmark.timing import MemoryMeter, Timer, summarize
 
-    row = dict(bench="training", case=case, provider=provider)
+    versions = {"torch": torch.__version__, "fastenc": fastenc.__version__}
+    row = make_row("bench_training", case, provider, mode="train-step", device=str(device), versions=versions)
+    del row["commit"]  # the caller's: main's run metadata, or the GPU session's row
+    row.update(bench="training", case=case, provider=provider)
     timer = Timer(device, flush_l2=device.type == "cuda")
     meter = MemoryMeter(device, timer.held_bytes)
     step = None
     try:
         meter.start()
         step, config, units = build()
-        row["config"] = config
+        row.update(config=config, dtype=config.get("dtype"))
         t0 = time.perf_counter()
         with fastenc.trace() as t:
             loss = step()
@@ -186,11 +190,13 @@ def measure(case: str, provider: str, build, *, device, iters: int, warmup: int)
         samples = timer.samples(step, iters)
         st = summarize(samples)
         unit = "samples_per_s" if case == "clip" else "tokens_per_s"
-        row.update(status="ok", samples_ms=samples, iters=iters, **st, **meter.stop(), timer=timer.name)
+        set_samples(row, samples)
+        row.update(status="ok", iters=iters, **st, **meter.stop(), timer=timer.name)
         row[unit] = units / (st["p50_ms"] * 1e-3)
     except Exception as e:  # noqa: BLE001 - a provider that fails (OOM, unsupported) is a row with the reason
         oom = isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
         row.update(status="oom" if oom else "error", reason=f"{type(e).__name__}: {e}"[:400])
+        row["notes"] = row["reason"]
     finally:
         step = None  # noqa: F841
         _free(device)
@@ -305,7 +311,8 @@ def main(argv=None) -> int:
     print(f"# {meta['device']}  torch {meta['torch']}  triton {meta['triton']}  commit {meta['commit']}")
     rows = run(args, device)
     for r in rows:
-        r.update(meta)
+        r.update(meta)  # device name and commit of the run; versions below
+        r["versions"].update({k: meta[k] for k in ("torch", "triton", "transformers", "fastenc")})
     if args.out:
         save_results(args.out, rows)
     return 0 if all(r["status"] == "ok" for r in rows) else 1

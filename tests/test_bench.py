@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fastenc.benchmark import cli, matrix, report, runner
-from fastenc.benchmark.env import percentile
+from fastenc.benchmark.timing import percentile
 from fastenc.core.dispatch import triton_interpret
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -40,7 +40,7 @@ def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "quick.jsonl"
     argv = ["--quick", "--models", ",".join(QUICK_MODELS), "--competitors", ",".join(COMPETITORS)]
     argv += ["--iters", str(ITERS), "--warmup", "1", "--throughput-iters", "2", "--out", str(out), "--no-progress"]
-    assert cli.main(argv) == 0
+    assert cli.bench_main(argv) == 0
     return out, runner.read_jsonl(out)
 
 
@@ -106,6 +106,25 @@ def test_row_fields_and_derived_figures(quick):
         assert r["check_ref"] == "eager" and r["check_max_rel"] < 1e-4, (c, r["check_max_rel"])
 
 
+def test_rows_follow_the_one_row_schema(quick):
+    """fastenc bench's rows are schema rows (fastenc.benchmark.rows): they validate, load and print in the table
+    that every bench script's rows share."""
+    from fastenc.benchmark.rows import check_row, load_rows
+
+    out, rows = quick
+    for r in rows:
+        check_row(r)
+        assert r["script"] == "fastenc bench" and r["competitor"] == r["config"]["competitor"]
+        assert r["op"] == r["config"]["model"] and r["dtype"] == r["config"]["dtype"]
+        if r["status"] == "ok":
+            assert r["p20_ms"] == percentile(r["samples_ms"], 20) and r["p80_ms"] == percentile(r["samples_ms"], 80)
+        else:
+            assert r["samples_ms"] == [] and r["p50_ms"] is None and r["notes"] == r["reason"]
+    loaded = load_rows(out)
+    assert loaded == rows
+    assert len(report.rows_table(loaded).splitlines()) == len(rows) + 2
+
+
 def test_speedups_match_the_recorded_p50s(quick):
     _, rows = quick
     cases: dict = {}
@@ -145,7 +164,7 @@ def test_report_regenerates_from_jsonl(quick, tmp_path):
     out, rows = quick
     copy = tmp_path / "again.jsonl"
     copy.write_text(out.read_text() + out.read_text())  # the same rows twice: latest() keeps one per config
-    assert cli.main(["--report", str(copy), "--no-plots"]) == 0
+    assert cli.bench_main(["--report", str(copy), "--no-plots"]) == 0
     assert len(report.latest(runner.read_jsonl(copy))) == len(rows)
     assert copy.with_suffix(".md").read_text() == out.with_suffix(".md").read_text()
 
@@ -154,12 +173,12 @@ def test_row_budget_cuts_iterations_and_guards_the_cpu(tmp_path):
     out = tmp_path / "budget.jsonl"
     argv = ["--quick", "--models", "tiny-clip-vision", "--competitors", "sdpa", "--batch", "1", "--iters", "1000"]
     argv += ["--row-budget", "1e-6", "--out", str(out), "--no-progress", "--no-plots"]
-    assert cli.main(argv) == 0
+    assert cli.bench_main(argv) == 0
     (r,) = runner.read_jsonl(out)
     assert r["status"] == "skipped" and "row budget" in r["reason"]  # the FLOPs estimate alone exceeds it
     argv[argv.index("1e-6")] = "0.02"  # the estimate fits (>= 0.4 GFLOP/s would do), 1000 calls do not
     out.unlink()
-    assert cli.main(argv) == 0
+    assert cli.bench_main(argv) == 0
     (r,) = runner.read_jsonl(out)
     assert r["status"] == "ok" and r["iters_cut"], r
     assert runner.MIN_ITERS <= r["iters"] == len(r["samples_ms"]) < 1000 == r["settings"]["iters"]
@@ -183,12 +202,12 @@ def test_flops_formula_matches_torch_flop_counter(name):
 
 
 def test_list_and_bad_names(capsys):
-    assert cli.main(["--list", "--device", "cpu"]) == 0
+    assert cli.bench_main(["--list", "--device", "cpu"]) == 0
     text = capsys.readouterr().out
     for name in matrix.FULL_MODELS:
         assert matrix.MODELS[name].label in text
     assert "t5-v1_1-xxl (2/24 layers)" in text and "t5-v1_1-xl (4/24 layers)" in text
-    assert cli.main(["--list", "--models", "clip-vit-z"]) == 2  # bad input: one error line, no traceback
+    assert cli.bench_main(["--list", "--models", "clip-vit-z"]) == 2  # bad input: one error line, no traceback
     err = capsys.readouterr().err
     assert err.startswith("fastenc bench: error: unknown ['clip-vit-z']") and len(err.strip().splitlines()) == 1
 

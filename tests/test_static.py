@@ -1,4 +1,4 @@
-"""The static GPU report (fastenc.benchmark.static): every Triton kernel compiled for sm_90a and sm_80 on this CPU
+"""The static GPU report (bench/static_report.py): every Triton kernel compiled for sm_90a and sm_80 on this CPU
 machine, registers / stack (spill) bytes / shared memory from the cubin.
 
 1. the committed report (bench/results/static-sm90.json) was generated from the current kernels/*.py;
@@ -14,6 +14,7 @@ The compile runs in a subprocess without TRITON_INTERPRET (conftest sets it on a
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -23,15 +24,26 @@ from pathlib import Path
 
 import pytest
 
-from fastenc.benchmark import static
-
 REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "bench" / "static_report.py"
+
+
+def _load():
+    """bench/ is not a package: the script is imported from its path."""
+    spec = importlib.util.spec_from_file_location("static_report_under_test", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+static = _load()
 REPORT = REPO / static.DEFAULT_JSON
 COMPILERS = ("3.6", "3.9")
 SUBSET_TIMEOUT_S = 900  # the subset takes ~1-2 min on 2 idle cores; a shared CI host is several times slower
 REGENERATE = (
     "regenerate from the repo root, both compilers in one command (3.9 here, then 3.6; ~5 min on 2 idle cores):\n"
-    "    python -m fastenc.benchmark.static --also .venv-triton36/bin/python\n"
+    "    python bench/static_report.py --also .venv-triton36/bin/python\n"
     "(--also takes any python with triton==3.6.*, torch==2.13.0, numpy<2.4, transformers and "
     "`pip install --no-deps -e .`; each run replaces only its own triton version's rows)"
 )
@@ -92,13 +104,13 @@ def test_report_has_rows_of_both_compilers():
 
 @pytest.fixture(scope="module")
 def subset():
-    """Rows of `python -m fastenc.benchmark.static --matrix ci` under the installed triton."""
+    """Rows of `python bench/static_report.py --matrix ci` under the installed triton."""
     pytest.importorskip("triton")
     if static.cuobjdump_path() is None:
         pytest.skip("cuobjdump not found (triton/backends/nvidia/bin/ or PATH): resource usage cannot be read")
     out = Path(os.environ.get("TMPDIR", "/tmp")) / f"fastenc-static-ci-{os.getpid()}.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, "-m", "fastenc.benchmark.static", "--matrix", "ci", "--json", str(out), "--fresh",
+    cmd = [sys.executable, str(SCRIPT), "--matrix", "ci", "--json", str(out), "--fresh",
            "--no-md", "--jobs", "2"]  # fmt: skip
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=SUBSET_TIMEOUT_S)

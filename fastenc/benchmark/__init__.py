@@ -9,6 +9,7 @@ cli          add_bench_parser(subparsers) for `fastenc bench`
 """
 
 from .cli import add_bench_parser, cmd_bench
-from .env import git_commit, percentile, versions
+from .env import git_commit, versions
+from .timing import percentile
 
 __all__ = ["add_bench_parser", "cmd_bench", "git_commit", "percentile", "versions"]

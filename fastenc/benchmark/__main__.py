@@ -2,6 +2,6 @@
 
 import sys
 
-from .cli import main
+from .cli import bench_main
 
-sys.exit(main())
+sys.exit(bench_main())

@@ -194,7 +194,7 @@ def _cmd_bench(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
+def bench_main(argv=None) -> int:
     """`python -m fastenc.benchmark.cli ...` and bench/bench_models.py: the bench subcommand on its own."""
     p = argparse.ArgumentParser(prog="fastenc")
     add_bench_parser(p.add_subparsers(dest="cmd", required=True))
@@ -203,4 +203,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(bench_main())

@@ -1,4 +1,4 @@
-"""Run metadata shared by every benchmark: git commit, library versions, device name, percentiles, host memory.
+"""Run metadata shared by every benchmark: git commit, library versions, device name, host memory.
 
 Also imported by bench/_common.py, so the per-op bench scripts and `fastenc bench` record the same fields.
 """
@@ -29,12 +29,6 @@ def git_commit(*, dirty: bool = True, cwd: Path | None = SOURCE_ROOT) -> str:
         return commit
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-
-
-def percentile(xs: list[float], q: float) -> float:
-    """Nearest-rank percentile q (0..100) of xs (the sample value itself, never an interpolation)."""
-    s = sorted(xs)
-    return s[min(len(s) - 1, int(round(q / 100 * (len(s) - 1))))]
 
 
 def _version(module: str) -> str | None:

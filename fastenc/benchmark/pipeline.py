@@ -9,11 +9,9 @@ eager row's outputs (every tensor encode_prompt returns).
 
 from __future__ import annotations
 
-import json
-import time
-from pathlib import Path
-
 from ..core.errors import InputError
+from .rows import append_jsonl, make_row
+from .timing import Timer
 
 PROMPT = "a photo of a red cat riding a blue horse under the night sky, highly detailed, cinematic lighting"
 
@@ -28,24 +26,6 @@ def _fork(pipe):
     if hasattr(new, "set_progress_bar_config"):
         new.set_progress_bar_config(disable=True)
     return new
-
-
-def _time(fn, warmup: int, iters: int, sync) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(iters):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        out.append((time.perf_counter() - t0) * 1e3)
-    return out
-
-
-def _pct(samples: list[float], q: float) -> float:
-    s = sorted(samples)
-    return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
 
 
 def bench_pipeline(
@@ -81,7 +61,7 @@ def bench_pipeline(
     competitors = {"eager": eager, "fastenc": fast, "fastenc+prompt-cache-hit": cached}
     if dev.type == "cuda":
         competitors["fastenc+cuda-graphs"] = fastenc.optimize(_fork(eager), backend=backend, cuda_graphs=True)
-    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+    timer = Timer(dev, flush_l2=False, host=True)  # perf_counter with a synchronize on either side on CUDA
     env = {"commit": git_commit(), "time": utc_now(), "versions": versions(), "device": device_info(dev)}
     env["versions"]["diffusers"] = __import__("diffusers").__version__
     family = type(eager).__name__
@@ -104,30 +84,36 @@ def bench_pipeline(
             fn = lambda pipe=pipe, prompts=prompts, kw=kw: encode_prompt(pipe, prompts, **kw)  # noqa: E731
             out = fn()  # warm: first-call costs, the cache's one miss per prompt
             diff = max((out[k].float() - ref[k].float()).abs().max().item() for k in ref)
-            samples = _time(fn, warmup, iters, sync)
-            rows.append(_row(family, name, batch, dtype, dev, samples, label, env, encoders, max_abs_diff=diff))
-        fp_ms = _time(lambda: [weights_fingerprint(getattr(fast, n)) for n in encoders], 1, max(3, iters // 2), sync)
-        rows.append(_row(family, "fingerprint (all encoders)", batch, dtype, dev, fp_ms, label, env, encoders))
+            samples = timer.warm_samples(fn, warmup, iters)
+            rows.append(_encode_row(family, name, batch, dtype, dev, samples, label, env, encoders, max_abs_diff=diff))
+        fingerprint = lambda: [weights_fingerprint(getattr(fast, n)) for n in encoders]  # noqa: E731
+        fp_ms = timer.warm_samples(fingerprint, 1, max(3, iters // 2))
+        rows.append(_encode_row(family, "fingerprint (all encoders)", batch, dtype, dev, fp_ms, label, env, encoders))
     return rows
 
 
-def _row(family, competitor, batch, dtype, dev, samples, label, env, encoders, **extra) -> dict:
-    return {
-        "bench": "encode_prompt",
-        "pipeline": family,
-        "encoders": encoders,
-        "competitor": competitor,
-        "batch": batch,
-        "dtype": dtype,
-        "device": str(dev),
-        "p20_ms": round(_pct(samples, 0.2), 4),
-        "p50_ms": round(_pct(samples, 0.5), 4),
-        "p80_ms": round(_pct(samples, 0.8), 4),
-        "iters": len(samples),
-        "label": label,
-        "env": env,
+def _encode_row(family, competitor, batch, dtype, dev, samples, label, env, encoders, **extra) -> dict:
+    """One encode_prompt row (fastenc.benchmark.rows.make_row) with the pipeline's own fields."""
+    return make_row(
+        "fastenc bench --pipeline",
+        f"{family}.encode_prompt",
+        competitor,
+        samples_ms=samples,
+        config={"pipeline": family, "encoders": encoders, "batch": batch},
+        dtype=dtype,
+        device=str(dev),
+        versions=env["versions"],
+        commit=env["commit"],
+        notes=label,
+        bench="encode_prompt",
+        pipeline=family,
+        encoders=encoders,
+        batch=batch,
+        iters=len(samples),
+        label=label,
+        env=env,
         **{k: (round(v, 8) if isinstance(v, float) else v) for k, v in extra.items()},
-    }
+    )
 
 
 def table(rows: list[dict]) -> str:
@@ -146,14 +132,6 @@ def table(rows: list[dict]) -> str:
             f"{r['p50_ms']:.3f} | {r['p20_ms']:.3f} | {r['p80_ms']:.3f} | {speed} | {diff} |"
         )
     return "\n".join(lines)
-
-
-def append_rows(rows: list[dict], out: Path) -> None:
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("a") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
 
 
 def cmd_bench_pipeline(args) -> int:
@@ -193,6 +171,6 @@ def cmd_bench_pipeline(args) -> int:
         )
     print(table(rows))
     if args.out is not None:
-        append_rows(rows, args.out)
+        append_jsonl(args.out, rows)
         print(f"# appended {len(rows)} rows to {args.out}")
     return 0

@@ -1,11 +1,16 @@
-"""Markdown tables and PNG plots from benchmark rows (the dicts run() returns / the JSONL file holds)."""
+"""Markdown tables and PNG plots from benchmark rows: `markdown` / `plots` for `fastenc bench`'s matrix, and
+`rows_table` / `rows_plot` for the rows of every script in the one schema (fastenc.benchmark.rows; old rows through its
+adapter): `python -m fastenc.benchmark.report bench/results/*.json* [--plot out.png]`."""
 
 from __future__ import annotations
 
+import argparse
 import re
+import sys
 from pathlib import Path
 
 from .competitors import BASELINES
+from .rows import load_rows
 
 
 def _f(x, spec: str = ".3f", none: str = "-") -> str:
@@ -181,3 +186,74 @@ def write_report(rows: list[dict], out: Path, *, with_plots: bool = True) -> dic
     md_path.write_text(text)
     pngs = plots(rows, out.parent / f"{out.stem}-plots") if with_plots else []
     return {"markdown": md_path, "plots": pngs, "text": text}
+
+
+def _config_text(config: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in config.items() if k not in ("competitor", "label") and v is not None)
+
+
+def rows_table(rows: list[dict]) -> str:
+    """One Markdown line per schema row (any script): who ran what, where, and its p20 / p50 / p80."""
+    head = ["script", "op", "competitor", "mode", "config", "dtype", "device", "p20 ms", "p50 ms", "p80 ms", "n"]
+    lines = ["| " + " | ".join(head + ["notes"]) + " |", "|" + "---|" * (len(head) + 1)]
+    for r in rows:
+        cells = [r["script"], r["op"], r["competitor"], r["mode"], _config_text(r["config"]), str(r["dtype"] or "")]
+        cells += [r["device"], _f(r["p20_ms"]), _f(r["p50_ms"]), _f(r["p80_ms"]), str(len(r["samples_ms"]))]
+        cells.append(str(r["notes"]).replace("\n", " ")[:120])
+        lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def rows_plot(rows: list[dict], path: Path) -> Path | None:
+    """p50 (with the p20-p80 range) of every timed schema row as horizontal bars, one panel per script; None
+    (nothing written) when matplotlib is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    timed: dict[str, list[dict]] = {}
+    for r in rows:
+        if r["p50_ms"] is not None:
+            timed.setdefault(r["script"], []).append(r)
+    if not timed:
+        return None
+    height = sum(max(1.0, 0.25 * len(g)) + 0.8 for g in timed.values())
+    fig, axes = plt.subplots(len(timed), 1, figsize=(9, height), squeeze=False)
+    for ax, (script, group) in zip(axes[:, 0], timed.items(), strict=True):
+        names = [f"{r['op']} {r['competitor']} {_config_text(r['config'])}"[:70] for r in group]
+        p50 = [r["p50_ms"] for r in group]
+        lo = [r["p50_ms"] - (r["p20_ms"] if r["p20_ms"] is not None else r["p50_ms"]) for r in group]
+        hi = [(r["p80_ms"] if r["p80_ms"] is not None else r["p50_ms"]) - r["p50_ms"] for r in group]
+        ax.barh(range(len(group)), p50, xerr=[lo, hi])
+        ax.set_yticks(range(len(group)))
+        ax.set_yticklabels(names, fontsize=6)
+        ax.set_xscale("log")
+        ax.set_xlabel("p50 ms (bars: p20-p80)")
+        ax.set_title(script, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def report_cli(argv=None) -> int:
+    """Print the table of every row in the given results files; --plot writes the bars too (with matplotlib)."""
+    p = argparse.ArgumentParser(prog="python -m fastenc.benchmark.report", description=report_cli.__doc__)
+    p.add_argument("files", nargs="+", type=Path, help="results files: JSON lists or JSON Lines, either schema")
+    p.add_argument("--plot", type=Path, help="PNG to write (needs matplotlib; skipped with a note without it)")
+    args = p.parse_args(argv)
+    rows = [r for f in args.files for r in load_rows(f)]
+    print(rows_table(rows), end="")
+    if args.plot is not None:
+        written = rows_plot(rows, args.plot)
+        print(f"# plot: {written}" if written else "# plot: matplotlib is not installed (table only)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(report_cli())

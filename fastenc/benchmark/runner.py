@@ -4,7 +4,6 @@ rows are appended to the JSONL file as each (model, dtype) group finishes, so an
 from __future__ import annotations
 
 import gc
-import json
 import math
 import shutil
 import sys
@@ -18,9 +17,10 @@ from pathlib import Path
 from . import competitors as comp
 from .env import device_info, git_commit, utc_now, versions
 from .matrix import DTYPES, MODELS, cases, forward_flops
-from .timing import MemoryMeter, Timer, matmul_peak, summarize
+from .rows import append_jsonl, make_row, read_jsonl
+from .timing import MemoryMeter, Timer, matmul_peak, quantiles, summarize
 
-SCHEMA = 1
+__all__ = ["BenchConfig", "add_speedups", "append_jsonl", "read_jsonl", "run"]
 MIN_ITERS = 3
 
 
@@ -110,7 +110,6 @@ def run(cfg: BenchConfig) -> list[dict]:
         torch.set_num_threads(cfg.threads)
     dev = device_info(device)
     meta = {
-        "schema": SCHEMA,
         "run_id": uuid.uuid4().hex[:12],
         "time": utc_now(),
         "label": cfg.label,
@@ -173,12 +172,13 @@ def _run_group(spec, dtype_name, group_cases, cfg, st, base, workdir, progress) 
             if cfg.verbose:
                 traceback.print_exc()
         for case in group_cases:
-            row = _row(base, spec, case, name)
+            row = _case_row(base, spec, case, name)
             if runner is None:
                 row.update(status=status, reason=skip)
             else:
                 with torch.inference_mode():
                     row.update(_run_case(runner, spec, case, ctx, cfg, st, base["peak"], refs))
+            row["notes"] = row["reason"] or ""
             group.append(row)
             progress.step(f"{spec.name} {dtype_name} b={case.batch} s={case.seq} {name}: {row['status']}")
         if runner is not None:
@@ -188,26 +188,38 @@ def _run_group(spec, dtype_name, group_cases, cfg, st, base, workdir, progress) 
     return group
 
 
-def _row(base: dict, spec, case, competitor: str) -> dict:
-    return {
-        **base,
-        "config": {
-            "model": spec.name,
-            "label": spec.label,
-            "family": spec.family,
-            "tower": spec.tower,
-            "shape": spec.shape,
-            "layers": spec.num_layers,
-            "full_layers": spec.full_layers,
-            "batch": case.batch,
-            "seq": case.seq,
-            "dtype": case.dtype,
-            "competitor": competitor,
-        },
-        "status": "ok",
-        "reason": None,
-        "flops": forward_flops(spec, case.batch, case.seq),
+def _case_row(base: dict, spec, case, competitor: str) -> dict:
+    """The row of one (case, competitor) before it runs (fastenc.benchmark.rows.make_row; _run_case adds the
+    samples and figures)."""
+    config = {
+        "model": spec.name,
+        "label": spec.label,
+        "family": spec.family,
+        "tower": spec.tower,
+        "shape": spec.shape,
+        "layers": spec.num_layers,
+        "full_layers": spec.full_layers,
+        "batch": case.batch,
+        "seq": case.seq,
+        "dtype": case.dtype,
+        "competitor": competitor,
     }
+    meta = {k: v for k, v in base.items() if k not in ("device", "versions", "commit")}
+    return make_row(
+        "fastenc bench",
+        spec.name,
+        competitor,
+        mode="forward",
+        config=config,
+        dtype=case.dtype,
+        device=base["device"],
+        versions=base["versions"],
+        commit=base["commit"],
+        **meta,
+        status="ok",
+        reason=None,
+        flops=forward_flops(spec, case.batch, case.seq),
+    )
 
 
 @dataclass
@@ -274,6 +286,7 @@ def _run_case(runner, spec, case, ctx, cfg: BenchConfig, st: _Tools, peak: dict,
     return {
         **out,
         **check,
+        **quantiles(samples),
         **stats,
         **mem,
         "samples_ms": samples,
@@ -320,16 +333,3 @@ def add_speedups(rows: list[dict]) -> None:
     for group in by_case.values():
         for r in group:
             r["speedup_vs"] = {o["config"]["competitor"]: o["p50_ms"] / r["p50_ms"] for o in group if o is not r}
-
-
-def append_jsonl(path: Path, rows: list[dict]) -> None:
-    """Append rows to a JSON Lines file (one JSON object per line), creating its folder."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as f:
-        for r in rows:
-            f.write(json.dumps(r, allow_nan=True) + "\n")
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

@@ -1,4 +1,7 @@
-"""Timing, peak matmul throughput and peak memory for `fastenc bench`.
+"""The one timing module of every benchmark (`fastenc bench` and the bench/ scripts): the Timer, percentiles,
+peak matmul throughput and peak memory.
+
+Percentiles are nearest-rank with q on numpy's 0-100 scale: `percentile(samples, 50)` is the median sample itself.
 
 On CUDA every timed call is bracketed by CUDA events after the device is synchronised and, unless disabled, after
 L2 is flushed by writing a 256 MiB buffer (larger than any current GPU's L2), so a call never finds the previous
@@ -11,9 +14,21 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from .env import percentile, reset_rss_peak, rss_mb, rss_peak_mb
+from .env import reset_rss_peak, rss_mb, rss_peak_mb
 
 L2_FLUSH_BYTES = 256 * 2**20
+ESTIMATE_CALLS = 5  # calls that estimate one call's time before a budgeted run sizes its warm-up and samples
+
+
+def percentile(samples: list[float], q: float) -> float:
+    """Nearest-rank percentile q (0..100) of samples (the sample value itself, never an interpolation)."""
+    s = sorted(samples)
+    return s[min(len(s) - 1, int(round(q / 100 * (len(s) - 1))))]
+
+
+def quantiles(samples: list[float]) -> dict:
+    """p20 / p50 / p80 (ms) of samples: the three figures every bench row carries."""
+    return {f"p{q}_ms": percentile(samples, q) for q in (20, 50, 80)}
 
 
 @dataclass
@@ -72,8 +87,33 @@ class Timer:
         self.sync()
         return (time.perf_counter() - t0) * 1e3
 
+    def once_cpu(self, fn, clock=time.thread_time) -> tuple[float, float]:
+        """(wall ms, CPU ms on `clock`) of one call of fn, both read around the call (host timing: no events, no
+        flush; on CUDA a synchronize on either side). clock: time.thread_time, or time.process_time for all
+        threads."""
+        self.sync()
+        c0, t0 = clock(), time.perf_counter()
+        fn()
+        self.sync()
+        t1, c1 = time.perf_counter(), clock()
+        return (t1 - t0) * 1e3, (c1 - c0) * 1e3
+
     def samples(self, fn, iters: int) -> list[float]:
+        """ms of each of `iters` calls of fn, each timed on its own (see once)."""
         return [self.once(fn) for _ in range(iters)]
+
+    def warm_samples(self, fn, warmup: int, iters: int) -> list[float]:
+        """`warmup` untimed calls of fn, then samples(fn, iters)."""
+        for _ in range(warmup):
+            fn()
+        self.sync()
+        return self.samples(fn, iters)
+
+    def budget_samples(self, fn, warmup_ms: float, rep_ms: float) -> list[float]:
+        """Samples sized by time: ESTIMATE_CALLS calls estimate one call, then about warmup_ms of untimed calls
+        and about rep_ms of timed ones (at least one each), as the kernel scripts' --warmup / --rep ask."""
+        est = max(min(self.samples(fn, ESTIMATE_CALLS)), 1e-6)
+        return self.warm_samples(fn, max(1, int(warmup_ms / est)), max(1, int(rep_ms / est)))
 
     def back_to_back(self, fn, iters: int) -> float:
         """Mean ms per call of `iters` calls issued back to back with one synchronize at the end (no flush):

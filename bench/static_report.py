@@ -1,9 +1,9 @@
 """Static GPU report: every Triton kernel compiled for sm_90a and sm_80 on a machine without a GPU, with the cubin's
 registers, stack (spill) bytes and shared memory.
 
-    python -m fastenc.benchmark.static                      # the committed report, under the installed triton
-    python -m fastenc.benchmark.static --also .venv-triton36/bin/python    # then the same under triton 3.6
-    python -m fastenc.benchmark.static --matrix ci --json /tmp/ci.json --no-md     # the CI subset
+    python bench/static_report.py                           # the committed report, under the installed triton
+    python bench/static_report.py --also .venv-triton36/bin/python         # then the same under triton 3.6
+    python bench/static_report.py --matrix ci --json /tmp/ci.json --no-md          # the CI subset
 
 How a row is made (no hand-copied kernel list; a change in kernels/ shows up here):
   1. each case calls a real launcher from `fastenc.kernels.*` on small CPU tensors with the launch intercepted
@@ -18,6 +18,9 @@ How a row is made (no hand-copied kernel list; a change in kernels/ shows up her
   4. `cuobjdump --dump-resource-usage` (from the triton wheel) on the cubin gives REG / STACK / LOCAL / SHARED;
      the dynamic shared memory is `compiled.metadata.shared` (what triton's launcher checks against the device).
 
+Which inputs a matrix compiles is data: the tables CI_MATRIX, REPORT_MATRIX and FULL_MATRIX below, one row per
+(families, dtypes, sizes, variants) product.
+
 fits: dynamic shared memory <= the arch's per-block opt-in limit (227 KiB sm_90, 163 KiB sm_80) and
 registers x threads <= 64 K (at least one CTA per SM). A spill is STACK > 0.
 
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import hashlib
 import itertools
 import json
@@ -47,7 +51,8 @@ from pathlib import Path
 
 # ---------------------------------------------------------------------------------------------------- constants
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = Path(__file__).resolve()
 DEFAULT_JSON = Path("bench/results/static-sm90.json")  # relative to the repo root; holds sm_90a and sm_80 rows
 ARCHS = {90: {"name": "sm_90a", "smem": 227 * 1024}, 80: {"name": "sm_80", "smem": 163 * 1024}}
 REGS_PER_SM = 64 * 1024
@@ -91,6 +96,87 @@ def _matmul_precision(label):
         yield
     finally:
         torch.set_float32_matmul_precision(old)
+
+
+# ---------------------------------------------------------------------------------------------------- case tables
+# What each matrix compiles. A row is a product: each family x dtype x size x variant is one case, built by the
+# family's case function (`CASE_FUNCTIONS`), which also names it ("fp16 hd64 causal+kpm"). Sizes are head dims
+# (attention), feature widths (cosine, contrastive), or the name of a width list read from the supported model
+# shapes (`_size_lists`). In a variant, "{act}" stands for every activation of kernels/activation.py and "{dtype}"
+# for the row's dtype. `archs` limits a row to those archs (default: every --arch).
+
+NORM_DTYPES = ("fp16", "bf16", "fp32")
+ALL_HEAD_DIMS = HEAD_DIMS + MODEL_ODD_HEAD_DIMS
+NORMS = ("layer_norm", "layer_norm_bwd")
+RMS_NORMS = ("rms_norm", "rms_norm_bwd")
+BIAS_ACTIVATIONS = ("bias_activation", "bias_activation_bwd")
+GATED_ACTIVATIONS = ("gated_activation", "gated_activation_bwd")
+CONTRASTIVE = ("contrastive_stats", "contrastive_grads")
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Cases of one table row: every family x dtype x size x variant."""
+
+    families: tuple
+    dtypes: tuple
+    sizes: tuple | str  # head dims / widths, or the name of a width list (see _size_lists)
+    variants: tuple = ("",)
+    archs: tuple | None = None
+
+
+# tests/test_static.py: attention fp16 with CLIP text's and T5's flags, one norm / activation of each kind
+CI_MATRIX = (
+    Grid(("attention",), ("fp16",), CI_HEAD_DIMS, ("causal+kpm", "kpm+relbias")),
+    Grid(NORMS, ("fp16",), (768,), ("+residual",)),
+    Grid(RMS_NORMS, ("fp16",), (4096,), ("w:fp16 +residual",)),
+    Grid(BIAS_ACTIVATIONS, ("fp16",), (3072,), ("quick_gelu",)),
+    Grid(GATED_ACTIVATIONS, ("fp16",), (2048,), ("gelu_tanh",)),
+)
+
+# norms at every supported model width (the same BLOCK_N / warps compile once; rows list the widths) plus the widest
+# row the kernel accepts (MAX_FUSED_N forward, MAX_FUSED_BWD_N backward); activations at every FFN width
+NORMS_AND_ACTIVATIONS = (
+    Grid(NORMS, NORM_DTYPES, "hidden+widest", ("", "+residual")),
+    Grid(NORMS, NORM_DTYPES, "narrowest hidden", ("no-bias",)),
+    Grid(RMS_NORMS, NORM_DTYPES, "t5_d+widest", ("w:{dtype}", "w:{dtype} +residual")),
+    # fp16 / bf16 T5 keeps its residual stream in fp32: fp32 x + residual, half weight
+    Grid(RMS_NORMS, ("fp32",), "t5_d+widest", ("w:fp16 +residual",)),
+    Grid(BIAS_ACTIVATIONS, NORM_DTYPES, "ffn", ("{act}",)),
+    Grid(BIAS_ACTIVATIONS, ("fp16",), "narrowest ffn", ("{act} no-bias",)),
+    Grid(GATED_ACTIVATIONS, NORM_DTYPES, "t5_ff", ("{act}",)),
+    Grid(("cosine",), DTYPE_LABELS, (768,)),
+    Grid(CONTRASTIVE, DTYPE_LABELS, (768,), ("clip", "siglip")),
+)
+
+# the committed report: what fits ~4 min per triton version on 2 idle cores
+REPORT_MATRIX = (
+    Grid(("attention",), ("fp16",), HEAD_DIMS, ("plain", "causal+kpm")),  # vision towers, CLIP text
+    Grid(("attention",), ("fp16",), (64, 80, 128), ("kpm+relbias",)),  # T5 (80: covers the CI subset)
+    Grid(("attention",), ("fp16",), (64,), ("bias", "kpm+bias")),  # attn_implementation="fastenc"
+    Grid(("attention",), ("bf16",), (64,), ("causal+kpm", "kpm+relbias")),
+    Grid(("attention",), ("fp32-tf32",), (64,), ("kpm",)),
+    Grid(("attention",), ("fp32",), (64,), ("kpm",), archs=(90,)),  # IEEE fp32 (torch's default): 10-70 s a compile
+    # the training path: backward (T5 with the table gradient, an additive bias with its gradient) and the forward
+    # that writes the row statistics
+    Grid(("attention_bwd",), ("fp16",), (64,), ("plain", "causal+kpm", "kpm+relbias", "kpm+bias")),
+    Grid(("attention_bwd",), ("fp16",), (80,), ("plain",)),
+    Grid(("attention_bwd",), ("fp16",), (128,), ("causal+kpm",)),
+    Grid(("attention_bwd",), ("bf16",), (64,), ("causal+kpm",)),
+    Grid(("attention_fwd_stats",), ("fp16",), (64,), ("causal+kpm", "kpm+relbias")),
+    *NORMS_AND_ACTIVATIONS,
+)
+
+# everything: every dtype x head dim (the odd model ones too) x flag set x arch, both weight dtypes of the fp32 T5
+# norm, activations without a bias in every dtype
+FULL_MATRIX = (
+    Grid(("attention", "attention_bwd", "attention_fwd_stats"), DTYPE_LABELS, ALL_HEAD_DIMS, tuple(ATTN_VARIANTS)),
+    *NORMS_AND_ACTIVATIONS,
+    Grid(RMS_NORMS, ("fp32",), "t5_d+widest", ("w:bf16 +residual",)),
+    Grid(BIAS_ACTIVATIONS, ("bf16", "fp32"), "narrowest ffn", ("{act} no-bias",)),
+)
+
+MATRICES = {"report": REPORT_MATRIX, "ci": CI_MATRIX, "full": FULL_MATRIX}
 
 
 # ---------------------------------------------------------------------------------------------------- sources
@@ -291,6 +377,15 @@ def _job(case, fn, args, kwargs, cdict, selectable, when):
 # ---------------------------------------------------------------------------------------------------- cases
 
 
+def _tokens(variant: str, allowed: set) -> set:
+    """The flags of a table variant; a flag outside `allowed` is a typo in a table."""
+    tokens = set(variant.split())
+    unknown = tokens - allowed
+    if unknown:
+        raise ValueError(f"unknown variant flag(s) {sorted(unknown)} in {variant!r} (allowed: {sorted(allowed)})")
+    return tokens
+
+
 def _attention_inputs(dtype, hd, variant, s):
     """(q, keyword arguments) of one attention variant at length s, batch 1, 2 heads: k and v are q's clones. The
     additive bias is (B, 1, Sq, Sk), as attn_implementation builds it (broadcast over heads: the backward's dbias
@@ -312,25 +407,27 @@ def _attention_inputs(dtype, hd, variant, s):
     return q, kw
 
 
-def _attention_seq(variant, seq):
+def _attention_seq(variant):
     causal, _, _, relbias = ATTN_VARIANTS[variant]
-    return seq or (77 if causal else 512 if relbias else 257)  # CLIP text, T5, ViT-L/14 vision
+    return 77 if causal else 512 if relbias else 257  # CLIP text, T5, ViT-L/14 vision
 
 
-def _attention_case(dtype, hd, variant, seq=None, cost=1.0, archs=None):
+def _attention_case(dtype, hd, variant):
     from fastenc.kernels import attention as K
 
-    s = _attention_seq(variant, seq)
+    s = _attention_seq(variant)
 
     def launch():
         q, kw = _attention_inputs(dtype, hd, variant, s)
         with _matmul_precision(dtype):
             K.attention_forward(q, q.clone(), q.clone(), **kw)
 
-    return Case("attention", f"{dtype} hd{hd} {variant}", dtype, launch, f"S={s}", cost, archs)
+    fp32_cost = 12.0 if dtype == "fp32" else 1.5 if dtype == "fp32-tf32" else 1.0
+    cost = fp32_cost * (1.5 if hd >= 128 else 1.0) * (1.5 if "relbias" in variant else 1.0)
+    return Case("attention", f"{dtype} hd{hd} {variant}", dtype, launch, f"S={s}", cost)
 
 
-def _attention_bwd_case(dtype, hd, variant, seq=None, cost=2.0, archs=None, stats_forward=False):
+def _attention_bwd_case(dtype, hd, variant, stats_forward=False):
     """The training path of one attention variant: family "attention_bwd" launches `attention_backward` (delta, dK / dV
     and dQ kernels; T5 with the table gradient, an additive bias with its gradient), "attention_fwd_stats" the
     forward that also writes the row statistics (STORE_STATS)."""
@@ -339,7 +436,7 @@ def _attention_bwd_case(dtype, hd, variant, seq=None, cost=2.0, archs=None, stat
     from fastenc.kernels import attention as K
 
     _, _, bias, relbias = ATTN_VARIANTS[variant]
-    s = _attention_seq(variant, seq)
+    s = _attention_seq(variant)
 
     def launch():
         q, kw = _attention_inputs(dtype, hd, variant, s)
@@ -352,7 +449,12 @@ def _attention_bwd_case(dtype, hd, variant, seq=None, cost=2.0, archs=None, stat
                                      table_grad=relbias, **kw)  # fmt: skip
 
     family = "attention_fwd_stats" if stats_forward else "attention_bwd"
-    return Case(family, f"{dtype} hd{hd} {variant}", dtype, launch, f"S={s}", cost, archs)
+    cost = 2.0 * (12.0 if dtype == "fp32" else 1.0) * (1.5 if hd >= 128 else 1.0)
+    return Case(family, f"{dtype} hd{hd} {variant}", dtype, launch, f"S={s}", cost / 2 if stats_forward else cost)
+
+
+def _attention_stats_case(dtype, hd, variant):
+    return _attention_bwd_case(dtype, hd, variant, stats_forward=True)
 
 
 def _model_widths():
@@ -374,119 +476,117 @@ def _model_widths():
     return sorted(hidden), sorted(ffn), sorted(t5_d), sorted(t5_ff)
 
 
-def _layer_norm_case(dtype, n, residual, has_bias=True):
+def _size_lists(backward: bool) -> dict:
+    """The width lists a table row names: model widths, and with "+widest" the widest row the norm kernel accepts
+    (forward or backward)."""
+    from fastenc.kernels import norm as N
+
+    hidden, ffn, t5_d, t5_ff = _model_widths()
+    widest = N.MAX_FUSED_BWD_N if backward else N.MAX_FUSED_N
+    return {
+        "hidden+widest": hidden + [widest],
+        "narrowest hidden": hidden[:1],
+        "t5_d+widest": t5_d + [widest],
+        "ffn": ffn,
+        "narrowest ffn": ffn[:1],
+        "t5_ff": t5_ff,
+    }
+
+
+def _layer_norm_case(dtype, n, variant, backward=False):
     import torch
 
     from fastenc.kernels import norm as K
+
+    flags = _tokens(variant, {"+residual", "no-bias"})
+    residual, has_bias = "+residual" in flags, "no-bias" not in flags
 
     def launch():
         dt = _torch_dtype(dtype)
-        x = torch.zeros(2, n, dtype=dt)
-        K.layer_norm_forward(x, torch.ones(n, dtype=dt), torch.zeros(n, dtype=dt) if has_bias else None, 1e-5,
-                             x.clone() if residual else None)  # fmt: skip
+        bias = torch.zeros(n, dtype=dt) if has_bias else None
+        if backward:
+            s = torch.zeros(20, n, dtype=dt)  # 20 rows: 4 programs of 5 (off the GPU), so rows_per_program is not 1
+            K.layer_norm_backward(s.clone(), s.clone() if residual else None, s, torch.ones(n, dtype=dt), bias, 1e-5,
+                                  residual)  # fmt: skip
+        else:
+            x = torch.zeros(2, n, dtype=dt)
+            K.layer_norm_forward(x, torch.ones(n, dtype=dt), bias, 1e-5, x.clone() if residual else None)
 
     label = f"{dtype}{' +residual' if residual else ''}{'' if has_bias else ' no-bias'}"
-    return Case("layer_norm", label, dtype, launch, f"N={n}", 0.3)
+    family = "layer_norm_bwd" if backward else "layer_norm"
+    return Case(family, label, dtype, launch, f"N={n}", 0.4 if backward else 0.3)
 
 
-def _rms_norm_case(dtype, weight_dtype, n, residual):
+def _rms_norm_case(dtype, n, variant, backward=False):
     import torch
 
     from fastenc.kernels import norm as K
 
-    def launch():
-        x = torch.zeros(2, n, dtype=_torch_dtype(dtype))
-        K.rms_norm_forward(x, torch.ones(n, dtype=_torch_dtype(weight_dtype)), 1e-6, x.clone() if residual else None)
-
-    label = f"{dtype} w:{weight_dtype}{' +residual' if residual else ''}"
-    return Case("rms_norm", label, dtype, launch, f"N={n}", 0.3)
-
-
-def _layer_norm_bwd_case(dtype, n, residual, has_bias=True):
-    import torch
-
-    from fastenc.kernels import norm as K
+    weight = [t for t in variant.split() if t.startswith("w:")]
+    weight_dtype = weight[0][2:] if len(weight) == 1 else None
+    if weight_dtype not in NORM_DTYPES:
+        raise ValueError(f"rms_norm variant {variant!r}: one weight dtype w:<{'|'.join(NORM_DTYPES)}> expected")
+    residual = "+residual" in _tokens(variant, {"+residual", weight[0]})
 
     def launch():
-        dt = _torch_dtype(dtype)
-        s = torch.zeros(20, n, dtype=dt)  # 20 rows: 4 programs of 5 (off the GPU), so rows_per_program is not 1
-        K.layer_norm_backward(s.clone(), s.clone() if residual else None, s, torch.ones(n, dtype=dt),
-                              torch.zeros(n, dtype=dt) if has_bias else None, 1e-5, residual)  # fmt: skip
-
-    label = f"{dtype}{' +residual' if residual else ''}{'' if has_bias else ' no-bias'}"
-    return Case("layer_norm_bwd", label, dtype, launch, f"N={n}", 0.4)
-
-
-def _rms_norm_bwd_case(dtype, weight_dtype, n, residual):
-    import torch
-
-    from fastenc.kernels import norm as K
-
-    def launch():
-        s = torch.zeros(20, n, dtype=_torch_dtype(dtype))
         w = torch.ones(n, dtype=_torch_dtype(weight_dtype))
-        K.rms_norm_backward(s.to(w.dtype if w.dtype != torch.float32 else s.dtype), s.clone() if residual else None,
-                            s, w, 1e-6, residual)  # fmt: skip
+        if backward:
+            s = torch.zeros(20, n, dtype=_torch_dtype(dtype))
+            K.rms_norm_backward(s.to(w.dtype if w.dtype != torch.float32 else s.dtype),
+                                s.clone() if residual else None, s, w, 1e-6, residual)  # fmt: skip
+        else:
+            x = torch.zeros(2, n, dtype=_torch_dtype(dtype))
+            K.rms_norm_forward(x, w, 1e-6, x.clone() if residual else None)
 
     label = f"{dtype} w:{weight_dtype}{' +residual' if residual else ''}"
-    return Case("rms_norm_bwd", label, dtype, launch, f"N={n}", 0.4)
+    family = "rms_norm_bwd" if backward else "rms_norm"
+    return Case(family, label, dtype, launch, f"N={n}", 0.4 if backward else 0.3)
 
 
-def _bias_activation_case(dtype, act, n, has_bias=True):
+def _bias_activation_case(dtype, n, variant, backward=False):
     import torch
 
     from fastenc.kernels import activation as K
+
+    act, *rest = variant.split()
+    has_bias = "no-bias" not in _tokens(" ".join(rest), {"no-bias"})
 
     def launch():
         dt = _torch_dtype(dtype)
-        x = torch.zeros(2, n, dtype=dt)
-        K.bias_activation_forward(x, torch.zeros(n, dtype=dt) if has_bias else None, act)
-
-    return Case("bias_activation", f"{dtype} {act}{'' if has_bias else ' no-bias'}", dtype, launch, f"N={n}", 0.2)
-
-
-def _gated_activation_case(dtype, act, n):
-    import torch
-
-    from fastenc.kernels import activation as K
-
-    def launch():
-        gu = torch.zeros(2, 2 * n, dtype=_torch_dtype(dtype))  # T5's fused wi_0 / wi_1 output, halves as views
-        K.gated_activation_forward(gu[:, :n], gu[:, n:], act)
-
-    return Case("gated_activation", f"{dtype} {act}", dtype, launch, f"N={n}", 0.2)
-
-
-def _bias_activation_bwd_case(dtype, act, n, has_bias=True):
-    import torch
-
-    from fastenc.kernels import activation as K
-
-    def launch():
-        dt = _torch_dtype(dtype)
-        x = torch.zeros(40, n, dtype=dt)  # with a bias: row-block loops of more than one block per program
-        K.bias_activation_backward(x.clone(), x, torch.zeros(n, dtype=dt) if has_bias else None, act)
+        bias = torch.zeros(n, dtype=dt) if has_bias else None
+        if backward:
+            x = torch.zeros(40, n, dtype=dt)  # with a bias: row-block loops of more than one block per program
+            K.bias_activation_backward(x.clone(), x, bias, act)
+        else:
+            K.bias_activation_forward(torch.zeros(2, n, dtype=dt), bias, act)
 
     label = f"{dtype} {act}{'' if has_bias else ' no-bias'}"
-    return Case("bias_activation_bwd", label, dtype, launch, f"N={n}", 0.3)
+    family = "bias_activation_bwd" if backward else "bias_activation"
+    return Case(family, label, dtype, launch, f"N={n}", 0.3 if backward else 0.2)
 
 
-def _gated_activation_bwd_case(dtype, act, n):
+def _gated_activation_case(dtype, n, act, backward=False):
     import torch
 
     from fastenc.kernels import activation as K
 
     def launch():
         gu = torch.zeros(2, 2 * n, dtype=_torch_dtype(dtype))  # T5's fused wi_0 / wi_1 output, halves as views
-        K.gated_activation_backward(gu[:, :n].clone(), gu[:, :n], gu[:, n:], act)
+        if backward:
+            K.gated_activation_backward(gu[:, :n].clone(), gu[:, :n], gu[:, n:], act)
+        else:
+            K.gated_activation_forward(gu[:, :n], gu[:, n:], act)
 
-    return Case("gated_activation_bwd", f"{dtype} {act}", dtype, launch, f"N={n}", 0.3)
+    family = "gated_activation_bwd" if backward else "gated_activation"
+    return Case(family, f"{dtype} {act}", dtype, launch, f"N={n}", 0.3 if backward else 0.2)
 
 
-def _cosine_case(dtype, d=768):
+def _cosine_case(dtype, d, variant):
     import torch
 
     from fastenc.kernels import cosine as K
+
+    _tokens(variant, set())
 
     def launch():
         a = torch.zeros(64, d, dtype=_torch_dtype(dtype))
@@ -496,130 +596,66 @@ def _cosine_case(dtype, d=768):
     return Case("cosine", dtype, dtype, launch, f"D={d}", 1.5 if dtype == "fp32" else 1.0)
 
 
-def _contrastive_cases(dtype, kind, d=768):
+def _contrastive_case(dtype, d, kind, grads=False):
     import torch
 
     from fastenc.kernels import contrastive as K
 
-    def stats():
+    def launch():
         a = torch.zeros(64, d, dtype=_torch_dtype(dtype))
         with _matmul_precision(dtype):
-            K.contrastive_row_stats(kind, a, a.clone(), scale=10.0)
+            if grads:
+                st = torch.zeros(64) if kind == "clip" else None
+                K.contrastive_row_grads(kind, a, a.clone(), st, st, scale=10.0, coef=1 / 64)
+            else:
+                K.contrastive_row_stats(kind, a, a.clone(), scale=10.0)
 
-    def grads():
-        a = torch.zeros(64, d, dtype=_torch_dtype(dtype))
-        st = torch.zeros(64) if kind == "clip" else None
-        with _matmul_precision(dtype):
-            K.contrastive_row_grads(kind, a, a.clone(), st, st, scale=10.0, coef=1 / 64)
+    family = "contrastive_grads" if grads else "contrastive_stats"
+    return Case(family, f"{dtype} {kind}", dtype, launch, f"D={d}", 2.0 if dtype == "fp32" else 1.0)
 
-    cost = 2.0 if dtype == "fp32" else 1.0
-    return [
-        Case("contrastive_stats", f"{dtype} {kind}", dtype, stats, f"D={d}", cost),
-        Case("contrastive_grads", f"{dtype} {kind}", dtype, grads, f"D={d}", cost),
-    ]
+
+# family -> (dtype, size, variant) -> Case
+CASE_FUNCTIONS = {
+    "attention": _attention_case,
+    "attention_bwd": _attention_bwd_case,
+    "attention_fwd_stats": _attention_stats_case,
+    "layer_norm": _layer_norm_case,
+    "layer_norm_bwd": functools.partial(_layer_norm_case, backward=True),
+    "rms_norm": _rms_norm_case,
+    "rms_norm_bwd": functools.partial(_rms_norm_case, backward=True),
+    "bias_activation": _bias_activation_case,
+    "bias_activation_bwd": functools.partial(_bias_activation_case, backward=True),
+    "gated_activation": _gated_activation_case,
+    "gated_activation_bwd": functools.partial(_gated_activation_case, backward=True),
+    "cosine": _cosine_case,
+    "contrastive_stats": _contrastive_case,
+    "contrastive_grads": functools.partial(_contrastive_case, grads=True),
+}
+
+
+def _variants(template: str, dtype: str) -> list[str]:
+    """A table variant with "{dtype}" filled in and "{act}" expanded over every activation."""
+    from fastenc.kernels import activation as A
+
+    acts = A.ACTIVATIONS if "{act}" in template else ("",)
+    return [template.format(dtype=dtype, act=act) for act in acts]
 
 
 def build_cases(matrix: str) -> list[Case]:
-    """The cases of a matrix: "report" (the committed report), "ci" (tests/test_static.py) or "full"."""
-    from fastenc.kernels import activation as A
-    from fastenc.kernels import norm as N
-
-    hidden, ffn, t5_d, t5_ff = _model_widths()
+    """The cases of a matrix (MATRICES): "report" (the committed report), "ci" (tests/test_static.py) or "full"."""
     cases: list[Case] = []
-    if matrix == "ci":
-        for hd in CI_HEAD_DIMS:
-            for variant in ("causal+kpm", "kpm+relbias"):
-                cases.append(_attention_case("fp16", hd, variant))
-        cases.append(_layer_norm_case("fp16", 768, True))
-        cases.append(_rms_norm_case("fp16", "fp16", 4096, True))
-        cases.append(_bias_activation_case("fp16", "quick_gelu", 3072))
-        cases.append(_gated_activation_case("fp16", "gelu_tanh", 2048))
-        cases.append(_layer_norm_bwd_case("fp16", 768, True))
-        cases.append(_rms_norm_bwd_case("fp16", "fp16", 4096, True))
-        cases.append(_bias_activation_bwd_case("fp16", "quick_gelu", 3072))
-        cases.append(_gated_activation_bwd_case("fp16", "gelu_tanh", 2048))
-        return cases
-
-    full = matrix == "full"
-    # attention. full: every dtype x head dim (the odd model ones too) x flag set x arch. report (what fits ~4 min per
-    # triton version on 2 idle cores): fp16 x every head-dim class x {vision, CLIP text}; fp16 T5 flags at hd 64, 80,
-    # 128; fp16 additive bias (attn_implementation="fastenc") at hd 64; bf16 CLIP text / T5 and fp32 with TF32 at hd
-    # 64; fp32 IEEE (torch's default precision) at hd 64 on sm_90a only (one compile takes 10-70 s).
-    for dtype in DTYPE_LABELS:
-        fp32_cost = 12.0 if dtype == "fp32" else 1.5 if dtype == "fp32-tf32" else 1.0
-        for hd in HEAD_DIMS + MODEL_ODD_HEAD_DIMS:
-            for variant in ATTN_VARIANTS:
-                if full:
-                    keep = True
-                elif hd in MODEL_ODD_HEAD_DIMS:
-                    keep = False
-                elif dtype == "fp16":
-                    keep = (
-                        variant in ("plain", "causal+kpm")
-                        or (variant == "kpm+relbias" and hd in (64, 80, 128))  # T5 (80: covers the CI subset)
-                        or (variant in ("bias", "kpm+bias") and hd == 64)
-                    )
-                elif dtype == "bf16":
-                    keep = hd == 64 and variant in ("causal+kpm", "kpm+relbias")
-                else:
-                    keep = hd == 64 and variant == "kpm"
-                if keep:
-                    cost = fp32_cost * (1.5 if hd >= 128 else 1.0) * (1.5 if "relbias" in variant else 1.0)
-                    archs = (90,) if dtype == "fp32" and not full else None
-                    cases.append(_attention_case(dtype, hd, variant, cost=cost, archs=archs))
-
-    # attention training path (backward; forward with STORE_STATS). report: fp16 hd 64 vision / CLIP text / T5 (table
-    # gradient) / additive bias with its gradient, hd 80 vision, hd 128 CLIP text, bf16 CLIP text hd 64; the
-    # statistics-writing forward for CLIP text and T5 at hd 64. full: every dtype x head dim x variant, both.
-    report_bwd = {("fp16", 64, v) for v in ("plain", "causal+kpm", "kpm+relbias", "kpm+bias")}
-    report_bwd |= {("fp16", 80, "plain"), ("fp16", 128, "causal+kpm"), ("bf16", 64, "causal+kpm")}
-    report_stats = {("fp16", 64, "causal+kpm"), ("fp16", 64, "kpm+relbias")}
-    for dtype in DTYPE_LABELS:
-        for hd in HEAD_DIMS + MODEL_ODD_HEAD_DIMS:
-            for variant in ATTN_VARIANTS:
-                cost = 2.0 * (12.0 if dtype == "fp32" else 1.0) * (1.5 if hd >= 128 else 1.0)
-                if full or (dtype, hd, variant) in report_bwd:
-                    cases.append(_attention_bwd_case(dtype, hd, variant, cost=cost))
-                if full or (dtype, hd, variant) in report_stats:
-                    cases.append(_attention_bwd_case(dtype, hd, variant, cost=cost / 2, stats_forward=True))
-
-    # norms at every supported model width (the same BLOCK_N / warps compile once; rows list the widths), plus the
-    # widest row the kernel accepts (MAX_FUSED_N); their backward (training) at the same widths, residual variants and
-    # weight dtypes, up to MAX_FUSED_BWD_N. Activations, forward and backward, at every FFN width
-    norm_dtypes = ("fp16", "bf16", "fp32")
-    norm_stages = (
-        (_layer_norm_case, _rms_norm_case, N.MAX_FUSED_N),
-        (_layer_norm_bwd_case, _rms_norm_bwd_case, N.MAX_FUSED_BWD_N),
-    )
-    for ln_case, rms_case, widest in norm_stages:
-        for dtype in norm_dtypes:
-            for n in hidden + [widest]:
-                for residual in (False, True):
-                    cases.append(ln_case(dtype, n, residual))
-            cases.append(ln_case(dtype, hidden[0], False, has_bias=False))
-            for n in t5_d + [widest]:
-                for residual in (False, True):
-                    cases.append(rms_case(dtype, dtype, n, residual))
-                if dtype == "fp32":  # fp16 / bf16 T5 keeps its residual stream in fp32: fp32 x + residual, half weight
-                    for wd in ("fp16", "bf16") if full else ("fp16",):
-                        cases.append(rms_case(dtype, wd, n, True))
-    activation_stages = (
-        (_bias_activation_case, _gated_activation_case),
-        (_bias_activation_bwd_case, _gated_activation_bwd_case),
-    )
-    for dtype in norm_dtypes:
-        for act in A.ACTIVATIONS:
-            for bias_case, gated_case in activation_stages:
-                for n in ffn:
-                    cases.append(bias_case(dtype, act, n))
-                if full or dtype == "fp16":
-                    cases.append(bias_case(dtype, act, ffn[0], has_bias=False))
-                for n in t5_ff:
-                    cases.append(gated_case(dtype, act, n))
-    for dtype in DTYPE_LABELS:
-        cases.append(_cosine_case(dtype))
-        for kind in ("clip", "siglip"):
-            cases.extend(_contrastive_cases(dtype, kind))
+    for grid in MATRICES[matrix]:
+        for family in grid.families:
+            make = CASE_FUNCTIONS[family]
+            if isinstance(grid.sizes, str):
+                sizes = _size_lists(backward=family.endswith("_bwd"))[grid.sizes]
+            else:
+                sizes = grid.sizes
+            for dtype, size, template in itertools.product(grid.dtypes, sizes, grid.variants):
+                for variant in _variants(template, dtype):
+                    case = make(dtype, size, variant)
+                    case.archs = grid.archs
+                    cases.append(case)
     return cases
 
 
@@ -811,7 +847,7 @@ def merge_report(path: Path, rows: list[dict], version_info: dict, digest: dict)
     return {
         "schema": SCHEMA,
         "about": "fastenc Triton kernels compiled for sm_90a / sm_80 without a GPU: registers, stack (spill) bytes, "
-        "shared memory per (kernel, variant, config). Regenerate: python -m fastenc.benchmark.static",
+        "shared memory per (kernel, variant, config). Regenerate: python bench/static_report.py",
         "kernel_sources": digest,
         "arch_limits": {v["name"]: {"shared_bytes": v["smem"], "regs_per_sm": REGS_PER_SM} for v in ARCHS.values()},
         "versions": dict(sorted(versions.items())),
@@ -830,9 +866,9 @@ def render_markdown(report: dict) -> str:
     out.append(
         'Every kernel compiled ahead of time without a GPU (`triton.compile` for `GPUTarget("cuda", 90|80, 32)`), '
         "registers / stack (spill) bytes / shared memory read from the cubin with the wheel's `cuobjdump "
-        "--dump-resource-usage`. Generated by `python -m fastenc.benchmark.static --also .venv-triton36/bin/python` "
+        "--dump-resource-usage`. Generated by `python bench/static_report.py --also .venv-triton36/bin/python` "
         "(this triton, then triton 3.6; method: the module docstring "
-        "of `fastenc/benchmark/static.py`; rows: `static-sm90.json` next to this file, sm_90a and sm_80 both)."
+        "of `bench/static_report.py`; rows: `static-sm90.json` next to this file, sm_90a and sm_80 both)."
     )
     out += ["", f"Kernel sources (kernels/*.py) sha256 `{report['kernel_sources']['sha256'][:16]}`.", ""]
     out += [
@@ -931,7 +967,7 @@ def render_markdown(report: dict) -> str:
 def _prepare_process():
     """Before triton is imported: real @triton.jit kernels (not the interpreter), a throw-away compile cache."""
     if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") not in (None, "", "0"):
-        raise SystemExit("fastenc.benchmark.static must run in a fresh process without TRITON_INTERPRET=1")
+        raise SystemExit("bench/static_report.py must run in a fresh process without TRITON_INTERPRET=1")
     os.environ.pop("TRITON_INTERPRET", None)
     cache = tempfile.mkdtemp(prefix="fastenc-static-cache-")
     os.environ["TRITON_CACHE_DIR"] = cache
@@ -942,7 +978,7 @@ def _prepare_process():
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fastenc.benchmark.static", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python bench/static_report.py", description=__doc__.splitlines()[0])
     p.add_argument("--arch", type=int, nargs="+", default=[90, 80], choices=sorted(ARCHS))
     p.add_argument("--json", type=Path, default=None, help=f"report to update (default {DEFAULT_JSON} in the repo)")
     p.add_argument("--md", type=Path, default=None, help="Markdown report (default: the JSON path with .md)")
@@ -1005,7 +1041,7 @@ def main(argv=None) -> int:
         "wall_s": round(wall, 1),
         "compile_cpu_s": round(sum(r["compile_cpu_s"] for r in rows), 1),
         "generated": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "command": " ".join(["python -m fastenc.benchmark.static", *_without_also(argv)]),
+        "command": " ".join(["python bench/static_report.py", *_without_also(argv)]),
     }
     if a.fresh and json_path.exists():
         json_path.unlink()
@@ -1026,7 +1062,7 @@ def main(argv=None) -> int:
         file=sys.stderr,
     )
     for python in a.also:
-        cmd = [python, "-m", "fastenc.benchmark.static", *[x for x in _without_also(argv) if x != "--fresh"]]
+        cmd = [python, str(SCRIPT), *[x for x in _without_also(argv) if x != "--fresh"]]
         print("$ " + " ".join(cmd), file=sys.stderr, flush=True)
         env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "TRITON_CACHE_DIR")}
         rc = subprocess.run(cmd, cwd=Path.cwd(), env=env).returncode
