@@ -137,3 +137,33 @@ def test_no_import_runs_back_up(layer):
     assert not up, "imports that run back up the layers: " + ", ".join(up)
     if layer == 0:
         assert all(n.startswith("fastenc.kernels") for m in GRAPH if _layer(m) == 0 for n in GRAPH[m])
+
+
+# Top-level functions and classes that may share a name across the package's files, each with why: one wraps the
+# other (the same operation at another level), or a name every file of one kind defines by convention.
+SHARED_NAMES = {
+    "clip_loss": "fastenc.distributed.clip_loss wraps fastenc.ops.clip_loss over a process group",
+    "siglip_loss": "fastenc.distributed.siglip_loss wraps fastenc.ops.siglip_loss over a process group",
+}
+
+
+def _top_level_names() -> dict[str, list[str]]:
+    names: dict[str, list[str]] = {}
+    for mod, path in sorted(MODULES.items()):
+        for node in ast.parse(path.read_text(), str(path)).body:
+            defines = isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+            if defines and not node.name.startswith("__"):
+                names.setdefault(node.name, []).append(mod)
+    return names
+
+
+def test_no_two_package_functions_share_a_name():
+    """One name, one thing: a reader who greps a function's name finds one definition (or a wrapper and what it
+    wraps, listed in SHARED_NAMES with the reason)."""
+    names = _top_level_names()
+    shared = {n: mods for n, mods in names.items() if len(mods) > 1 and n not in SHARED_NAMES}
+    assert not shared, "top-level names defined in more than one module: " + "; ".join(
+        f"{n} in {', '.join(mods)}" for n, mods in sorted(shared.items())
+    )
+    stale = sorted(n for n in SHARED_NAMES if len(names.get(n, [])) < 2)
+    assert not stale, f"SHARED_NAMES lists names that are no longer shared: {stale}"
