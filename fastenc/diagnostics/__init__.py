@@ -2,7 +2,7 @@
 probe and SDXL / SD3 / FLUX conditioning stacks. Names load on first use (`import fastenc.diagnostics` imports
 no torch); `fastenc tokens` / `fastenc probe` are `tokens.add_tokens_parser` / `probe.add_probe_parser`."""
 
-import importlib as _importlib
+from ..core.lazy import lazy_names
 
 _LAZY = {  # public name -> its module
     "ProbeReport": ".probe",
@@ -26,15 +26,7 @@ _LAZY = {  # public name -> its module
 }
 
 
-def __getattr__(name: str):
-    if name not in _LAZY:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = globals()[name] = getattr(_importlib.import_module(_LAZY[name], __name__), name)
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_names(__name__, _LAZY)
 
 
 __all__ = sorted(_LAZY)

@@ -12,20 +12,12 @@ exact streamed top-k (and FAISS); cli.py: the two subcommands (their parsers imp
 on first use.
 """
 
-import importlib as _importlib
+from ..core.lazy import lazy_names
 
 _LAZY = {"EmbedConfig": ".pipeline", "EmbedReport": ".pipeline", "embed": ".pipeline"}  # public name -> its module
 
 
-def __getattr__(name: str):
-    if name not in _LAZY:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = globals()[name] = getattr(_importlib.import_module(_LAZY[name], __name__), name)
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_names(__name__, _LAZY)
 
 
 __all__ = ["EmbedConfig", "EmbedReport", "embed"]

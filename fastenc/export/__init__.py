@@ -12,7 +12,7 @@ Server model repositories, and the `fastenc export` command (`cli.add_export_par
 onnx / onnxruntime (the `export` extra) and tensorrt are imported only when used. Running the exported files as
 drop-in encoders: fastenc.runtime (`load`, and `fastenc.optimize(model, backend="onnxruntime")`)."""
 
-import importlib as _importlib
+from ..core.lazy import lazy_names
 
 _LAZY = {  # public name -> its module, imported on first use (they import torch; `fastenc export --help` does not)
     "ExportReport": ".onnx_export",
@@ -30,15 +30,7 @@ _LAZY = {  # public name -> its module, imported on first use (they import torch
 }
 
 
-def __getattr__(name: str):
-    if name not in _LAZY:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = globals()[name] = getattr(_importlib.import_module(_LAZY[name], __name__), name)
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_names(__name__, _LAZY)
 
 
 __all__ = [
