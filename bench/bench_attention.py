@@ -5,11 +5,13 @@
     python bench/bench_attention.py --shape 4,12,512,64 --bias --out t5.json
 
 Shapes are B,H,S,D. Inputs are views of one packed (B, S, 3, H, D) projection output, as the fused towers pass
-them. Times are triton.testing.do_bench quantiles (p20/p50/p80, ms); TFLOP/s = flops() / p50. With --out, rows
-(provider, shape, config, timings, gpu, versions, git commit) are appended to a JSON list under bench/results/.
+them. Times are fastenc.benchmark.timing.Timer samples (CUDA events, L2 flushed before each call) for --rep ms after
+--warmup ms, p20/p50/p80 from the raw samples; TFLOP/s = flops() / p50. With --out, rows of the one bench schema
+(fastenc.benchmark.rows.make_row: shape, kernel config, samples, gpu, versions, git commit) are appended to a JSON list
+under bench/results/.
 
 run_case(Case, providers, measure) yields one row per provider of one case; bench/gpu_session.py's attention
-phase calls it with interleaved samples (fastenc.benchmark.timing.Timer) instead of do_bench.
+phase calls it with interleaved samples (one Timer sample of every provider per round) instead.
 """
 
 from __future__ import annotations
@@ -22,7 +24,17 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-from _common import EXIT_NO_CUDA, kernel_env, no_cuda, parse_providers, print_kernel_env, save_results, shape_parser
+from _common import (
+    EXIT_NO_CUDA,
+    cuda_timer,
+    kernel_env,
+    kernel_row,
+    no_cuda,
+    parse_providers,
+    print_kernel_env,
+    save_results,
+    shape_parser,
+)
 
 DEFAULT_SHAPES = [(64, 12, 77, 64), (32, 16, 257, 64), (8, 16, 577, 64)]  # CLIP text B/32, ViT-L/14, ViT-L/14-336
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -214,16 +226,17 @@ def interleaved(timer, iters: int):
     return measure
 
 
-def do_bench_quantiles(warmup_ms: int, rep_ms: int):
-    """A measure for run_case: triton.testing.do_bench's p20 / p50 / p80 per provider, one provider after another."""
-    from triton.testing import do_bench
+def budget_quantiles(timer, warmup_ms: float, rep_ms: float):
+    """A measure for run_case: per provider, one after another, Timer.budget_samples (untimed calls for warmup_ms,
+    then as many timed calls as fit rep_ms); the summary, p20 / p50 / p80 and the raw samples."""
+    from fastenc.benchmark.timing import quantiles, summarize
 
     def measure(live: dict) -> dict:
         out = {}
         for n, (fn, ctx) in live.items():
             with ctx():
-                p20, p50, p80 = do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.2, 0.5, 0.8])
-            out[n] = {"p20_ms": p20, "p50_ms": p50, "p80_ms": p80, "timer": "triton.testing.do_bench"}
+                xs = timer.budget_samples(fn, warmup_ms, rep_ms)
+            out[n] = {**summarize(xs), **quantiles(xs), "samples_ms": xs, "iters": len(xs), "timer": timer.name}
         return out
 
     return measure
@@ -310,8 +323,8 @@ def main(argv=None) -> int:
     p.add_argument("--mask", action="store_true", help="random right-padding key_padding_mask")
     p.add_argument("--bias", action="store_true", help="(1, H, S, S) additive bias, as T5")
     p.add_argument("--providers", default=",".join(DEFAULT_PROVIDERS), help=f"comma list from {PROVIDERS}")
-    p.add_argument("--warmup", type=int, default=25, help="do_bench warmup, ms")
-    p.add_argument("--rep", type=int, default=100, help="do_bench repetition time, ms")
+    p.add_argument("--warmup", type=int, default=25, help="untimed warmup, ms")
+    p.add_argument("--rep", type=int, default=100, help="timed calls for this long, ms")
     p.add_argument("--out", help="JSON file to append rows to (a bare name goes under bench/results/)")
     args = p.parse_args(argv)
 
@@ -328,32 +341,38 @@ def main(argv=None) -> int:
     for b, h, s, d in args.shape or DEFAULT_SHAPES:
         case = Case(b, h, s, d, DTYPES[args.dtype], causal=args.causal, padding=args.mask, bias=args.bias)
         label, shape = f"{f'{b},{h},{s},{d}':>16}", {"B": b, "H": h, "S": s, "D": d}
-        for r in run_case(case, names, do_bench_quantiles(args.warmup, args.rep), device="cuda", compiled=compiled):
+        measure = budget_quantiles(cuda_timer(), args.warmup, args.rep)
+        for r in run_case(case, names, measure, device="cuda", compiled=compiled):
             name = r["competitor"]
             if r["status"] != "ok":  # the cuda providers refuse Sk > 128, bias, fp32: a row saying why
                 print(f"{label} {name:>10} skipped: {r['reason']}"[:200])
-                rows.append({"op": "attention", "provider": name, "shape": shape, "error": r["reason"], **env})
+                why = r["reason"]
+                row = kernel_row("bench_attention", env, "attention", name, mode="forward", config=shape,
+                                 dtype=args.dtype, notes=why, shape=shape, error=why)  # fmt: skip
+                rows.append(row)
                 continue
             p20, p50, p80, err = r["p20_ms"], r["p50_ms"], r["p80_ms"], r["max_abs_err"]
             print(f"{label} {name:>10} {p50:9.4f} {p20:9.4f} {p80:9.4f} {r['tflops']:8.2f} {err:9.2e}")
             rows.append(
-                {
-                    "op": "attention",
-                    "provider": name,
-                    "mode": "forward",
-                    "shape": shape,
-                    "dtype": args.dtype,
-                    "causal": args.causal,
-                    "mask": args.mask,
-                    "bias": args.bias,
-                    "config": r.get("autotuned"),
-                    "ms": {"p20": p20, "p50": p50, "p80": p80},
-                    "flops": r["flops"],
-                    "tflops_p50": r["tflops"],
-                    "max_abs_err_vs_reference": err,
-                    "do_bench": {"warmup_ms": args.warmup, "rep_ms": args.rep},
-                    **env,
-                }
+                kernel_row(
+                    "bench_attention",
+                    env,
+                    "attention",
+                    name,
+                    r["samples_ms"],
+                    mode="forward",
+                    config=shape,
+                    dtype=args.dtype,
+                    shape=shape,
+                    causal=args.causal,
+                    mask=args.mask,
+                    bias=args.bias,
+                    kernel_config=r.get("autotuned"),
+                    flops=r["flops"],
+                    tflops_p50=r["tflops"],
+                    max_abs_err_vs_reference=err,
+                    budget_ms={"warmup": args.warmup, "rep": args.rep},
+                )
             )
 
     if args.out:

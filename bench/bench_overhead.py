@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 
 from _common import RESULTS, append_rows, git_commit
+
+from fastenc.benchmark.rows import make_row
+from fastenc.benchmark.timing import Timer, percentile
 
 LAYERS = 12
 HIDDEN = 32
@@ -121,6 +123,7 @@ def real_sizes(iters: int, threads: int, meta: dict) -> list[dict]:
     torch.manual_seed(0)
     towers = {"text": CLIPTextModel(cfg.text_config).eval(), "vision": CLIPVisionModel(cfg.vision_config).eval()}
     rows = []
+    timer = Timer(torch.device("cpu"))
     for tower, model in towers.items():
         fast = fastenc.optimize(model, backend="torch")
         for batch in (1, 8):
@@ -139,29 +142,29 @@ def real_sizes(iters: int, threads: int, meta: dict) -> list[dict]:
                     m(**inputs)
                 for _ in range(iters):
                     for name, m in (("transformers_sdpa", model), ("fastenc_torch", fast)):
-                        c0, t0 = time.process_time(), time.perf_counter()
-                        m(**inputs)
-                        t1, c1 = time.perf_counter(), time.process_time()
-                        wall[name].append((t1 - t0) * 1e3)
-                        cpu[name].append((c1 - c0) * 1e3)
-            base, base_cpu = statistics.median(wall["transformers_sdpa"]), statistics.median(cpu["transformers_sdpa"])
+                        w, c = timer.once_cpu(lambda: m(**inputs), clock=time.process_time)  # noqa: B023
+                        wall[name].append(w)
+                        cpu[name].append(c)
+            base = percentile(wall["transformers_sdpa"], 50)
+            base_cpu = percentile(cpu["transformers_sdpa"], 50)
             for name in wall:
-                med, med_cpu = statistics.median(wall[name]), statistics.median(cpu[name])
+                med, med_cpu = percentile(wall[name], 50), percentile(cpu[name], 50)
                 rows.append(
-                    {
-                        **meta,
-                        "model": f"CLIP ViT-B/32 {tower}",
-                        "load_avg_1m": os.getloadavg()[0],
-                        "batch": batch,
-                        "threads": threads,
-                        "competitor": name,
-                        "p50_ms": med,
-                        "ratio_vs_sdpa": med / base,
-                        "cpu_p50_ms": med_cpu,
-                        "cpu_ratio_vs_sdpa": med_cpu / base_cpu,
-                        "samples_ms": wall[name],
-                        "cpu_samples_ms": cpu[name],
-                    }
+                    _row(
+                        {
+                            **meta,
+                            "model": f"CLIP ViT-B/32 {tower}",
+                            "load_avg_1m": os.getloadavg()[0],
+                            "batch": batch,
+                            "threads": threads,
+                        },
+                        name,
+                        wall[name],
+                        cpu[name],
+                        ratio_vs_sdpa=med / base,
+                        cpu_p50_ms=med_cpu,
+                        cpu_ratio_vs_sdpa=med_cpu / base_cpu,
+                    )
                 )
                 print(
                     f"CLIP ViT-B/32 {tower:6} b{batch}  {name:18} p50 {med:8.2f} ms ({med / base:4.2f}x)  "
@@ -200,22 +203,21 @@ def main(argv=None) -> int:
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     samples: dict[str, list[float]] = {k: [] for k in models}  # wall ms
     cpu: dict[str, list[float]] = {k: [] for k in models}  # this thread's CPU ms: robust on a busy machine
+    timer = Timer(torch.device("cpu"))
     with torch.inference_mode():
         for _ in range(args.warmup):
             for m in models.values():
                 m(**inputs)
         for _ in range(args.iters):  # interleaved: drift hits every competitor alike
             for name, m in models.items():
-                c0, t0 = time.thread_time(), time.perf_counter()
-                m(**inputs)
-                t1, c1 = time.perf_counter(), time.thread_time()
-                samples[name].append((t1 - t0) * 1e3)
-                cpu[name].append((c1 - c0) * 1e3)
+                w, c = timer.once_cpu(lambda: m(**inputs))  # noqa: B023 - called at once
+                samples[name].append(w)
+                cpu[name].append(c)
     with torch.inference_mode(), fastenc.trace() as t:
         models["fastenc_torch"](**inputs)
     fastenc_ops = {k: v / LAYERS for k, v in sorted(t.counts.items())}
-    base = statistics.median(samples["transformers_sdpa"])
-    base_cpu = statistics.median(cpu["transformers_sdpa"])
+    base = percentile(samples["transformers_sdpa"], 50)
+    base_cpu = percentile(cpu["transformers_sdpa"], 50)
     meta = {
         "bench": "overhead",
         "model": f"CLIP text, {LAYERS} layers, hidden {HIDDEN}, b1x{SEQ}",
@@ -231,27 +233,27 @@ def main(argv=None) -> int:
     head = f"{'competitor':30} {'p50 ms':>8} {'vs sdpa':>8} {'cpu p50 ms':>10} {'vs sdpa':>8} {'aten ops/layer':>15}"
     print(head, f"{'py calls/layer':>15}")
     for name, s in samples.items():
-        med, med_cpu = statistics.median(s), statistics.median(cpu[name])
+        med, med_cpu = percentile(s, 50), percentile(cpu[name], 50)
         per_layer = aten_ops_per_forward(models[name], inputs) / LAYERS
         calls = python_calls_per_forward(models[name], inputs) / LAYERS
+        proxy = (
+            {"proxy": "GPU batch-1 host time: triton backend, kernel launches replaced by fakes"}
+            if name == STUB
+            else {}
+        )
         rows.append(
-            {
-                **meta,
-                "competitor": name,
-                "p50_ms": med,
-                "ratio_vs_sdpa": med / base,
-                "cpu_p50_ms": med_cpu,
-                "cpu_ratio_vs_sdpa": med_cpu / base_cpu,
-                "aten_ops_per_layer": per_layer,
-                "python_calls_per_layer": calls,
-                **(
-                    {"proxy": "GPU batch-1 host time: triton backend, kernel launches replaced by fakes"}
-                    if name == STUB
-                    else {}
-                ),
-                "samples_ms": s,
-                "cpu_samples_ms": cpu[name],
-            }
+            _row(
+                meta,
+                name,
+                s,
+                cpu[name],
+                ratio_vs_sdpa=med / base,
+                cpu_p50_ms=med_cpu,
+                cpu_ratio_vs_sdpa=med_cpu / base_cpu,
+                aten_ops_per_layer=per_layer,
+                python_calls_per_layer=calls,
+                **proxy,
+            )
         )
         line = f"{name:30} {med:8.3f} {med / base:8.2f} {med_cpu:10.3f} {med_cpu / base_cpu:8.2f} {per_layer:15.1f}"
         print(line, f"{calls:15.1f}")
@@ -263,6 +265,29 @@ def main(argv=None) -> int:
     if args.out:
         append_rows(RESULTS / args.out, rows)
     return 0
+
+
+def _row(meta: dict, competitor: str, samples_ms: list[float], cpu_samples_ms: list[float], **fields) -> dict:
+    """One row of the bench schema (fastenc.benchmark.rows): p50_ms etc. from the wall samples, this script's own
+    fields (the machine's load at the row's making, the CPU-time samples and ratios) beside them."""
+    config = {"layers": LAYERS, "hidden": HIDDEN, "seq": SEQ} if meta["model"].startswith("CLIP text,") else {}
+    config.update({k: meta[k] for k in ("batch", "threads") if k in meta})
+    return make_row(
+        "bench_overhead",
+        meta["model"],
+        competitor,
+        samples_ms=samples_ms,
+        mode="host-forward",
+        config=config,
+        dtype="fp32",
+        device=meta["machine"],
+        versions={"torch": meta["torch"]},
+        commit=meta["commit"],
+        notes=meta.get("note", ""),
+        **{k: v for k, v in meta.items() if k != "commit"},
+        cpu_samples_ms=cpu_samples_ms,
+        **fields,
+    )
 
 
 def _machine() -> str:
