@@ -1,8 +1,8 @@
 """An op plan: the tower ops resolved once for one (backend, strict, device), for a fused model's per-layer loop.
 
-A model's forward asks its Runtime for the plan of its device (rebuilt only when the device, the requested backend
-or $FASTENC_BACKEND changes), converts its masks once with `plan.mask(...)`, and then calls prebound functions in
-the loop: no env read, input re-validation or mask conversion per op.
+A model's forward asks its ExecutionState (`model._fastenc`) for the plan of its device (rebuilt only when the
+device, the requested backend or $FASTENC_BACKEND changes), converts its masks once with `plan.mask(...)`, and then
+calls prebound functions in the loop: no env read, input re-validation or mask conversion per op.
 
 - backend "torch" (asked for, or "auto" off a GPU, where "auto" always picks torch): the torch backend's unchecked
   functions (SDPA attention with one mask per forward, ...), counted in `fastenc.trace()` as "torch.<op>" when a
