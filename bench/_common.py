@@ -158,6 +158,11 @@ def kernel_row(script: str, env: dict, op: str, provider: str, samples_ms=None, 
     )
 
 
+def kernel_error_row(script: str, env: dict, op: str, provider: str, reason: str, **extra) -> dict:
+    """The row of a provider that could not run a case (no samples): `reason` is both its notes and its error."""
+    return kernel_row(script, env, op, provider, notes=reason, error=reason, **extra)
+
+
 def lazy_provider(maker):
     """A provider built on its first call (maker() -> the callable), so a provider that cannot run fails inside
     bench_provider's try rather than while the table is set up."""

@@ -28,6 +28,7 @@ from _common import (
     bench_provider,
     first,
     kernel_env,
+    kernel_error_row,
     kernel_row,
     lazy_provider,
     no_cuda,
@@ -210,18 +211,17 @@ def main(argv=None) -> int:
                 )
                 if isinstance(got, str):
                     rows_out.append(
-                        kernel_row(
+                        kernel_error_row(
                             "bench_activation",
                             env,
                             op_name,
                             name,
+                            got,
                             mode=mode,
                             config={"rows": rows, "N": n},
                             dtype=args.dtype,
-                            notes=got,
                             activation=activation,
                             shape={"rows": rows, "N": n},
-                            error=got,
                         )
                     )
                     continue

@@ -28,6 +28,7 @@ from _common import (
     EXIT_NO_CUDA,
     cuda_timer,
     kernel_env,
+    kernel_error_row,
     kernel_row,
     no_cuda,
     parse_providers,
@@ -346,9 +347,8 @@ def main(argv=None) -> int:
             name = r["competitor"]
             if r["status"] != "ok":  # the cuda providers refuse Sk > 128, bias, fp32: a row saying why
                 print(f"{label} {name:>10} skipped: {r['reason']}"[:200])
-                why = r["reason"]
-                row = kernel_row("bench_attention", env, "attention", name, mode="forward", config=shape,
-                                 dtype=args.dtype, notes=why, shape=shape, error=why)  # fmt: skip
+                row = kernel_error_row("bench_attention", env, "attention", name, r["reason"], mode="forward",
+                                       config=shape, dtype=args.dtype, shape=shape)  # fmt: skip
                 rows.append(row)
                 continue
             p20, p50, p80, err = r["p20_ms"], r["p50_ms"], r["p80_ms"], r["max_abs_err"]

@@ -30,6 +30,7 @@ from _common import (
     bench_provider,
     first,
     kernel_env,
+    kernel_error_row,
     kernel_row,
     lazy_provider,
     no_cuda,
@@ -248,17 +249,16 @@ def main(argv=None) -> int:
                 )
                 if isinstance(got, str):
                     rows_out.append(
-                        kernel_row(
+                        kernel_error_row(
                             "bench_norm",
                             env,
                             op,
                             name,
+                            got,
                             mode=mode,
                             config={"rows": rows, "N": n},
                             dtype=args.dtype,
-                            notes=got,
                             shape={"rows": rows, "N": n},
-                            error=got,
                         )
                     )
                     continue
